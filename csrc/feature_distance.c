@@ -1,0 +1,126 @@
+/* Python entry point of the fused feature-distance op: argument checks, then the CPU or
+ * CUDA implementation with the GIL released. */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include "lpl_interop.h"
+#include "lpl_math.h"
+#include "lpl_ops.h"
+
+static const char *const norm_choices[] = {"default", "shared", "batch", "none", NULL};
+static const char *const dist_choices[] = {"mse", "l1", NULL};
+
+PyObject *lpl_py_feature_distance(PyObject *self, PyObject *args, PyObject *kwargs) {
+    (void)self;
+    static char *kwlist[] = {"x", "y", "mask", "loss", "grad", "norm", "distance",
+                             "weight", "stream", "workspace", NULL};
+    PyObject *x_obj, *y_obj, *mask_obj, *loss_obj, *grad_obj, *norm_obj, *dist_obj;
+    PyObject *ws_obj = Py_None;
+    double weight;
+    unsigned long long stream = 0;
+    PyObject *keep[6] = {NULL, NULL, NULL, NULL, NULL, NULL};
+    PyObject *result = NULL;
+    lpl_tensor x, y, mask, loss, grad, ws;
+    lpl_fd_params p;
+    char err[LPL_ERR_LEN] = {0};
+    int rc;
+
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOOd|KO", kwlist, &x_obj, &y_obj,
+                                     &mask_obj, &loss_obj, &grad_obj, &norm_obj, &dist_obj,
+                                     &weight, &stream, &ws_obj))
+        return NULL;
+
+    int norm = lpl_parse_choice(norm_obj, "norm", norm_choices);
+    if (norm < 0) goto fail;
+    int dist = lpl_parse_choice(dist_obj, "distance", dist_choices);
+    if (dist < 0) goto fail;
+    if (!isfinite(weight)) {
+        PyErr_SetString(PyExc_ValueError, "weight: must be a finite number");
+        goto fail;
+    }
+
+    if (lpl_tensor_from_object(x_obj, "x", 0, &x, &keep[0]) < 0) goto fail;
+    if (lpl_check_nchw(&x, "x", 1) < 0) goto fail;
+    if (lpl_tensor_from_object(y_obj, "y", 0, &y, &keep[1]) < 0) goto fail;
+    if (lpl_check_nchw(&y, "y", 1) < 0) goto fail;
+    if (lpl_check_same_shape(&y, "y", &x, "x") < 0) goto fail;
+    if (lpl_check_same_device(&y, "y", &x, "x") < 0) goto fail;
+    if (y.dtype != x.dtype) {
+        PyErr_Format(PyExc_TypeError, "y: dtype %s does not match x dtype %s",
+                     lpl_dtype_name(y.dtype), lpl_dtype_name(x.dtype));
+        goto fail;
+    }
+
+    const int64_t n = x.shape[0], c = x.shape[1], hw = x.shape[2] * x.shape[3];
+    memset(&p, 0, sizeof(p));
+    if (mask_obj != Py_None) {
+        if (lpl_tensor_from_object(mask_obj, "mask", 0, &mask, &keep[2]) < 0) goto fail;
+        if (lpl_check_mask_dtype(&mask, "mask") < 0) goto fail;
+        if (lpl_check_nchw(&mask, "mask", 0) < 0) goto fail;
+        if (lpl_check_same_shape(&mask, "mask", &x, "x") < 0) goto fail;
+        if (lpl_check_same_device(&mask, "mask", &x, "x") < 0) goto fail;
+        p.mask = (const uint8_t *)mask.data;
+    }
+    if (lpl_tensor_from_object(loss_obj, "loss", 1, &loss, &keep[3]) < 0) goto fail;
+    if (lpl_check_dtype(&loss, "loss", LPL_FLOAT64) < 0) goto fail;
+    if (lpl_check_1d(&loss, "loss", n) < 0) goto fail;
+    if (lpl_check_same_device(&loss, "loss", &x, "x") < 0) goto fail;
+    if (grad_obj != Py_None) {
+        if (lpl_tensor_from_object(grad_obj, "grad", 1, &grad, &keep[4]) < 0) goto fail;
+        if (lpl_check_nchw(&grad, "grad", 1) < 0) goto fail;
+        if (lpl_check_same_shape(&grad, "grad", &x, "x") < 0) goto fail;
+        if (lpl_check_same_device(&grad, "grad", &x, "x") < 0) goto fail;
+        if (grad.dtype != x.dtype) {
+            PyErr_Format(PyExc_TypeError, "grad: dtype %s does not match x dtype %s",
+                         lpl_dtype_name(grad.dtype), lpl_dtype_name(x.dtype));
+            goto fail;
+        }
+        p.grad = grad.data;
+    }
+
+    p.x = x.data;
+    p.y = y.data;
+    p.loss = (double *)loss.data;
+    p.dtype = (int)x.dtype;
+    p.n = n;
+    p.c = c;
+    p.hw = hw;
+    p.norm = norm;
+    p.dist = dist;
+    p.weight = weight;
+    p.device = x.device_id;
+
+    if (x.device_type == LPL_CUDA) {
+        if (!lpl_cuda_compiled()) {
+            PyErr_SetString(PyExc_RuntimeError,
+                            "x: is a CUDA tensor but lpl_ext was built without CUDA "
+                            "(reinstall with nvcc on PATH, or LPL_EXT_CUDA=1)");
+            goto fail;
+        }
+        if (ws_obj == Py_None) {
+            PyErr_SetString(PyExc_ValueError, "workspace: required for CUDA tensors");
+            goto fail;
+        }
+        if (lpl_tensor_from_object(ws_obj, "workspace", 1, &ws, &keep[5]) < 0) goto fail;
+        if (lpl_check_dtype(&ws, "workspace", LPL_FLOAT64) < 0) goto fail;
+        if (lpl_check_1d(&ws, "workspace", lpl_feature_distance_workspace(n, c)) < 0) goto fail;
+        if (lpl_check_same_device(&ws, "workspace", &x, "x") < 0) goto fail;
+        p.workspace = (double *)ws.data;
+        Py_BEGIN_ALLOW_THREADS
+        rc = lpl_cuda_feature_distance(&p, (void *)(uintptr_t)stream, err);
+        Py_END_ALLOW_THREADS
+    } else {
+        Py_BEGIN_ALLOW_THREADS
+        rc = lpl_cpu_feature_distance(&p, err);
+        Py_END_ALLOW_THREADS
+    }
+    if (rc != 0) {
+        PyErr_Format(PyExc_RuntimeError, "feature_distance: %s", err);
+        goto fail;
+    }
+    Py_INCREF(Py_None);
+    result = Py_None;
+fail:
+    for (int i = 0; i < 6; ++i) Py_XDECREF(keep[i]);
+    return result;
+}

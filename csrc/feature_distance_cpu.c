@@ -1,0 +1,151 @@
+/* CPU implementation of the fused feature distance (spec sections 3-4): one streaming
+ * pass over x, y and mask that produces the per-sample loss and, in the same pass, the
+ * gradient with respect to x. OpenMP-parallel over (sample, pixel tile) items. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "lpl_math.h"
+#include "lpl_ops.h"
+#include "lpl_tensor.h"
+
+/* ---- one instantiation per storage dtype ------------------------------------------- */
+#define FD_T float
+#define FD_ACC float
+#define FD_LOAD(v) (v)
+#define FD_STORE(v) (v)
+#define FD_SUFFIX f32
+#define FD_M(name) name##_f
+#include "feature_distance_cpu_impl.h"
+#undef FD_T
+#undef FD_ACC
+#undef FD_LOAD
+#undef FD_STORE
+#undef FD_SUFFIX
+
+#define FD_T uint16_t
+#define FD_ACC float
+#define FD_LOAD(v) lpl_half_to_float(v)
+#define FD_STORE(v) lpl_float_to_half(v)
+#define FD_SUFFIX f16
+#include "feature_distance_cpu_impl.h"
+#undef FD_T
+#undef FD_ACC
+#undef FD_LOAD
+#undef FD_STORE
+#undef FD_SUFFIX
+
+#define FD_T uint16_t
+#define FD_ACC float
+#define FD_LOAD(v) lpl_bf16_to_float(v)
+#define FD_STORE(v) lpl_float_to_bf16(v)
+#define FD_SUFFIX bf16
+#include "feature_distance_cpu_impl.h"
+#undef FD_T
+#undef FD_ACC
+#undef FD_LOAD
+#undef FD_STORE
+#undef FD_SUFFIX
+#undef FD_M
+
+#define FD_T double
+#define FD_ACC double
+#define FD_LOAD(v) (v)
+#define FD_STORE(v) (v)
+#define FD_SUFFIX f64
+#define FD_M(name) name##_d
+#include "feature_distance_cpu_impl.h"
+#undef FD_T
+#undef FD_ACC
+#undef FD_LOAD
+#undef FD_STORE
+#undef FD_SUFFIX
+#undef FD_M
+
+/* Sum and M2 of y*keep for one plane, whatever the dtype. */
+static void plane_moments(const lpl_fd_params *p, int64_t plane, double *sum, double *m2) {
+    const int64_t off = plane * p->hw;
+    const uint8_t *m = p->mask ? p->mask + off : NULL;
+    switch (p->dtype) {
+    case LPL_FLOAT32: fd_plane_moments_f32((const float *)p->y + off, m, p->hw, sum, m2); break;
+    case LPL_FLOAT64: fd_plane_moments_f64((const double *)p->y + off, m, p->hw, sum, m2); break;
+    case LPL_FLOAT16: fd_plane_moments_f16((const uint16_t *)p->y + off, m, p->hw, sum, m2); break;
+    default: fd_plane_moments_bf16((const uint16_t *)p->y + off, m, p->hw, sum, m2); break;
+    }
+}
+
+int lpl_cpu_feature_distance(const lpl_fd_params *p, char *err) {
+    const int64_t N = p->n, C = p->c, hw = p->hw, planes = p->n * p->c;
+    double *coef = NULL, *plane_sum = NULL, *plane_m2 = NULL, *chan_mean = NULL, *chan_std = NULL;
+    int rc = -1;
+    size_t nplanes = (size_t)(planes > 0 ? planes : 1), nchan = (size_t)(C > 0 ? C : 1);
+
+    if (N == 0) return 0;
+    coef = (double *)malloc(sizeof(double) * nplanes);
+    if (!coef) {
+        snprintf(err, LPL_ERR_LEN, "out of host memory");
+        goto fail;
+    }
+    /* M[n, c] = number of kept values of the plane; coef = w / (C * M), 0 when M = 0. */
+#pragma omp parallel for schedule(static)
+    for (int64_t pl = 0; pl < planes; ++pl) {
+        int64_t kept = hw;
+        if (p->mask) {
+            const uint8_t *m = p->mask + pl * hw;
+            kept = 0;
+#pragma omp simd reduction(+ : kept)
+            for (int64_t i = 0; i < hw; ++i) kept += m[i] != 0;
+        }
+        coef[pl] = lpl_plane_coef(p->weight, C, (double)kept);
+    }
+
+    if (p->norm == LPL_NORM_BATCH) {
+        /* Per-channel mean and unbiased std of y*keep over (n, h, w); planes combined with
+         * Chan's parallel formula so large planes keep their precision. */
+        plane_sum = (double *)malloc(sizeof(double) * nplanes);
+        plane_m2 = (double *)malloc(sizeof(double) * nplanes);
+        chan_mean = (double *)malloc(sizeof(double) * nchan);
+        chan_std = (double *)malloc(sizeof(double) * nchan);
+        if (!plane_sum || !plane_m2 || !chan_mean || !chan_std) {
+            snprintf(err, LPL_ERR_LEN, "out of host memory");
+            goto fail;
+        }
+#pragma omp parallel for schedule(dynamic, 1)
+        for (int64_t pl = 0; pl < planes; ++pl) plane_moments(p, pl, &plane_sum[pl], &plane_m2[pl]);
+        for (int64_t c = 0; c < C; ++c) {
+            double count = 0.0, mean = 0.0, m2 = 0.0;
+            for (int64_t n = 0; n < N; ++n) {
+                const double nb = (double)hw;
+                if (nb == 0.0) continue;
+                const double mb = plane_sum[n * C + c] / nb;
+                const double tot = count + nb;
+                const double delta = mb - mean;
+                mean += delta * nb / tot;
+                m2 += plane_m2[n * C + c] + delta * delta * count * nb / tot;
+                count = tot;
+            }
+            chan_mean[c] = mean;
+            /* torch.std semantics: divisor count - 1, NaN for a single value */
+            chan_std[c] = count > 1.0 ? sqrt(m2 / (count - 1.0)) : NAN;
+        }
+    }
+
+    switch (p->dtype) {
+    case LPL_FLOAT32: rc = fd_run_f32(p, coef, chan_mean, chan_std, err); break;
+    case LPL_FLOAT64: rc = fd_run_f64(p, coef, chan_mean, chan_std, err); break;
+    case LPL_FLOAT16: rc = fd_run_f16(p, coef, chan_mean, chan_std, err); break;
+    case LPL_BFLOAT16: rc = fd_run_bf16(p, coef, chan_mean, chan_std, err); break;
+    default: snprintf(err, LPL_ERR_LEN, "unsupported dtype"); rc = -1; break;
+    }
+fail:
+    free(coef);
+    free(plane_sum);
+    free(plane_m2);
+    free(chan_mean);
+    free(chan_std);
+    return rc;
+}

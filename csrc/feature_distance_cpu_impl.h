@@ -1,0 +1,239 @@
+/* Body of the CPU feature-distance kernel for one storage dtype. Included by
+ * feature_distance_cpu.c once per dtype with these macros defined:
+ *   FD_T          storage type of x, y, grad
+ *   FD_ACC        arithmetic type (float, or double for float64 inputs)
+ *   FD_LOAD(v)    FD_T -> FD_ACC
+ *   FD_STORE(v)   FD_ACC -> FD_T
+ *   FD_SUFFIX     name suffix
+ *   FD_M(name)    suffixed math helper (lpl_xxx_f or lpl_xxx_d)
+ * One work item is (sample n, tile of pixels [p0, p1)): all C channels of the tile are
+ * visited while they stay in cache, so x, y and mask are read from memory once and the
+ * gradient written once. */
+
+#define FD_CAT2(a, b) a##_##b
+#define FD_CAT(a, b) FD_CAT2(a, b)
+#define FD_FN(name) FD_CAT(name, FD_SUFFIX)
+
+/* Sum and sum of squared deviations of y*keep over one plane (batch norm statistics). */
+static void FD_FN(fd_plane_moments)(const FD_T *y, const uint8_t *m, int64_t hw, double *sum,
+                                    double *m2) {
+    double s = 0.0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = 0; i < hw; ++i) s += (m == NULL || m[i]) ? (double)FD_LOAD(y[i]) : 0.0;
+    const double mean = hw > 0 ? s / (double)hw : 0.0;
+    double q = 0.0;
+#pragma omp simd reduction(+ : q)
+    for (int64_t i = 0; i < hw; ++i) {
+        double v = ((m == NULL || m[i]) ? (double)FD_LOAD(y[i]) : 0.0) - mean;
+        q += v * v;
+    }
+    *sum = s;
+    *m2 = q;
+}
+
+/* Per-tile work. scratch holds 5 * tile FD_ACC values owned by the calling thread;
+ * sums[n * C + c] accumulates sum over the tile of keep * e. */
+static void FD_FN(fd_tile)(const lpl_fd_params *p, const double *coef, const FD_ACC *chan_scale,
+                           const FD_ACC *chan_shift, int64_t n, int64_t p0, int64_t p1,
+                           FD_ACC *scratch, int64_t tile, double *sums) {
+    const int64_t C = p->c, hw = p->hw, len = p1 - p0;
+    const FD_T *X = (const FD_T *)p->x;
+    const FD_T *Y = (const FD_T *)p->y;
+    FD_T *G = (FD_T *)p->grad;
+    const uint8_t *Mk = p->mask;
+    const int norm = p->norm, dist = p->dist;
+    FD_ACC *sx = scratch;            /* default: sum x^2, then 1/(|x|+eps) */
+    FD_ACC *sy = scratch + tile;     /* sum y^2, then 1/(|y|+eps) */
+    FD_ACC *nxv = scratch + 2 * tile; /* default: |x| */
+    FD_ACC *dot = scratch + 3 * tile; /* default: sum_c g_c x_c */
+
+    if (norm == LPL_NORM_DEFAULT || norm == LPL_NORM_SHARED) {
+        for (int64_t i = 0; i < len; ++i) sx[i] = sy[i] = dot[i] = 0;
+        for (int64_t c = 0; c < C; ++c) {
+            const int64_t off = (n * C + c) * hw + p0;
+            const FD_T *xr = X + off;
+            const FD_T *yr = Y + off;
+            const uint8_t *mr = Mk ? Mk + off : NULL;
+            if (norm == LPL_NORM_DEFAULT) {
+#pragma omp simd
+                for (int64_t i = 0; i < len; ++i) {
+                    FD_ACC xv = FD_LOAD(xr[i]);
+                    sx[i] += xv * xv;
+                }
+            }
+            if (mr) {
+#pragma omp simd
+                for (int64_t i = 0; i < len; ++i) {
+                    FD_ACC yv = mr[i] ? FD_LOAD(yr[i]) : (FD_ACC)0;
+                    sy[i] += yv * yv;
+                }
+            } else {
+#pragma omp simd
+                for (int64_t i = 0; i < len; ++i) {
+                    FD_ACC yv = FD_LOAD(yr[i]);
+                    sy[i] += yv * yv;
+                }
+            }
+        }
+        const double eps = norm == LPL_NORM_DEFAULT ? LPL_EPS_DEFAULT : LPL_EPS_SHARED;
+        for (int64_t i = 0; i < len; ++i) {
+            if (norm == LPL_NORM_DEFAULT) {
+                nxv[i] = (FD_ACC)sqrt((double)sx[i]);
+                sx[i] = FD_M(lpl_inv_norm)(sx[i], eps);
+            }
+            sy[i] = FD_M(lpl_inv_norm)(sy[i], eps);
+        }
+    }
+
+    for (int64_t c = 0; c < C; ++c) {
+        const int64_t off = (n * C + c) * hw + p0;
+        const FD_T *xr = X + off;
+        const FD_T *yr = Y + off;
+        const uint8_t *mr = Mk ? Mk + off : NULL;
+        FD_T *gr = G ? G + off : NULL;
+        const FD_ACC cf = (FD_ACC)coef[n * C + c];
+        FD_ACC s = 0;
+        if (norm == LPL_NORM_DEFAULT) {
+#pragma omp simd reduction(+ : s)
+            for (int64_t i = 0; i < len; ++i) {
+                FD_ACC k = mr ? (FD_ACC)(mr[i] != 0) : (FD_ACC)1;
+                FD_ACC xv = FD_LOAD(xr[i]);
+                FD_ACC yv = (mr && !mr[i]) ? (FD_ACC)0 : FD_LOAD(yr[i]);
+                FD_ACC d = xv * sx[i] - yv * sy[i];
+                s += k * FD_M(lpl_dist_value)(d, dist);
+                dot[i] += cf * k * FD_M(lpl_dist_deriv)(d, dist) * xv;
+            }
+        } else {
+            /* shared: per-pixel scale; batch: per-channel scale and shift; none: 1, 0 */
+            const FD_ACC a = norm == LPL_NORM_BATCH ? chan_scale[c] : (FD_ACC)1;
+            const FD_ACC b = norm == LPL_NORM_BATCH ? chan_shift[c] : (FD_ACC)0;
+            const int per_pixel = norm == LPL_NORM_SHARED;
+            if (gr) {
+#pragma omp simd reduction(+ : s)
+                for (int64_t i = 0; i < len; ++i) {
+                    FD_ACC k = mr ? (FD_ACC)(mr[i] != 0) : (FD_ACC)1;
+                    FD_ACC sc = per_pixel ? sy[i] : a;
+                    FD_ACC yv = (mr && !mr[i]) ? (FD_ACC)0 : FD_LOAD(yr[i]);
+                    FD_ACC d = (FD_LOAD(xr[i]) - b) * sc - (yv - b) * sc;
+                    s += k * FD_M(lpl_dist_value)(d, dist);
+                    gr[i] = FD_STORE(cf * k * FD_M(lpl_dist_deriv)(d, dist) * sc);
+                }
+            } else {
+#pragma omp simd reduction(+ : s)
+                for (int64_t i = 0; i < len; ++i) {
+                    FD_ACC k = mr ? (FD_ACC)(mr[i] != 0) : (FD_ACC)1;
+                    FD_ACC sc = per_pixel ? sy[i] : a;
+                    FD_ACC yv = (mr && !mr[i]) ? (FD_ACC)0 : FD_LOAD(yr[i]);
+                    FD_ACC d = (FD_LOAD(xr[i]) - b) * sc - (yv - b) * sc;
+                    s += k * FD_M(lpl_dist_value)(d, dist);
+                }
+            }
+        }
+        sums[n * C + c] += (double)s;
+    }
+
+    if (norm == LPL_NORM_DEFAULT && G) {
+        /* The gradient through |x| needs sum_c g_c x_c of the whole pixel column, so it is
+         * written in a third sweep over the (cached) tile. */
+        for (int64_t c = 0; c < C; ++c) {
+            const int64_t off = (n * C + c) * hw + p0;
+            const FD_T *xr = X + off;
+            const FD_T *yr = Y + off;
+            const uint8_t *mr = Mk ? Mk + off : NULL;
+            FD_T *gr = G + off;
+            const FD_ACC cf = (FD_ACC)coef[n * C + c];
+#pragma omp simd
+            for (int64_t i = 0; i < len; ++i) {
+                FD_ACC k = mr ? (FD_ACC)(mr[i] != 0) : (FD_ACC)1;
+                FD_ACC xv = FD_LOAD(xr[i]);
+                FD_ACC yv = (mr && !mr[i]) ? (FD_ACC)0 : FD_LOAD(yr[i]);
+                FD_ACC d = xv * sx[i] - yv * sy[i];
+                FD_ACC g = cf * k * FD_M(lpl_dist_deriv)(d, dist);
+                gr[i] = FD_STORE(FD_M(lpl_default_norm_grad)(g, xv, sx[i], nxv[i], dot[i]));
+            }
+        }
+    }
+}
+
+static int FD_FN(fd_run)(const lpl_fd_params *p, const double *coef, const double *chan_mean,
+                         const double *chan_std, char *err) {
+    const int64_t N = p->n, C = p->c, hw = p->hw;
+    FD_ACC *chan_scale = NULL, *chan_shift = NULL;
+    double *all_sums = NULL;
+    int rc = -1, nthreads = 1, failed = 0;
+    int64_t esize = (int64_t)sizeof(FD_T);
+    /* Tile so that one tile of every channel of x, y, mask and grad fits in ~512 KiB. */
+    int64_t per_pixel = C * (3 * esize + 1);
+    int64_t tile = per_pixel > 0 ? (512 * 1024) / per_pixel : hw;
+    if (tile < 64) tile = 64;
+    if (tile > 8192) tile = 8192;
+    tile = (tile / 16) * 16;
+    if (tile > hw) tile = hw;
+    if (tile < 1) tile = 1;
+    const int64_t ntiles = (hw + tile - 1) / tile;
+    const int64_t nitems = N * ntiles;
+
+    chan_scale = (FD_ACC *)malloc(sizeof(FD_ACC) * (size_t)(C > 0 ? C : 1));
+    chan_shift = (FD_ACC *)malloc(sizeof(FD_ACC) * (size_t)(C > 0 ? C : 1));
+    if (!chan_scale || !chan_shift) {
+        snprintf(err, LPL_ERR_LEN, "out of host memory for channel statistics");
+        goto fail;
+    }
+    for (int64_t c = 0; c < C; ++c) {
+        chan_scale[c] = chan_std ? (FD_ACC)(1.0 / (chan_std[c] + LPL_EPS_BATCH)) : (FD_ACC)1;
+        chan_shift[c] = chan_mean ? (FD_ACC)chan_mean[c] : (FD_ACC)0;
+    }
+#ifdef _OPENMP
+    nthreads = omp_get_max_threads();
+    if ((int64_t)nthreads > nitems) nthreads = nitems > 0 ? (int)nitems : 1;
+#endif
+    all_sums = (double *)calloc((size_t)nthreads * (size_t)(N * C > 0 ? N * C : 1), sizeof(double));
+    if (!all_sums) {
+        snprintf(err, LPL_ERR_LEN, "out of host memory for partial sums");
+        goto fail;
+    }
+
+#pragma omp parallel num_threads(nthreads) reduction(| : failed)
+    {
+        int tid = 0;
+#ifdef _OPENMP
+        tid = omp_get_thread_num();
+#endif
+        double *sums = all_sums + (size_t)tid * (size_t)(N * C);
+        FD_ACC *scratch = (FD_ACC *)malloc(sizeof(FD_ACC) * 5 * (size_t)tile);
+        if (!scratch) failed = 1;
+#pragma omp for schedule(static)
+        for (int64_t item = 0; item < nitems; ++item) {
+            if (!scratch) continue;
+            const int64_t n = item / ntiles, t = item % ntiles;
+            const int64_t p0 = t * tile;
+            const int64_t p1 = p0 + tile < hw ? p0 + tile : hw;
+            FD_FN(fd_tile)(p, coef, chan_scale, chan_shift, n, p0, p1, scratch, tile, sums);
+        }
+        free(scratch);
+    }
+    if (failed) {
+        snprintf(err, LPL_ERR_LEN, "out of host memory for tile scratch");
+        goto fail;
+    }
+    /* Reduce per-thread partial sums in thread order: deterministic for a thread count. */
+    for (int64_t n = 0; n < N; ++n) {
+        double total = 0.0;
+        for (int64_t c = 0; c < C; ++c) {
+            double s = 0.0;
+            for (int t = 0; t < nthreads; ++t) s += all_sums[(size_t)t * (size_t)(N * C) + n * C + c];
+            total += coef[n * C + c] * s;
+        }
+        p->loss[n] = total;
+    }
+    rc = 0;
+fail:
+    free(chan_scale);
+    free(chan_shift);
+    free(all_sums);
+    return rc;
+}
+
+#undef FD_FN
+#undef FD_CAT
+#undef FD_CAT2

@@ -1,0 +1,182 @@
+/* Per-element math shared by the C (CPU) and CUDA kernels. Every formula of the loss
+ * and of the outlier mask that is evaluated per element or per plane lives here, as
+ * inline host/device functions, so the CPU tests cover the arithmetic the GPU runs.
+ * Valid C11 and CUDA C++. */
+#ifndef LPL_MATH_H
+#define LPL_MATH_H
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#ifdef __CUDACC__
+#define LPL_HD __host__ __device__ __forceinline__
+#else
+#define LPL_HD static inline
+#endif
+
+/* ---- options (indices match the Python-side option strings) ---------------------- */
+enum { LPL_NORM_DEFAULT = 0, LPL_NORM_SHARED = 1, LPL_NORM_BATCH = 2, LPL_NORM_NONE = 3 };
+enum { LPL_DIST_MSE = 0, LPL_DIST_L1 = 1 };
+
+/* eps of spec section 3: 1e-10 for `default`, 1e-6 for `shared` and `batch`. They are
+ * applied in fp32 or fp64 arithmetic, never in fp16 where 1e-10 underflows to 0. */
+#define LPL_EPS_DEFAULT 1e-10
+#define LPL_EPS_SHARED 1e-6
+#define LPL_EPS_BATCH 1e-6
+
+/* ---- 16-bit float conversions (round to nearest even, NaN kept NaN) -------------- */
+LPL_HD float lpl_bits_to_float(uint32_t bits) {
+    float f;
+    memcpy(&f, &bits, sizeof(f));
+    return f;
+}
+
+LPL_HD uint32_t lpl_float_to_bits(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof(bits));
+    return bits;
+}
+
+LPL_HD float lpl_half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    uint32_t exp = (h >> 10) & 0x1fu;
+    uint32_t mant = h & 0x3ffu;
+    if (exp == 0x1fu) return lpl_bits_to_float(sign | 0x7f800000u | (mant << 13));
+    if (exp == 0) {
+        /* zero or subnormal: mant * 2^-24, exact in float */
+        float v = (float)mant * 5.9604644775390625e-08f;
+        return sign ? -v : v;
+    }
+    return lpl_bits_to_float(sign | ((exp + 112u) << 23) | (mant << 13));
+}
+
+LPL_HD uint16_t lpl_float_to_half(float f) {
+    uint32_t x = lpl_float_to_bits(f);
+    uint16_t sign = (uint16_t)((x >> 16) & 0x8000u);
+    uint32_t ax = x & 0x7fffffffu;
+    if (ax >= 0x7f800000u) /* inf or nan */
+        return (uint16_t)(sign | 0x7c00u | (ax > 0x7f800000u ? 0x200u : 0u));
+    if (ax >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u); /* rounds to >= 65520: inf */
+    if (ax < 0x38800000u) {
+        /* result is subnormal or zero: scale so that rounding happens at 2^-24 */
+        float af = lpl_bits_to_float(ax);
+        float scaled = af * 16777216.0f; /* exact: power of two */
+        /* round half to even of a value < 1024 */
+        float fl = floorf(scaled);
+        float rem = scaled - fl;
+        uint32_t m = (uint32_t)fl;
+        if (rem > 0.5f || (rem == 0.5f && (m & 1u))) m += 1u;
+        return (uint16_t)(sign | m);
+    }
+    uint32_t mant = ax & 0x7fffffu;
+    uint32_t exp = (ax >> 23) - 112u;
+    uint32_t h = (exp << 10) | (mant >> 13);
+    uint32_t round_bits = mant & 0x1fffu;
+    if (round_bits > 0x1000u || (round_bits == 0x1000u && (h & 1u))) h += 1u;
+    return (uint16_t)(sign | h);
+}
+
+LPL_HD float lpl_bf16_to_float(uint16_t b) { return lpl_bits_to_float((uint32_t)b << 16); }
+
+LPL_HD uint16_t lpl_float_to_bf16(float f) {
+    uint32_t x = lpl_float_to_bits(f);
+    if ((x & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((x >> 16) | 0x40u); /* quiet NaN */
+    uint32_t lsb = (x >> 16) & 1u;
+    x += 0x7fffu + lsb;
+    return (uint16_t)(x >> 16);
+}
+
+/* ---- feature distance -------------------------------------------------------------- */
+
+/* e = (d)^2 for mse, |d| for l1, with d = x_normalized - y_normalized. */
+LPL_HD float lpl_dist_value_f(float d, int dist) { return dist == LPL_DIST_MSE ? d * d : fabsf(d); }
+LPL_HD double lpl_dist_value_d(double d, int dist) { return dist == LPL_DIST_MSE ? d * d : fabs(d); }
+
+/* de/dd: 2d for mse, sign(d) for l1 (0 at d == 0, as torch's abs backward). */
+LPL_HD float lpl_dist_deriv_f(float d, int dist) {
+    if (dist == LPL_DIST_MSE) return 2.0f * d;
+    return (float)((d > 0.0f) - (d < 0.0f));
+}
+LPL_HD double lpl_dist_deriv_d(double d, int dist) {
+    if (dist == LPL_DIST_MSE) return 2.0 * d;
+    return (double)((d > 0.0) - (d < 0.0));
+}
+
+/* 1 / (||v|| + eps) from the sum of squares over channels. */
+LPL_HD float lpl_inv_norm_f(float sumsq, double eps) { return 1.0f / (sqrtf(sumsq) + (float)eps); }
+LPL_HD double lpl_inv_norm_d(double sumsq, double eps) { return 1.0 / (sqrt(sumsq) + eps); }
+
+/* Gradient of L through x_n = x * r, r = 1 / (||x|| + eps), for one channel j:
+ *   dL/dx_j = r g_j - (r^2 / ||x||) x_j sum_c g_c x_c.
+ * At ||x|| == 0 the second term is taken as 0 (the subgradient torch's norm uses). */
+LPL_HD float lpl_default_norm_grad_f(float g, float x, float r, float norm, float dot) {
+    float second = norm > 0.0f ? (r * r / norm) * x * dot : 0.0f;
+    return r * g - second;
+}
+LPL_HD double lpl_default_norm_grad_d(double g, double x, double r, double norm, double dot) {
+    double second = norm > 0.0 ? (r * r / norm) * x * dot : 0.0;
+    return r * g - second;
+}
+
+/* Weight of one (n, c) plane in the per-sample loss: w / (C * M), 0 for an empty mask
+ * (spec section 4: a fully masked plane contributes 0, not 0/0). */
+LPL_HD double lpl_plane_coef(double weight, int64_t channels, double kept) {
+    return kept > 0.0 ? weight / ((double)channels * kept) : 0.0;
+}
+
+/* ---- outlier mask ------------------------------------------------------------------ */
+
+/* Rank (1-indexed) of the order statistic for quantile q over `count` values:
+ * floor(count * q), clamped into [1, count] (the reference crashes for k = 0). */
+LPL_HD int64_t lpl_quantile_rank(int64_t count, double q) {
+    double k = floor((double)count * q);
+    int64_t r = (int64_t)k;
+    if (r < 1) r = 1;
+    if (r > count) r = count;
+    return r;
+}
+
+/* Order-preserving map of a float's bits to an unsigned key (finite values only). */
+LPL_HD uint32_t lpl_float_sort_key(float f) {
+    uint32_t b = lpl_float_to_bits(f);
+    return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+LPL_HD float lpl_sort_key_to_float(uint32_t key) {
+    uint32_t b = (key & 0x80000000u) ? (key & 0x7fffffffu) : ~key;
+    return lpl_bits_to_float(b);
+}
+LPL_HD uint64_t lpl_double_sort_key(double f) {
+    uint64_t b;
+    memcpy(&b, &f, sizeof(b));
+    return (b & 0x8000000000000000ull) ? ~b : (b | 0x8000000000000000ull);
+}
+LPL_HD double lpl_sort_key_to_double(uint64_t key) {
+    uint64_t b = (key & 0x8000000000000000ull) ? (key & 0x7fffffffffffffffull) : ~key;
+    double f;
+    memcpy(&f, &b, sizeof(f));
+    return f;
+}
+
+LPL_HD int lpl_isfinite_f(float v) { return (lpl_float_to_bits(v) & 0x7f800000u) != 0x7f800000u; }
+LPL_HD int lpl_isfinite_d(double v) {
+    uint64_t b;
+    memcpy(&b, &v, sizeof(b));
+    return (b & 0x7ff0000000000000ull) != 0x7ff0000000000000ull;
+}
+
+/* Round a float to the storage dtype (0 f32, 2 f16, 3 bf16: lpl_dtype codes), so that
+ * thresholds computed in float match the reference's arithmetic in that dtype. */
+LPL_HD float lpl_round_to_dtype_f(float v, int dtype) {
+    if (dtype == 2) return lpl_half_to_float(lpl_float_to_half(v));
+    if (dtype == 3) return lpl_bf16_to_float(lpl_float_to_bf16(v));
+    return v;
+}
+
+/* keep = finite(p) and lo < p < hi, strict (spec section 2, step 3; NaN and +-Inf are
+ * never kept). */
+LPL_HD int lpl_keep_value_d(double p, double lo, double hi) {
+    return lpl_isfinite_d(p) && lo < p && p < hi;
+}
+
+#endif /* LPL_MATH_H */

@@ -1,0 +1,85 @@
+/* lpl_ext._C: flat entry points over the fused LPL kernels. Outputs are allocated by
+ * the Python caller and passed down; CUDA work runs on the stream the caller passes. */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#define PY_ARRAY_UNIQUE_SYMBOL lpl_ext_ARRAY_API
+#define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
+#include <numpy/arrayobject.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "lpl_ops.h"
+
+#ifndef LPL_CUDA_ARCHS
+#define LPL_CUDA_ARCHS ""
+#endif
+#ifndef LPL_COMPILER
+#define LPL_COMPILER "unknown"
+#endif
+
+PyObject *lpl_py_feature_distance(PyObject *self, PyObject *args, PyObject *kwargs);
+PyObject *lpl_py_outlier_mask(PyObject *self, PyObject *args, PyObject *kwargs);
+PyObject *lpl_py_outlier_mask_workspace_bytes(PyObject *self, PyObject *args);
+
+static PyObject *py_build_info(PyObject *self, PyObject *unused) {
+    (void)self;
+    (void)unused;
+    int openmp = 0, max_threads = 1;
+#ifdef _OPENMP
+    openmp = _OPENMP;
+    max_threads = omp_get_max_threads();
+#endif
+    int sanitize = 0;
+#ifdef LPL_SANITIZE
+    sanitize = 1;
+#endif
+    return Py_BuildValue("{s:O,s:i,s:s,s:i,s:i,s:O,s:s,s:i}", "cuda",
+                         lpl_cuda_compiled() ? Py_True : Py_False, "cuda_runtime_version",
+                         lpl_cuda_runtime_version(), "cuda_archs", LPL_CUDA_ARCHS, "openmp",
+                         openmp, "omp_max_threads", max_threads, "sanitize",
+                         sanitize ? Py_True : Py_False, "compiler", LPL_COMPILER,
+                         "numpy_abi_version", (int)NPY_ABI_VERSION);
+}
+
+static PyObject *py_fd_workspace(PyObject *self, PyObject *args) {
+    (void)self;
+    long long n, c;
+    if (!PyArg_ParseTuple(args, "LL", &n, &c)) return NULL;
+    if (n < 0 || c < 0) {
+        PyErr_SetString(PyExc_ValueError, "n and c must be non-negative");
+        return NULL;
+    }
+    return PyLong_FromLongLong((long long)lpl_feature_distance_workspace(n, c));
+}
+
+static PyMethodDef lpl_methods[] = {
+    {"build_info", py_build_info, METH_NOARGS,
+     "build_info() -> dict: how this module was compiled (CUDA, OpenMP, sanitizers)."},
+    {"feature_distance", (PyCFunction)(void (*)(void))lpl_py_feature_distance,
+     METH_VARARGS | METH_KEYWORDS,
+     "feature_distance(x, y, mask, loss, grad, norm, distance, weight, stream=0, "
+     "workspace=None)\n\nPer-sample LPL layer loss into loss (N,) float64 and, when grad is "
+     "not None, d(sum loss)/dx into grad (x's shape and dtype)."},
+    {"feature_distance_workspace", py_fd_workspace, METH_VARARGS,
+     "feature_distance_workspace(n, c) -> number of float64 scratch values the CUDA "
+     "kernels need."},
+    {"outlier_mask", (PyCFunction)(void (*)(void))lpl_py_outlier_mask,
+     METH_VARARGS | METH_KEYWORDS,
+     "outlier_mask(y, keep, stats, quantile, margin_std, closing, opening, stream=0, "
+     "workspace=None)\n\nKeep-mask of the target features y into keep (bool/uint8, y's "
+     "shape); stats (3,) float64 receives mean, std and outlier ratio."},
+    {"outlier_mask_workspace_bytes", lpl_py_outlier_mask_workspace_bytes, METH_VARARGS,
+     "outlier_mask_workspace_bytes(n, c, h, w) -> bytes of CUDA scratch outlier_mask needs."},
+    {NULL, NULL, 0, NULL}};
+
+static struct PyModuleDef lpl_module = {PyModuleDef_HEAD_INIT, "_C",
+                                        "Fused Latent Perceptual Loss kernels (C / CUDA).", -1,
+                                        lpl_methods, NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__C(void) {
+    import_array();
+    return PyModule_Create(&lpl_module);
+}

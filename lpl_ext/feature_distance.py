@@ -1,0 +1,147 @@
+"""Fused LPL feature distance for one decoder layer (spec sections 3-4).
+
+The C/CUDA kernel computes the per-sample loss and, in the same pass, its gradient with
+respect to the prediction features ``x``; backward only rescales that gradient by the
+incoming (N,) gradient. ``y`` (target features) and ``mask`` are constants.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Tuple
+
+import numpy as np
+
+from . import _C
+from ._backend import as_c_arg, check_kind, is_tensor, stream_of, torch
+
+NORMS = ("default", "shared", "batch", "none")
+DISTANCES = ("mse", "l1")
+
+
+def _check_options(norm: Any, distance: Any, weight: Any) -> float:
+    if not isinstance(norm, str) or norm not in NORMS:
+        raise ValueError(f"norm: unknown option {norm!r}; expected one of {', '.join(map(repr, NORMS))}")
+    if not isinstance(distance, str) or distance not in DISTANCES:
+        raise ValueError(
+            f"distance: unknown option {distance!r}; expected one of {', '.join(map(repr, DISTANCES))}"
+        )
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+        raise TypeError(f"weight: expected a float, got {type(weight).__name__}")
+    weight = float(weight)
+    if not np.isfinite(weight):
+        raise ValueError(f"weight: must be finite, got {weight}")
+    return weight
+
+
+def _native_contiguous(a: np.ndarray) -> np.ndarray:
+    if not a.dtype.isnative:
+        a = a.astype(a.dtype.newbyteorder("="))
+    return np.ascontiguousarray(a)
+
+
+def _forward_torch(
+    x: "torch.Tensor", y: "torch.Tensor", mask: Optional["torch.Tensor"], norm: str, distance: str,
+    weight: float, need_grad: bool,
+) -> Tuple["torch.Tensor", Optional["torch.Tensor"]]:
+    """Loss (N,) in x's dtype and, when need_grad, d(sum loss)/dx in x's dtype."""
+    if not is_tensor(y):
+        raise TypeError(f"y: expected a torch.Tensor like x, got {type(y).__name__}")
+    if mask is not None and not is_tensor(mask):
+        raise TypeError(f"mask: expected a torch.Tensor like x, got {type(mask).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"x: expected a 4-D (N, C, H, W) tensor, got shape {tuple(x.shape)}")
+    x = x.detach().contiguous()
+    y = y.detach().contiguous()
+    if mask is not None:
+        mask = mask.detach().contiguous()
+    loss = torch.empty(x.shape[0], dtype=torch.float64, device=x.device)
+    grad = torch.empty_like(x) if need_grad else None
+    workspace = None
+    if x.is_cuda:
+        workspace = torch.empty(_C.feature_distance_workspace(x.shape[0], x.shape[1]), dtype=torch.float64,
+                                device=x.device)
+        with torch.cuda.device(x.device):
+            _C.feature_distance(as_c_arg(x), as_c_arg(y), as_c_arg(mask), as_c_arg(loss), as_c_arg(grad),
+                                norm, distance, weight, stream_of(x), as_c_arg(workspace))
+    else:
+        _C.feature_distance(as_c_arg(x), as_c_arg(y), as_c_arg(mask), as_c_arg(loss), as_c_arg(grad),
+                            norm, distance, weight, 0, None)
+    return loss.to(x.dtype), grad
+
+
+def _forward_numpy(
+    x: np.ndarray, y: Any, mask: Any, norm: str, distance: str, weight: float
+) -> np.ndarray:
+    if not isinstance(y, np.ndarray):
+        raise TypeError(f"y: expected a numpy.ndarray like x, got {type(y).__name__}")
+    if mask is not None and not isinstance(mask, np.ndarray):
+        raise TypeError(f"mask: expected a numpy.ndarray like x, got {type(mask).__name__}")
+    x, y = _native_contiguous(x), _native_contiguous(y)
+    if mask is not None:
+        mask = _native_contiguous(mask)
+    if x.ndim != 4:
+        raise ValueError(f"x: expected a 4-D (N, C, H, W) array, got shape {x.shape}")
+    loss = np.empty(x.shape[0], dtype=np.float64)
+    _C.feature_distance(x, y, mask, loss, None, norm, distance, weight, 0, None)
+    return loss.astype(x.dtype)
+
+
+if torch is not None:
+
+    class FeatureDistanceFunction(torch.autograd.Function):
+        """Autograd wrapper: forward runs the fused kernel (loss and grad), backward
+        multiplies the kept gradient by grad_output[n]."""
+
+        @staticmethod
+        def forward(ctx, x, y, mask, norm, distance, weight):  # type: ignore[override]
+            loss, grad = _forward_torch(x, y, mask, norm, distance, weight, need_grad=x.requires_grad)
+            ctx.save_for_backward(grad if grad is not None else torch.empty(0))
+            ctx.has_grad = grad is not None
+            return loss
+
+        @staticmethod
+        def backward(ctx, grad_loss):  # type: ignore[override]
+            (grad,) = ctx.saved_tensors
+            if not ctx.has_grad or not ctx.needs_input_grad[0]:
+                return None, None, None, None, None, None
+            scale = grad_loss.to(grad.dtype).view(-1, 1, 1, 1)
+            return grad * scale, None, None, None, None, None
+
+else:  # pragma: no cover
+    FeatureDistanceFunction = None  # type: ignore[assignment,misc]
+
+
+def feature_distance(
+    x: Any,
+    y: Any,
+    mask: Any = None,
+    *,
+    norm: str = "shared",
+    distance: str = "mse",
+    weight: float = 1.0,
+) -> Any:
+    """Per-sample LPL distance of one layer.
+
+    Args:
+        x: prediction features (N, C, H, W), float32/float64/float16/bfloat16; a torch
+            tensor (CPU or CUDA; differentiable) or a numpy array (no autograd).
+        y: target features, same shape, dtype and device as x; treated as a constant.
+        mask: optional keep-mask (bool or uint8) of x's shape; y counts as y * mask and
+            each (n, c) plane is averaged over its kept pixels (an empty plane adds 0).
+        norm: "default" (each side by its own channel norm), "shared" (both by the
+            target's channel norm), "batch" (per-channel mean/std of the target) or "none".
+        distance: "mse" or "l1".
+        weight: layer weight w (e.g. 2**-min(i, 3) with pow_law).
+
+    Returns:
+        (N,) loss in x's dtype (a tensor or an array like x). Accumulation is fp32 for
+        16-bit inputs and fp64 for float64.
+    """
+    weight = _check_options(norm, distance, weight)
+    check_kind("x", x)
+    if isinstance(x, np.ndarray):
+        return _forward_numpy(x, y, mask, norm, distance, weight)
+    if x.requires_grad and torch.is_grad_enabled():
+        return FeatureDistanceFunction.apply(x, y, mask, norm, distance, weight)
+    loss, _ = _forward_torch(x, y, mask, norm, distance, weight, need_grad=False)
+    return loss
