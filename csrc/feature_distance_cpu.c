@@ -13,6 +13,10 @@
 #include "lpl_ops.h"
 #include "lpl_tensor.h"
 
+#ifndef LPL_FD_TILE_BYTES
+#define LPL_FD_TILE_BYTES (4 * 1024 * 1024)
+#endif
+
 /* ---- one instantiation per storage dtype ------------------------------------------- */
 #define FD_T float
 #define FD_ACC float

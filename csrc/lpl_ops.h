@@ -26,14 +26,15 @@ typedef struct {
     int norm;            /* LPL_NORM_* */
     int dist;            /* LPL_DIST_* */
     double weight;
-    /* CUDA only: device scratch of lpl_feature_distance_workspace(n, c) doubles */
+    /* CUDA only: device scratch of lpl_feature_distance_workspace(n, c) doubles:
+     * per-plane sums, kept counts, batch moments; per-channel mean and std */
     double *workspace;
     int device;
 } lpl_fd_params;
 
 /* Doubles of device scratch the CUDA feature-distance kernels need. */
 static inline int64_t lpl_feature_distance_workspace(int64_t n, int64_t c) {
-    return 2 * n * c + 4 * c;
+    return 4 * n * c + 2 * c;
 }
 
 int lpl_cpu_feature_distance(const lpl_fd_params *p, char *err);
@@ -54,6 +55,45 @@ typedef struct {
     void *workspace;
     int device;
 } lpl_om_params;
+
+/* CUDA workspace layout (bytes, each region 256-byte aligned), shared by the size query
+ * (compiled in every build) and the CUDA kernels. P = n*c planes of L = h*w values, B
+ * blocks per plane:
+ *   part_d  P*B*4 doubles   per-block partial sums (moments, variance, kept stats)
+ *   part_u  P*B*2 uint64    per-block min / max order keys of the finite values
+ *   plane_d P*16 doubles    per-plane scalars (count, mean, std, thresholds, moments)
+ *   plane_u P*4 uint64      per-plane radix-select state (two prefixes, two ranks)
+ *   hist    P*2*256 uint32  per-plane digit histograms of the two selections
+ *   tmp     P*L bytes       intermediate mask of the separable filters */
+#define LPL_OM_CUDA_THREADS 256
+#define LPL_OM_PLANE_D 16
+
+static inline int64_t lpl_om_blocks_per_plane(int64_t plane_len) {
+    int64_t b = (plane_len + 8 * LPL_OM_CUDA_THREADS - 1) / (8 * LPL_OM_CUDA_THREADS);
+    if (b < 1) b = 1;
+    if (b > 64) b = 64;
+    return b;
+}
+
+typedef struct {
+    int64_t part_d, part_u, plane_d, plane_u, hist, tmp, total;
+} lpl_om_layout;
+
+static inline int64_t lpl_om_align256(int64_t v) { return (v + 255) / 256 * 256; }
+
+static inline lpl_om_layout lpl_om_workspace_layout(int64_t n, int64_t c, int64_t h, int64_t w) {
+    lpl_om_layout l;
+    const int64_t planes = n * c, len = h * w, b = lpl_om_blocks_per_plane(len);
+    l.part_d = 0;
+    l.part_u = l.part_d + lpl_om_align256(planes * b * 4 * 8);
+    l.plane_d = l.part_u + lpl_om_align256(planes * b * 2 * 8);
+    l.plane_u = l.plane_d + lpl_om_align256(planes * LPL_OM_PLANE_D * 8);
+    l.hist = l.plane_u + lpl_om_align256(planes * 4 * 8);
+    l.tmp = l.hist + lpl_om_align256(planes * 2 * 256 * 4);
+    l.total = l.tmp + lpl_om_align256(planes * len);
+    if (l.total == 0) l.total = 256;
+    return l;
+}
 
 int lpl_cpu_outlier_mask(const lpl_om_params *p, char *err);
 int lpl_cuda_outlier_mask(const lpl_om_params *p, void *stream, char *err);

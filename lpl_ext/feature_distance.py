@@ -100,10 +100,17 @@ if torch is not None:
             return loss
 
         @staticmethod
+        @torch.autograd.function.once_differentiable
         def backward(ctx, grad_loss):  # type: ignore[override]
             (grad,) = ctx.saved_tensors
             if not ctx.has_grad or not ctx.needs_input_grad[0]:
                 return None, None, None, None, None, None
+            if not grad.is_cuda and bool((grad_loss == 1).all()):
+                # d(loss.sum())/dx is the kept gradient itself: hand it over without a copy
+                # (a pass over the whole feature tensor). It is never modified afterwards, so
+                # a retained graph can run backward again. The check costs a host sync, so
+                # CUDA always rescales.
+                return grad, None, None, None, None, None
             scale = grad_loss.to(grad.dtype).view(-1, 1, 1, 1)
             return grad * scale, None, None, None, None, None
 

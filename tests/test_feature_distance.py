@@ -1,0 +1,325 @@
+"""lpl_ext.feature_distance against the plain-PyTorch formulation of the spec
+(tests/reference.py) and against the reference implementation's own vectors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import lpl_ext
+from reference import ref_feature_distance
+
+DATA = Path(__file__).parent / "data"
+NORMS = ["default", "shared", "batch", "none"]
+DISTANCES = ["mse", "l1"]
+SHAPES = [
+    (1, 1, 1, 1),
+    (3, 7, 5, 3),
+    (1, 64, 16, 16),
+    (3, 1, 257, 131),
+    (1, 7, 33, 65),
+    (3, 64, 9, 11),
+]
+CUDA_OK = torch.cuda.is_available() and lpl_ext.build_info()["cuda"]
+CUDA_REASON = (
+    "no CUDA GPU visible to torch" if not torch.cuda.is_available() else "lpl_ext was built without CUDA"
+)
+
+
+def make_inputs(shape, dtype=torch.float64, masked=False, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    # targets correlated with x, so normalized differences are not all O(1)
+    y = 0.7 * x + 0.5 * torch.randn(shape, generator=g, dtype=torch.float64)
+    mask = torch.rand(shape, generator=g) > 0.2 if masked else None
+    x, y = x.to(dtype).to(device), y.to(dtype).to(device)
+    if mask is not None:
+        mask = mask.to(device)
+    return x, y, mask
+
+
+def run_both(x, y, mask, norm, distance, weight, grad_out):
+    """(loss, grad) of lpl_ext and of the reference, both for loss.(grad_out).sum()."""
+    xa = x.detach().clone().requires_grad_(True)
+    loss = lpl_ext.feature_distance(xa, y, mask, norm=norm, distance=distance, weight=weight)
+    (loss * grad_out.to(loss.dtype)).sum().backward()
+    xr = x.detach().double().clone().requires_grad_(True)
+    ref = ref_feature_distance(xr, y.double(), mask, norm, distance, weight)
+    (ref * grad_out.double()).sum().backward()
+    return loss.detach(), xa.grad, ref.detach(), xr.grad
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+def test_matches_reference_float64(shape, norm, distance, masked):
+    if norm == "batch" and shape[0] * shape[2] * shape[3] == 1:
+        pytest.skip("batch norm of a single value has no unbiased std (NaN in both)")
+    x, y, mask = make_inputs(shape, masked=masked, seed=hash((shape, norm, distance)) % 1000)
+    grad_out = torch.linspace(-1.5, 2.0, shape[0], dtype=torch.float64)
+    loss, grad, ref, ref_grad = run_both(x, y, mask, norm, distance, 0.25, grad_out)
+    torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("layout", ["transposed", "sliced", "channels_last"])
+def test_non_contiguous_inputs(norm, distance, layout):
+    base_x, base_y, base_m = make_inputs((2, 5, 14, 18), masked=True, seed=3)
+    if layout == "transposed":
+        x, y, m = (t.transpose(2, 3) for t in (base_x, base_y, base_m))
+    elif layout == "sliced":
+        x, y, m = (t[:, :, ::2, 1:] for t in (base_x, base_y, base_m))
+    else:
+        x, y, m = (t.contiguous(memory_format=torch.channels_last) for t in (base_x, base_y, base_m))
+    assert not x.is_contiguous()
+    grad_out = torch.tensor([0.5, -2.0], dtype=torch.float64)
+    loss, grad, ref, ref_grad = run_both(x, y, m, norm, distance, 1.0, grad_out)
+    torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-12)
+    assert grad.shape == x.shape
+
+
+# Tolerances per dtype, relative to the float64 reference run on the same (rounded)
+# inputs: accumulation is fp32 for every 16/32-bit dtype, so the loss error is the final
+# rounding to the dtype plus fp32 summation error; gradients are stored in the dtype.
+TOLS = {
+    torch.float32: dict(loss_rtol=2e-5, grad_rtol=1e-4),
+    torch.float16: dict(loss_rtol=2e-3, grad_rtol=2e-3),
+    torch.bfloat16: dict(loss_rtol=1.6e-2, grad_rtol=1.6e-2),
+}
+
+
+@pytest.mark.parametrize("dtype", list(TOLS), ids=str)
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("shape", [(2, 7, 33, 17), (1, 64, 32, 32)], ids=["small", "c64"])
+def test_low_precision(dtype, norm, distance, shape):
+    x, y, mask = make_inputs(shape, dtype=dtype, masked=True, seed=11)
+    grad_out = torch.tensor([1.0, -0.5][: shape[0]])
+    loss, grad, ref, ref_grad = run_both(x, y, mask, norm, distance, 0.5, grad_out)
+    assert loss.dtype == dtype and grad.dtype == dtype
+    tol = TOLS[dtype]
+    torch.testing.assert_close(loss.double(), ref, rtol=tol["loss_rtol"], atol=0.0)
+    scale = ref_grad.abs().max()
+    err = (grad.double() - ref_grad).abs()
+    # elementwise relative error, with an absolute floor for values near underflow: one
+    # step of the dtype's subnormal grid (2**-24 for fp16) is the best storage can do
+    subnormal_step = torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps
+    bound = tol["grad_rtol"] * (ref_grad.abs() + 1e-3 * scale) + subnormal_step
+    assert bool((err <= bound).all()), f"max err {float(err.max()):.3e}, scale {float(scale):.3e}"
+
+
+def test_fp16_eps_and_overflow_do_not_break():
+    """Spec §6: 1e-10 vanishes in fp16 and the channel sum of squares overflows fp16
+    (values ~300 over 512 channels: sum ~4.6e7 > 65504). Accumulation is fp32."""
+    x, y, _ = make_inputs((1, 512, 4, 4), seed=5)
+    x, y = x * 300, y * 300
+    for norm in ("default", "shared"):
+        half = lpl_ext.feature_distance(x.half(), y.half(), norm=norm)
+        ref = ref_feature_distance(x.half().double(), y.half().double(), None, norm)
+        assert torch.isfinite(half).all()
+        torch.testing.assert_close(half.double(), ref, rtol=2e-3, atol=0)
+    zeros = torch.zeros(1, 4, 3, 3, dtype=torch.float16)
+    out = lpl_ext.feature_distance(zeros, zeros, norm="default")
+    assert float(out) == 0.0
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_gradcheck(norm, distance, masked, seed):
+    x, y, mask = make_inputs((2, 3, 4, 5), masked=masked, seed=100 + seed)
+    x.requires_grad_(True)
+    fn = lambda inp: lpl_ext.feature_distance(inp, y, mask, norm=norm, distance=distance, weight=0.75)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x,), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_gradient_computed_in_forward_and_rescaled():
+    """backward only multiplies the kept gradient: two backward calls with different
+    grad_outputs (retain_graph) give proportional gradients."""
+    x, y, mask = make_inputs((2, 4, 6, 6), masked=True)
+    x.requires_grad_(True)
+    loss = lpl_ext.feature_distance(x, y, mask, norm="default")
+    (g1,) = torch.autograd.grad(loss, x, torch.tensor([1.0, 1.0], dtype=torch.float64), retain_graph=True)
+    (g2,) = torch.autograd.grad(loss, x, torch.tensor([3.0, -2.0], dtype=torch.float64))
+    torch.testing.assert_close(g2[0], 3 * g1[0])
+    torch.testing.assert_close(g2[1], -2 * g1[1])
+
+
+def test_no_grad_when_not_required():
+    x, y, _ = make_inputs((2, 3, 4, 4))
+    loss = lpl_ext.feature_distance(x, y)
+    assert not loss.requires_grad
+    with torch.no_grad():
+        loss2 = lpl_ext.feature_distance(x.clone().requires_grad_(True), y)
+    assert not loss2.requires_grad
+    torch.testing.assert_close(loss, loss2)
+
+
+def test_empty_plane_contributes_zero_not_nan():
+    x, y, _ = make_inputs((2, 3, 5, 5))
+    mask = torch.ones(2, 3, 5, 5, dtype=torch.bool)
+    mask[0, 1] = False  # a fully masked plane: the reference divides 0 by 0
+    x.requires_grad_(True)
+    loss = lpl_ext.feature_distance(x, y, mask, norm="shared")
+    assert torch.isfinite(loss).all()
+    ref = ref_feature_distance(x.detach(), y, mask, "shared")
+    torch.testing.assert_close(loss.detach(), ref)
+    loss.sum().backward()
+    assert torch.isfinite(x.grad).all()
+    assert float(x.grad[0, 1].abs().max()) == 0.0
+
+
+def test_masked_target_values_are_ignored():
+    """y is treated as y * keep: garbage (even NaN) under the mask changes nothing."""
+    x, y, mask = make_inputs((2, 4, 7, 7), masked=True)
+    y_dirty = y.clone()
+    y_dirty[~mask] = float("nan")
+    for norm in NORMS:
+        a = lpl_ext.feature_distance(x, y * mask, mask, norm=norm)
+        b = lpl_ext.feature_distance(x, y_dirty, mask, norm=norm)
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_nan_prediction_is_visible():
+    x, y, mask = make_inputs((2, 3, 4, 4), masked=True)
+    x[1, 0, 0, 0] = float("nan")
+    mask[1, 0, 0, 0] = False  # even where the target is masked out
+    loss = lpl_ext.feature_distance(x, y, mask, norm="none")
+    assert torch.isfinite(loss[0]) and torch.isnan(loss[1])
+
+
+def test_reference_vectors():
+    """The reference implementation's own per-layer losses and gradients."""
+    index = json.loads((DATA / "index.json").read_text())
+    cases = [e for e in index if e["kind"] == "layer_loss"]
+    assert len(cases) >= 40
+    for e in cases:
+        d = np.load(DATA / e["file"])
+        x = torch.tensor(d["x"], requires_grad=True)
+        norm = "none" if e["norm_type"] == "batch" else e["norm_type"]  # reference 'batch' is a no-op
+        w = 2.0 ** -min(e["layer_index"], 3) if e["pow_law"] else 1.0
+        loss = lpl_ext.feature_distance(
+            x, torch.tensor(d["y"]), torch.tensor(d["keep"]), norm=norm, distance=e["loss_type"], weight=w
+        )
+        (loss * torch.tensor(d["grad_output"])).sum().backward()
+        np.testing.assert_allclose(loss.detach().numpy(), d["loss"], rtol=1e-10, err_msg=e["file"])
+        np.testing.assert_allclose(x.grad.numpy(), d["grad_x"], rtol=1e-8, atol=1e-14, err_msg=e["file"])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+@pytest.mark.parametrize("norm", NORMS)
+def test_numpy_inputs(dtype, norm):
+    x, y, mask = make_inputs((2, 5, 9, 7), masked=True, seed=7)
+    xn, yn, mn = x.numpy().astype(dtype), y.numpy().astype(dtype), mask.numpy()
+    out = lpl_ext.feature_distance(xn, yn, mn, norm=norm, distance="l1")
+    assert isinstance(out, np.ndarray) and out.dtype == dtype and out.shape == (2,)
+    expect = lpl_ext.feature_distance(
+        torch.from_numpy(xn), torch.from_numpy(yn), torch.from_numpy(mn), norm=norm, distance="l1"
+    )
+    np.testing.assert_array_equal(out, expect.numpy())
+    # non-native byte order and non-contiguous arrays are converted, not misread
+    swapped = xn.astype(xn.dtype.newbyteorder(">"))
+    np.testing.assert_array_equal(lpl_ext.feature_distance(swapped, yn, mn, norm=norm, distance="l1"), out)
+    np.testing.assert_array_equal(
+        lpl_ext.feature_distance(np.asfortranarray(xn), yn, mn.astype(np.uint8), norm=norm, distance="l1"), out
+    )
+
+
+class TestBadInput:
+    def setup_method(self):
+        self.x, self.y, self.mask = make_inputs((2, 3, 4, 4), dtype=torch.float32, masked=True)
+
+    def test_shape_mismatch(self):
+        with pytest.raises(ValueError, match="y: shape"):
+            lpl_ext.feature_distance(self.x, self.y[:, :2])
+
+    def test_ndim(self):
+        with pytest.raises(ValueError, match="x: expected a 4-D"):
+            lpl_ext.feature_distance(self.x[0], self.y[0])
+        with pytest.raises(ValueError, match="x: expected a 4-D"):
+            lpl_ext.feature_distance(self.x.numpy()[0], self.y.numpy()[0])
+
+    def test_mask_shape_and_dtype(self):
+        with pytest.raises(ValueError, match="mask: shape"):
+            lpl_ext.feature_distance(self.x, self.y, self.mask[:1])
+        with pytest.raises(TypeError, match="mask: expected a bool or uint8"):
+            lpl_ext.feature_distance(self.x, self.y, self.mask.float())
+
+    def test_mixed_dtypes(self):
+        with pytest.raises(TypeError, match="y: dtype float64 does not match x dtype float32"):
+            lpl_ext.feature_distance(self.x, self.y.double())
+
+    def test_integer_tensors(self):
+        with pytest.raises(TypeError, match="x: expected float32, float64, float16 or bfloat16"):
+            lpl_ext.feature_distance(self.x.long(), self.y.long())
+
+    def test_unknown_options(self):
+        with pytest.raises(ValueError, match="norm: unknown option 'layer'"):
+            lpl_ext.feature_distance(self.x, self.y, norm="layer")
+        with pytest.raises(ValueError, match="distance: unknown option 'l2'"):
+            lpl_ext.feature_distance(self.x, self.y, distance="l2")
+        with pytest.raises(ValueError, match="weight: must be finite"):
+            lpl_ext.feature_distance(self.x, self.y, weight=float("inf"))
+
+    def test_mixed_kinds(self):
+        with pytest.raises(TypeError, match="y: expected a torch.Tensor"):
+            lpl_ext.feature_distance(self.x, self.y.numpy())
+        with pytest.raises(TypeError, match="x: expected a torch.Tensor or numpy.ndarray"):
+            lpl_ext.feature_distance([1.0], self.y)
+
+    def test_c_entry_rejects_bad_outputs(self):
+        x, y = self.x.numpy(), self.y.numpy()
+        with pytest.raises(TypeError, match="loss: expected dtype float64"):
+            lpl_ext._C.feature_distance(x, y, None, np.empty(2, np.float32), None, "shared", "mse", 1.0)
+        with pytest.raises(ValueError, match="loss: expected a 1-D tensor of length 2"):
+            lpl_ext._C.feature_distance(x, y, None, np.empty(3), None, "shared", "mse", 1.0)
+        ro = np.empty(2)
+        ro.flags.writeable = False
+        with pytest.raises(ValueError, match="loss: output array is read-only"):
+            lpl_ext._C.feature_distance(x, y, None, ro, None, "shared", "mse", 1.0)
+        with pytest.raises(ValueError, match="x: expected a C-contiguous"):
+            lpl_ext._C.feature_distance(x.transpose(0, 1, 3, 2), y, None, np.empty(2), None, "shared", "mse", 1.0)
+
+    @pytest.mark.skipif(not CUDA_OK, reason=CUDA_REASON)
+    def test_mixed_devices(self):
+        with pytest.raises(ValueError, match="y: on cpu:0 but x is on cuda"):
+            lpl_ext.feature_distance(self.x.cuda(), self.y)
+
+
+@pytest.mark.skipif(not CUDA_OK, reason=CUDA_REASON)
+class TestCUDA:
+    @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=str)
+    @pytest.mark.parametrize("norm", NORMS)
+    @pytest.mark.parametrize("distance", DISTANCES)
+    @pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+    def test_cuda_matches_cpu(self, dtype, norm, distance, masked):
+        x, y, mask = make_inputs((3, 7, 33, 65), dtype=dtype, masked=masked, seed=21)
+        go = torch.tensor([1.0, -2.0, 0.5], dtype=dtype)
+        out = {}
+        for dev in ("cpu", "cuda"):
+            xd = x.to(dev).requires_grad_(True)
+            loss = lpl_ext.feature_distance(
+                xd, y.to(dev), None if mask is None else mask.to(dev), norm=norm, distance=distance, weight=0.5
+            )
+            (loss * go.to(dev)).sum().backward()
+            out[dev] = (loss.detach().cpu().double(), xd.grad.cpu().double())
+        rtol = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+        torch.testing.assert_close(out["cuda"][0], out["cpu"][0], rtol=rtol, atol=1e-12)
+        scale = out["cpu"][1].abs().max()
+        torch.testing.assert_close(out["cuda"][1], out["cpu"][1], rtol=rtol, atol=rtol * 1e-2 * float(scale))
+
+    def test_cuda_gradcheck(self):
+        x, y, mask = make_inputs((2, 3, 4, 5), masked=True, device="cuda")
+        x.requires_grad_(True)
+        for norm in NORMS:
+            fn = lambda inp: lpl_ext.feature_distance(inp, y, mask, norm=norm)  # noqa: E731
+            assert torch.autograd.gradcheck(fn, (x,), eps=1e-6, atol=1e-7, rtol=1e-5)
