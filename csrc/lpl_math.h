@@ -179,4 +179,95 @@ LPL_HD int lpl_keep_value_d(double p, double lo, double hi) {
     return lpl_isfinite_d(p) && lo < p && p < hi;
 }
 
+/* ==== outlier mask helpers (issue 3; owned by the outlier-mask kernels) ============ */
+
+/* Arithmetic that must round exactly once per operation, as torch's CPU kernels do:
+ * nvcc would otherwise contract a*b+c into an FMA (the C build uses -ffp-contract=off). */
+#ifdef __CUDA_ARCH__
+#define LPL_OM_FMUL(a, b) __fmul_rn((a), (b))
+#define LPL_OM_FADD(a, b) __fadd_rn((a), (b))
+#define LPL_OM_FSUB(a, b) __fsub_rn((a), (b))
+#define LPL_OM_DMUL(a, b) __dmul_rn((a), (b))
+#define LPL_OM_DADD(a, b) __dadd_rn((a), (b))
+#define LPL_OM_DSUB(a, b) __dsub_rn((a), (b))
+#else
+#define LPL_OM_FMUL(a, b) ((a) * (b))
+#define LPL_OM_FADD(a, b) ((a) + (b))
+#define LPL_OM_FSUB(a, b) ((a) - (b))
+#define LPL_OM_DMUL(a, b) ((a) * (b))
+#define LPL_OM_DADD(a, b) ((a) + (b))
+#define LPL_OM_DSUB(a, b) ((a) - (b))
+#endif
+
+/* Order-preserving key of a 16-bit float (float16 or bfloat16 bits; finite values). */
+LPL_HD uint32_t lpl_om_key16(uint16_t bits) {
+    return (bits & 0x8000u) ? (uint32_t)(~(uint32_t)bits & 0xffffu) : (uint32_t)(bits | 0x8000u);
+}
+LPL_HD uint16_t lpl_om_key16_to_bits(uint32_t key) {
+    return (key & 0x8000u) ? (uint16_t)(key & 0x7fffu) : (uint16_t)(~key & 0xffffu);
+}
+/* Finite test on raw 16-bit patterns: float16 (exponent 0x7c00) or bfloat16 (0x7f80). */
+LPL_HD int lpl_om_isfinite_f16(uint16_t bits) { return (bits & 0x7c00u) != 0x7c00u; }
+LPL_HD int lpl_om_isfinite_bf16(uint16_t bits) { return (bits & 0x7f80u) != 0x7f80u; }
+
+/* Value of an order-statistic key as a double (exact), for storage dtype `dtype`
+ * (lpl_dtype codes: 0 f32, 1 f64, 2 f16, 3 bf16). */
+LPL_HD double lpl_om_key_to_double(uint64_t key, int dtype) {
+    if (dtype == 1) return lpl_sort_key_to_double(key);
+    if (dtype == 0) return (double)lpl_sort_key_to_float((uint32_t)key);
+    uint16_t bits = lpl_om_key16_to_bits((uint32_t)key);
+    return (double)(dtype == 2 ? lpl_half_to_float(bits) : lpl_bf16_to_float(bits));
+}
+
+/* Sample standard deviation (divisor count - 1) from the two-pass moments of the
+ * finite values: sum_sq = sum (v - mean)^2, sum_dev = sum (v - mean) (the rounding
+ * error of mean, removed here). NaN for one value (as torch), 0 for none. A constant
+ * plane (min == max) has exactly 0: callers pass is_constant so that rounding in the
+ * mean can never make it positive (torch's Welford reduction gives 0 there too). */
+LPL_HD double lpl_om_sample_std(double count, double sum_sq, double sum_dev, int is_constant) {
+    if (count < 2.0) return count == 1.0 ? NAN : 0.0;
+    if (is_constant) return 0.0;
+    double m2 = sum_sq - sum_dev * sum_dev / count;
+    if (m2 < 0.0) m2 = 0.0;
+    return sqrt(m2 / (count - 1.0));
+}
+
+/* Keep thresholds (lo, hi) of one plane, rounded the way the reference's torch ops
+ * round them in the storage dtype:
+ *   float64: m = margin * std, lo = q1 - m, hi = q2 + m in double;
+ *   float32: std rounded to float, then float32 products and sums;
+ *   float16 / bfloat16: std rounded to the dtype (via float, as torch casts its double
+ *   Welford result), m = dtype(float(margin) * std), lo = dtype(float(q1) - m), ... */
+LPL_HD void lpl_om_thresholds(int dtype, double q1, double q2, double std_d, double margin_std,
+                              double *lo, double *hi) {
+    if (dtype == 1) {
+        double m = LPL_OM_DMUL(margin_std, std_d);
+        *lo = LPL_OM_DSUB(q1, m);
+        *hi = LPL_OM_DADD(q2, m);
+        return;
+    }
+    float s = lpl_round_to_dtype_f((float)std_d, dtype);
+    float m = lpl_round_to_dtype_f(LPL_OM_FMUL((float)margin_std, s), dtype);
+    *lo = (double)lpl_round_to_dtype_f(LPL_OM_FSUB((float)q1, m), dtype);
+    *hi = (double)lpl_round_to_dtype_f(LPL_OM_FADD((float)q2, m), dtype);
+}
+
+/* Chan et al. merge of (count, mean, M2) moments; b is added into a. */
+LPL_HD void lpl_om_merge_moments(double *n_a, double *mean_a, double *m2_a, double n_b,
+                                 double mean_b, double m2_b) {
+    if (n_b <= 0.0) return;
+    double n = *n_a + n_b;
+    double delta = mean_b - *mean_a;
+    *mean_a += delta * (n_b / n);
+    *m2_a += m2_b + delta * delta * (*n_a * n_b / n);
+    *n_a = n;
+}
+
+/* Layer statistics (mean, unbiased std, outlier ratio) from merged moments. */
+LPL_HD void lpl_om_finish_stats(double n, double mean, double m2, double kept, double *stats) {
+    stats[0] = n > 0.0 ? mean : NAN;
+    stats[1] = n > 1.0 ? sqrt((m2 > 0.0 ? m2 : 0.0) / (n - 1.0)) : NAN;
+    stats[2] = n > 0.0 ? 1.0 - kept / n : NAN;
+}
+
 #endif /* LPL_MATH_H */

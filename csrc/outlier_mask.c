@@ -1,25 +1,142 @@
-/* PLACEHOLDER owned by the outlier-mask work (issue 3): replaced by the real entry point. */
+/* Python entry point of the outlier keep-mask (LPL_SPEC.md section 2): argument checks,
+ * then the CPU or CUDA implementation with the GIL released. Also the CUDA workspace
+ * size query, compiled in every build. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <stdio.h>
+
+#include "lpl_interop.h"
+#include "lpl_math.h"
 #include "lpl_ops.h"
+
+int64_t lpl_outlier_mask_workspace_bytes(int64_t n, int64_t c, int64_t h, int64_t w) {
+    return lpl_om_workspace_layout(n, c, h, w).total;
+}
+
+/* Option checks shared with the Python wrapper's messages: ValueError naming the
+ * argument. Returns 0 or -1 with the exception set. */
+static int check_options(double quantile, double margin_std, int closing, int opening) {
+    if (!(quantile > 0.0 && quantile < 0.5)) {
+        char buf[64];
+        snprintf(buf, sizeof(buf), "%.17g", quantile);
+        PyErr_Format(PyExc_ValueError, "quantile: must be in the open interval (0, 0.5), got %s",
+                     buf);
+        return -1;
+    }
+    if (!(isfinite(margin_std) && margin_std >= 0.0)) {
+        PyErr_SetString(PyExc_ValueError, "margin_std: must be a finite number >= 0");
+        return -1;
+    }
+    if (closing < 1 || closing % 2 == 0) {
+        PyErr_Format(PyExc_ValueError, "closing: window size must be odd and positive, got %d",
+                     closing);
+        return -1;
+    }
+    if (opening < 1 || opening % 2 == 0) {
+        PyErr_Format(PyExc_ValueError, "opening: window size must be odd and positive, got %d",
+                     opening);
+        return -1;
+    }
+    return 0;
+}
 
 PyObject *lpl_py_outlier_mask(PyObject *self, PyObject *args, PyObject *kwargs) {
     (void)self;
-    (void)args;
-    (void)kwargs;
-    PyErr_SetString(PyExc_NotImplementedError, "outlier_mask is not built yet");
-    return NULL;
+    static char *kwlist[] = {"y",       "keep",    "stats",  "quantile",  "margin_std",
+                             "closing", "opening", "stream", "workspace", NULL};
+    PyObject *y_obj, *keep_obj, *stats_obj;
+    PyObject *ws_obj = Py_None;
+    double quantile, margin_std;
+    int closing, opening;
+    unsigned long long stream = 0;
+    PyObject *hold[4] = {NULL, NULL, NULL, NULL};
+    PyObject *result = NULL;
+    lpl_tensor y, keep, stats, ws;
+    lpl_om_params p;
+    char err[LPL_ERR_LEN] = {0};
+    int rc;
+
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOddii|KO", kwlist, &y_obj, &keep_obj,
+                                     &stats_obj, &quantile, &margin_std, &closing, &opening,
+                                     &stream, &ws_obj))
+        return NULL;
+    if (check_options(quantile, margin_std, closing, opening) < 0) goto fail;
+
+    if (lpl_tensor_from_object(y_obj, "y", 0, &y, &hold[0]) < 0) goto fail;
+    if (lpl_check_nchw(&y, "y", 1) < 0) goto fail;
+    if (lpl_tensor_from_object(keep_obj, "keep", 1, &keep, &hold[1]) < 0) goto fail;
+    if (lpl_check_mask_dtype(&keep, "keep") < 0) goto fail;
+    if (lpl_check_nchw(&keep, "keep", 0) < 0) goto fail;
+    if (lpl_check_same_shape(&keep, "keep", &y, "y") < 0) goto fail;
+    if (lpl_check_same_device(&keep, "keep", &y, "y") < 0) goto fail;
+
+    memset(&p, 0, sizeof(p));
+    if (stats_obj != Py_None) {
+        if (lpl_tensor_from_object(stats_obj, "stats", 1, &stats, &hold[2]) < 0) goto fail;
+        if (lpl_check_dtype(&stats, "stats", LPL_FLOAT64) < 0) goto fail;
+        if (lpl_check_1d(&stats, "stats", 3) < 0) goto fail;
+        if (lpl_check_same_device(&stats, "stats", &y, "y") < 0) goto fail;
+        p.stats = (double *)stats.data;
+    }
+
+    p.y = y.data;
+    p.keep = (uint8_t *)keep.data;
+    p.dtype = (int)y.dtype;
+    p.n = y.shape[0];
+    p.c = y.shape[1];
+    p.h = y.shape[2];
+    p.w = y.shape[3];
+    p.quantile = quantile;
+    p.margin_std = margin_std;
+    p.closing = closing;
+    p.opening = opening;
+    p.device = y.device_id;
+
+    if (y.device_type == LPL_CUDA) {
+        if (!lpl_cuda_compiled()) {
+            PyErr_SetString(PyExc_RuntimeError,
+                            "y: is a CUDA tensor but lpl_ext was built without CUDA "
+                            "(reinstall with nvcc on PATH, or LPL_EXT_CUDA=1)");
+            goto fail;
+        }
+        if (ws_obj == Py_None) {
+            PyErr_SetString(PyExc_ValueError, "workspace: required for CUDA tensors");
+            goto fail;
+        }
+        if (lpl_tensor_from_object(ws_obj, "workspace", 1, &ws, &hold[3]) < 0) goto fail;
+        if (lpl_check_dtype(&ws, "workspace", LPL_UINT8) < 0) goto fail;
+        if (lpl_check_1d(&ws, "workspace",
+                         lpl_outlier_mask_workspace_bytes(p.n, p.c, p.h, p.w)) < 0)
+            goto fail;
+        if (lpl_check_same_device(&ws, "workspace", &y, "y") < 0) goto fail;
+        p.workspace = ws.data;
+        Py_BEGIN_ALLOW_THREADS
+        rc = lpl_cuda_outlier_mask(&p, (void *)(uintptr_t)stream, err);
+        Py_END_ALLOW_THREADS
+    } else {
+        Py_BEGIN_ALLOW_THREADS
+        rc = lpl_cpu_outlier_mask(&p, err);
+        Py_END_ALLOW_THREADS
+    }
+    if (rc != 0) {
+        PyErr_Format(PyExc_RuntimeError, "outlier_mask: %s", err);
+        goto fail;
+    }
+    Py_INCREF(Py_None);
+    result = Py_None;
+fail:
+    for (int i = 0; i < 4; ++i) Py_XDECREF(hold[i]);
+    return result;
 }
 
 PyObject *lpl_py_outlier_mask_workspace_bytes(PyObject *self, PyObject *args) {
     (void)self;
-    (void)args;
-    PyErr_SetString(PyExc_NotImplementedError, "outlier_mask is not built yet");
-    return NULL;
-}
-
-int64_t lpl_outlier_mask_workspace_bytes(int64_t n, int64_t c, int64_t h, int64_t w) {
-    (void)c;
-    return n * 0 + h * w * 0;
+    long long n, c, h, w;
+    if (!PyArg_ParseTuple(args, "LLLL", &n, &c, &h, &w)) return NULL;
+    if (n < 0 || c < 0 || h < 0 || w < 0) {
+        PyErr_SetString(PyExc_ValueError, "n, c, h and w must be non-negative");
+        return NULL;
+    }
+    return PyLong_FromLongLong((long long)lpl_outlier_mask_workspace_bytes(n, c, h, w));
 }
