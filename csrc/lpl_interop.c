@@ -48,10 +48,15 @@ int64_t lpl_numel(const lpl_tensor *t) {
 }
 
 int lpl_is_contiguous(const lpl_tensor *t) {
-    int64_t expected = 1;
+    const int64_t numel = lpl_numel(t);
+    /* A tensor with no elements may carry any strides; one whose size overflows int64
+     * (or has a negative dimension) describes no memory at all. */
+    if (numel == 0) return 1;
+    if (numel < 0) return 0;
+    int64_t expected = 1; /* product of trailing dimensions: <= numel, never overflows */
     for (int i = t->ndim - 1; i >= 0; --i) {
-        /* A dimension of size 1 (or a tensor with no elements) may carry any stride. */
-        if (t->shape[i] != 1 && t->strides[i] != expected && lpl_numel(t) != 0) return 0;
+        /* A dimension of size 1 may carry any stride. */
+        if (t->shape[i] != 1 && t->strides[i] != expected) return 0;
         expected *= t->shape[i];
     }
     return 1;
@@ -143,19 +148,42 @@ static int from_dltensor(const DLTensor *dl, int readonly, const char *argname, 
         PyErr_Format(PyExc_ValueError, "%s: output tensor is read-only", argname);
         return -1;
     }
+    if (dl->ndim > 0 && dl->shape == NULL) {
+        PyErr_Format(PyExc_ValueError, "%s: DLPack tensor has no shape array", argname);
+        return -1;
+    }
     out->device_id = dl->device.device_id;
     out->dtype = dtype_from_dlpack(dl->dtype);
     out->ndim = dl->ndim;
     out->readonly = readonly;
-    out->data = (char *)dl->data + dl->byte_offset;
+    for (int i = 0; i < dl->ndim; ++i) {
+        if (dl->shape[i] < 0) {
+            PyErr_Format(PyExc_ValueError, "%s: dimension %d has negative size %lld", argname,
+                         i, (long long)dl->shape[i]);
+            return -1;
+        }
+        out->shape[i] = dl->shape[i];
+    }
+    const int64_t numel = lpl_numel(out);
+    if (numel < 0) {
+        PyErr_Format(PyExc_ValueError, "%s: number of elements overflows int64", argname);
+        return -1;
+    }
+    /* Compact strides when the producer gives none: every partial product is <= numel
+     * (or the tensor is empty and the strides never address memory), so no overflow. */
     int64_t expected = 1;
     for (int i = dl->ndim - 1; i >= 0; --i) {
-        out->shape[i] = dl->shape[i];
         out->strides[i] = dl->strides ? dl->strides[i] : expected;
-        expected *= dl->shape[i];
+        if (numel != 0) expected *= dl->shape[i];
     }
+    if (dl->data == NULL && numel != 0) {
+        PyErr_Format(PyExc_ValueError, "%s: DLPack tensor has a NULL data pointer", argname);
+        return -1;
+    }
+    /* uintptr_t arithmetic: a pointer offset past the allocation would be undefined. */
+    out->data = (void *)((uintptr_t)dl->data + (uintptr_t)dl->byte_offset);
     size_t esize = lpl_dtype_size(out->dtype);
-    if (esize > 1 && ((uintptr_t)out->data % esize) != 0 && lpl_numel(out) != 0) {
+    if (esize > 1 && ((uintptr_t)out->data % esize) != 0 && numel != 0) {
         PyErr_Format(PyExc_ValueError, "%s: tensor data is not aligned for its dtype", argname);
         return -1;
     }
@@ -309,10 +337,12 @@ int lpl_parse_choice(PyObject *obj, const char *argname, const char *const *choi
                      Py_TYPE(obj)->tp_name);
         return -1;
     }
-    const char *s = PyUnicode_AsUTF8(obj);
+    Py_ssize_t len = 0;
+    const char *s = PyUnicode_AsUTF8AndSize(obj, &len);
     if (s == NULL) return -1;
+    /* Compare lengths too: "mse\0junk" must not match "mse". */
     for (int i = 0; choices[i] != NULL; ++i) {
-        if (strcmp(s, choices[i]) == 0) return i;
+        if ((size_t)len == strlen(choices[i]) && memcmp(s, choices[i], (size_t)len) == 0) return i;
     }
     PyObject *joined = PyUnicode_FromString("");
     for (int i = 0; joined && choices[i] != NULL; ++i) {
