@@ -6,7 +6,7 @@ Environment switches:
                             or always (fails when nvcc is missing).
   LPL_EXT_CUDA_ARCHS="80;86;89;90"   SM architectures; PTX of the highest is embedded too.
   LPL_EXT_SANITIZE=1        AddressSanitizer + UndefinedBehaviorSanitizer for the C sources.
-  CUDA_HOME / CUDA_PATH     CUDA toolkit location when nvcc is not on PATH.
+  CUDA_HOME / CUDA_PATH     CUDA toolkit root (else found from nvcc on PATH, then /usr/local/cuda).
 """
 
 from __future__ import annotations
@@ -30,16 +30,19 @@ def _log(msg: str) -> None:
     print(f"[lpl_ext build] {msg}", file=sys.stderr, flush=True)
 
 
-def _find_nvcc() -> str | None:
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        home = os.environ.get(var)
-        if home and (Path(home) / "bin" / "nvcc").exists():
-            return str(Path(home) / "bin" / "nvcc")
-    found = shutil.which("nvcc")
-    if found:
-        return found
-    default = Path("/usr/local/cuda/bin/nvcc")
-    return str(default) if default.exists() else None
+def _find_cuda() -> tuple[str, Path] | None:
+    """(nvcc, toolkit root) or None. The root is where include/cuda_runtime.h and the
+    static runtime live; an nvcc on PATH may be a wrapper script outside the toolkit."""
+    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    on_path = shutil.which("nvcc")
+    if on_path:
+        homes.append(str(Path(on_path).resolve().parent.parent))
+    homes.append("/usr/local/cuda")
+    for home in filter(None, homes):
+        root = Path(home)
+        if (root / "bin" / "nvcc").exists() and (root / "include" / "cuda_runtime.h").exists():
+            return str(root / "bin" / "nvcc"), root
+    return None
 
 
 def _cuda_mode() -> str:
@@ -68,17 +71,16 @@ class BuildExt(build_ext):
 
     def build_extension(self, ext: Extension) -> None:
         mode = _cuda_mode()
-        nvcc = _find_nvcc() if mode != "0" else None
-        if mode == "1" and nvcc is None:
-            raise SystemExit("LPL_EXT_CUDA=1 but nvcc was not found (set CUDA_HOME)")
-        if nvcc is not None:
-            self._add_cuda(ext, nvcc)
+        cuda = _find_cuda() if mode != "0" else None
+        if mode == "1" and cuda is None:
+            raise SystemExit("LPL_EXT_CUDA=1 but no CUDA toolkit (nvcc + headers) was found; set CUDA_HOME")
+        if cuda is not None:
+            self._add_cuda(ext, *cuda)
         else:
             _log("building without CUDA" + (" (LPL_EXT_CUDA=0)" if mode == "0" else " (nvcc not found)"))
         super().build_extension(ext)
 
-    def _add_cuda(self, ext: Extension, nvcc: str) -> None:
-        cuda_home = Path(nvcc).resolve().parent.parent
+    def _add_cuda(self, ext: Extension, nvcc: str, cuda_home: Path) -> None:
         archs = _cuda_archs()
         gencode: list[str] = []
         for a in archs:
@@ -89,12 +91,16 @@ class BuildExt(build_ext):
         objects = []
         for src in sorted((CSRC / "cuda").glob("*.cu")):
             obj = build_dir / (src.stem + ".o")
+            deps = [src, *CSRC.glob("*.h"), *(CSRC / "cuda").glob("*.cuh")]
+            if obj.exists() and obj.stat().st_mtime > max(d.stat().st_mtime for d in deps):
+                objects.append(str(obj))  # up to date: nvcc is slow
+                continue
             cmd = [
                 nvcc, "-c", str(src), "-o", str(obj), "-O3", "-std=c++17",
                 "-Xcompiler", "-fPIC", "-I", str(CSRC), "--expt-relaxed-constexpr",
                 "-DLPL_WITH_CUDA", *gencode,
             ]
-            _log("nvcc " + " ".join(cmd[1:]))
+            _log(" ".join(cmd))
             subprocess.check_call(cmd)
             objects.append(str(obj))
         ext.extra_objects = list(ext.extra_objects or []) + objects
