@@ -13,6 +13,9 @@
 #include "lpl_ops.h"
 #include "lpl_tensor.h"
 
+/* Fewest elements worth a parallel region. */
+#define LPL_FD_PARALLEL_MIN (1 << 16)
+
 #ifndef LPL_FD_TILE_BYTES
 #define LPL_FD_TILE_BYTES (4 * 1024 * 1024)
 #endif
@@ -89,13 +92,15 @@ int lpl_cpu_feature_distance(const lpl_fd_params *p, char *err) {
     size_t nplanes = (size_t)(planes > 0 ? planes : 1), nchan = (size_t)(C > 0 ? C : 1);
 
     if (N == 0) return 0;
+    /* Waking a thread team costs more than a small layer's whole pass. */
+    const int parallel = planes * hw >= LPL_FD_PARALLEL_MIN;
     coef = (double *)malloc(sizeof(double) * nplanes);
     if (!coef) {
         snprintf(err, LPL_ERR_LEN, "out of host memory");
         goto fail;
     }
     /* M[n, c] = number of kept values of the plane; coef = w / (C * M), 0 when M = 0. */
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (parallel)
     for (int64_t pl = 0; pl < planes; ++pl) {
         int64_t kept = hw;
         if (p->mask) {
@@ -118,7 +123,7 @@ int lpl_cpu_feature_distance(const lpl_fd_params *p, char *err) {
             snprintf(err, LPL_ERR_LEN, "out of host memory");
             goto fail;
         }
-#pragma omp parallel for schedule(dynamic, 1)
+#pragma omp parallel for schedule(dynamic, 1) if (parallel)
         for (int64_t pl = 0; pl < planes; ++pl) plane_moments(p, pl, &plane_sum[pl], &plane_m2[pl]);
         for (int64_t c = 0; c < C; ++c) {
             double count = 0.0, mean = 0.0, m2 = 0.0;

@@ -194,6 +194,7 @@ static int FD_FN(fd_run)(const lpl_fd_params *p, const double *coef, const doubl
 #ifdef _OPENMP
     nthreads = omp_get_max_threads();
     if ((int64_t)nthreads > nitems) nthreads = nitems > 0 ? (int)nitems : 1;
+    if (N * C * hw < LPL_FD_PARALLEL_MIN) nthreads = 1;
 #endif
     all_sums = (double *)calloc((size_t)nthreads * (size_t)(N * C > 0 ? N * C : 1), sizeof(double));
     if (!all_sums) {
