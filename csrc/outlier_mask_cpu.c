@@ -39,7 +39,7 @@
  * histogram to clear per plane). */
 #define OM_DIRECT_MAX 4096
 /* Smallest plane worth splitting across the team when planes are fewer than threads. */
-#define OM_TEAM_MIN_LEN 16384
+#define OM_TEAM_MIN_LEN 32768
 
 /* Scratch and per-plane results of a team of nthr threads working on one plane. */
 typedef struct {

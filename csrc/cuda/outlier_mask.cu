@@ -1,0 +1,454 @@
+// CUDA implementation of the outlier keep-mask (LPL_SPEC.md section 2), the GPU twin of
+// outlier_mask_cpu.c: same order statistics (exact, by radix select on the same
+// order-preserving keys), same std formula and thresholds (lpl_math.h), same separable
+// max / min filters with max-pool borders, same layer statistics.
+//
+// Launch sequence on the caller's stream (no host sync anywhere; B blocks per plane,
+// per-block partials combined in a fixed order, so results are deterministic):
+//   1. moments        finite count, sum, min/max key per block
+//   2. setup          per plane: count, mean, ranks k1, k2; clears the digit histograms
+//   3. variance       sum (v - mean)^2 and sum (v - mean) per block
+//   4. radix passes   for each 8-bit digit from the top: histogram of the digit among the
+//                     finite keys that match the selected prefix (two selections at once),
+//                     then one thread per (plane, selection) picks the digit
+//   5. thresholds     per plane: std, q1, q2, lo, hi
+//   6. keep_rowor     keep0 = lo < y < hi, row max filter (closing) -> tmp
+//   7. col_or         column max filter (closing) tmp -> keep
+//   8. row_and        row min filter (opening) keep -> tmp
+//   9. final          column min filter (opening) tmp, AND finite -> keep; kept moments
+//  10. plane_stats / layer_stats   statistics into stats (3,) float64
+#include "lpl_cuda_common.cuh"
+
+namespace {
+
+constexpr int kThreads = LPL_OM_CUDA_THREADS;
+
+template <typename T> struct om_traits;
+template <> struct om_traits<float> {
+    static constexpr int kKeyBits = 32;
+    static constexpr int kDtype = LPL_FLOAT32;
+    static __device__ __forceinline__ int finite(float r) { return lpl_isfinite_f(r); }
+    static __device__ __forceinline__ uint64_t key(float r) { return (uint64_t)lpl_float_sort_key(r); }
+    static __device__ __forceinline__ float load(float r) { return r; }
+};
+template <> struct om_traits<double> {
+    static constexpr int kKeyBits = 64;
+    static constexpr int kDtype = LPL_FLOAT64;
+    static __device__ __forceinline__ int finite(double r) { return lpl_isfinite_d(r); }
+    static __device__ __forceinline__ uint64_t key(double r) { return lpl_double_sort_key(r); }
+    static __device__ __forceinline__ double load(double r) { return r; }
+};
+template <> struct om_traits<lpl_f16> {
+    static constexpr int kKeyBits = 16;
+    static constexpr int kDtype = LPL_FLOAT16;
+    static __device__ __forceinline__ int finite(lpl_f16 r) { return lpl_om_isfinite_f16(r.bits); }
+    static __device__ __forceinline__ uint64_t key(lpl_f16 r) { return (uint64_t)lpl_om_key16(r.bits); }
+    static __device__ __forceinline__ float load(lpl_f16 r) { return lpl_half_to_float(r.bits); }
+};
+template <> struct om_traits<lpl_bf16> {
+    static constexpr int kKeyBits = 16;
+    static constexpr int kDtype = LPL_BFLOAT16;
+    static __device__ __forceinline__ int finite(lpl_bf16 r) { return lpl_om_isfinite_bf16(r.bits); }
+    static __device__ __forceinline__ uint64_t key(lpl_bf16 r) { return (uint64_t)lpl_om_key16(r.bits); }
+    static __device__ __forceinline__ float load(lpl_bf16 r) { return lpl_bf16_to_float(r.bits); }
+};
+
+// plane_d slots (LPL_OM_PLANE_D doubles per plane)
+enum { PD_COUNT = 0, PD_MEAN, PD_CONST, PD_LO, PD_HI, PD_PMEAN, PD_PM2, PD_KEPT };
+// plane_u slots (4 uint64 per plane)
+enum { PU_PREFIX1 = 0, PU_PREFIX2, PU_RANK1, PU_RANK2 };
+
+struct om_ws {
+    double *part_d;
+    uint64_t *part_u;
+    double *plane_d;
+    uint64_t *plane_u;
+    unsigned int *hist;
+    uint8_t *tmp;
+};
+
+__device__ __forceinline__ uint64_t block_min_u64(uint64_t v, uint64_t *shared) {
+    shared[threadIdx.x] = v;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < (unsigned)s && shared[threadIdx.x + s] < shared[threadIdx.x])
+            shared[threadIdx.x] = shared[threadIdx.x + s];
+        __syncthreads();
+    }
+    const uint64_t r = shared[0];
+    __syncthreads();
+    return r;
+}
+
+__device__ __forceinline__ uint64_t block_max_u64(uint64_t v, uint64_t *shared) {
+    shared[threadIdx.x] = v;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < (unsigned)s && shared[threadIdx.x + s] > shared[threadIdx.x])
+            shared[threadIdx.x] = shared[threadIdx.x + s];
+        __syncthreads();
+    }
+    const uint64_t r = shared[0];
+    __syncthreads();
+    return r;
+}
+
+// 1. Block (plane, j) of B handles the plane's values j*T + t, stepping B*T (coalesced).
+template <typename T>
+__global__ void moments_kernel(const T *__restrict__ y, int64_t len, int64_t nb, om_ws ws) {
+    __shared__ double red[32];
+    __shared__ uint64_t redu[kThreads];
+    const int64_t plane = blockIdx.x / nb, j = blockIdx.x % nb;
+    const T *yp = y + plane * len;
+    double count = 0.0, sum = 0.0;
+    uint64_t kmin = UINT64_MAX, kmax = 0;
+    for (int64_t i = j * kThreads + threadIdx.x; i < len; i += nb * kThreads) {
+        const T r = yp[i];
+        if (!om_traits<T>::finite(r)) continue;
+        const uint64_t k = om_traits<T>::key(r);
+        count += 1.0;
+        sum += (double)om_traits<T>::load(r);
+        kmin = k < kmin ? k : kmin;
+        kmax = k > kmax ? k : kmax;
+    }
+    count = lpl_block_sum(count, red);
+    __syncthreads();
+    sum = lpl_block_sum(sum, red);
+    kmin = block_min_u64(kmin, redu);
+    kmax = block_max_u64(kmax, redu);
+    if (threadIdx.x == 0) {
+        ws.part_d[blockIdx.x * 4] = count;
+        ws.part_d[blockIdx.x * 4 + 1] = sum;
+        ws.part_u[blockIdx.x * 2] = kmin;
+        ws.part_u[blockIdx.x * 2 + 1] = kmax;
+    }
+}
+
+// 2. One thread per plane.
+template <typename T>
+__global__ void setup_kernel(int64_t planes, int64_t nb, double quantile, om_ws ws) {
+    const int64_t plane = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (plane >= planes) return;
+    double count = 0.0, sum = 0.0;
+    uint64_t kmin = UINT64_MAX, kmax = 0;
+    for (int64_t j = 0; j < nb; ++j) {
+        const int64_t b = plane * nb + j;
+        count += ws.part_d[b * 4];
+        sum += ws.part_d[b * 4 + 1];
+        kmin = ws.part_u[b * 2] < kmin ? ws.part_u[b * 2] : kmin;
+        kmax = ws.part_u[b * 2 + 1] > kmax ? ws.part_u[b * 2 + 1] : kmax;
+    }
+    double *pd = ws.plane_d + plane * LPL_OM_PLANE_D;
+    uint64_t *pu = ws.plane_u + plane * 4;
+    const int is_const = count > 0.0 && kmin == kmax;
+    pd[PD_COUNT] = count;
+    pd[PD_MEAN] = count > 0.0 ? (is_const ? lpl_om_key_to_double(kmin, om_traits<T>::kDtype) : sum / count) : 0.0;
+    pd[PD_CONST] = (double)is_const;
+    const int64_t cnt = (int64_t)count;
+    pu[PU_PREFIX1] = 0;
+    pu[PU_PREFIX2] = 0;
+    pu[PU_RANK1] = cnt > 0 ? (uint64_t)lpl_quantile_rank(cnt, quantile) : 1;
+    pu[PU_RANK2] = cnt > 0 ? (uint64_t)lpl_quantile_rank(cnt, 1.0 - quantile) : 1;
+    unsigned int *h = ws.hist + plane * 512;
+    for (int i = 0; i < 512; ++i) h[i] = 0;
+}
+
+// 3. Two-pass variance partials.
+template <typename T>
+__global__ void variance_kernel(const T *__restrict__ y, int64_t len, int64_t nb, om_ws ws) {
+    __shared__ double red[32];
+    const int64_t plane = blockIdx.x / nb, j = blockIdx.x % nb;
+    const T *yp = y + plane * len;
+    const double mean = ws.plane_d[plane * LPL_OM_PLANE_D + PD_MEAN];
+    double ss = 0.0, sd = 0.0;
+    for (int64_t i = j * kThreads + threadIdx.x; i < len; i += nb * kThreads) {
+        const T r = yp[i];
+        if (!om_traits<T>::finite(r)) continue;
+        const double d = (double)om_traits<T>::load(r) - mean;
+        ss += d * d;
+        sd += d;
+    }
+    ss = lpl_block_sum(ss, red);
+    __syncthreads();
+    sd = lpl_block_sum(sd, red);
+    if (threadIdx.x == 0) {
+        ws.part_d[blockIdx.x * 4 + 2] = ss;
+        ws.part_d[blockIdx.x * 4 + 3] = sd;
+    }
+}
+
+__device__ __forceinline__ int prefix_matches(uint64_t key, uint64_t prefix, int shift) {
+    const int hi = shift + 8;
+    return hi >= 64 ? 1 : ((key ^ prefix) >> hi) == 0;
+}
+
+// 4a. Digit histogram (bits shift .. shift+7) of the finite keys matching each prefix.
+template <typename T>
+__global__ void radix_hist_kernel(const T *__restrict__ y, int64_t len, int64_t nb, int shift, om_ws ws) {
+    __shared__ unsigned int h[512];
+    const int64_t plane = blockIdx.x / nb, j = blockIdx.x % nb;
+    for (int i = threadIdx.x; i < 512; i += blockDim.x) h[i] = 0;
+    __syncthreads();
+    const uint64_t p1 = ws.plane_u[plane * 4 + PU_PREFIX1], p2 = ws.plane_u[plane * 4 + PU_PREFIX2];
+    const T *yp = y + plane * len;
+    for (int64_t i = j * kThreads + threadIdx.x; i < len; i += nb * kThreads) {
+        const T r = yp[i];
+        if (!om_traits<T>::finite(r)) continue;
+        const uint64_t k = om_traits<T>::key(r);
+        const unsigned d = (unsigned)((k >> shift) & 255u);
+        if (prefix_matches(k, p1, shift)) atomicAdd(&h[d], 1u);
+        if (prefix_matches(k, p2, shift)) atomicAdd(&h[256 + d], 1u);
+    }
+    __syncthreads();
+    unsigned int *g = ws.hist + plane * 512;
+    for (int i = threadIdx.x; i < 512; i += blockDim.x)
+        if (h[i]) atomicAdd(&g[i], h[i]);
+}
+
+// 4b. One thread per (plane, selection): pick the digit holding the rank, clear the bins.
+__global__ void radix_select_kernel(int64_t planes, int shift, om_ws ws) {
+    const int64_t t = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= planes * 2) return;
+    const int64_t plane = t >> 1;
+    const int s = (int)(t & 1);
+    unsigned int *h = ws.hist + plane * 512 + s * 256;
+    uint64_t *pu = ws.plane_u + plane * 4;
+    uint64_t rank = pu[PU_RANK1 + s];
+    uint64_t before = 0;
+    int digit = -1;
+    for (int d = 0; d < 256; ++d) {
+        if (digit < 0 && before + h[d] >= rank) digit = d;
+        if (digit < 0) before += h[d];
+        h[d] = 0;
+    }
+    if (digit < 0) return;  // no finite value: nothing to select
+    pu[PU_RANK1 + s] = rank - before;
+    pu[PU_PREFIX1 + s] |= (uint64_t)digit << shift;
+}
+
+// 5. One thread per plane: std, order statistics, thresholds (lpl_math.h).
+template <typename T>
+__global__ void thresholds_kernel(int64_t planes, int64_t nb, double margin_std, om_ws ws) {
+    const int64_t plane = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (plane >= planes) return;
+    double *pd = ws.plane_d + plane * LPL_OM_PLANE_D;
+    const uint64_t *pu = ws.plane_u + plane * 4;
+    const double count = pd[PD_COUNT];
+    if (count <= 0.0) {
+        pd[PD_LO] = pd[PD_HI] = NAN;
+        return;
+    }
+    double ss = 0.0, sd = 0.0;
+    for (int64_t j = 0; j < nb; ++j) {
+        ss += ws.part_d[(plane * nb + j) * 4 + 2];
+        sd += ws.part_d[(plane * nb + j) * 4 + 3];
+    }
+    const double std_d = lpl_om_sample_std(count, ss, sd, pd[PD_CONST] != 0.0);
+    const double q1 = lpl_om_key_to_double(pu[PU_PREFIX1], om_traits<T>::kDtype);
+    const double q2 = lpl_om_key_to_double(pu[PU_PREFIX2], om_traits<T>::kDtype);
+    double lo, hi;
+    lpl_om_thresholds(om_traits<T>::kDtype, q1, q2, std_d, margin_std, &lo, &hi);
+    pd[PD_LO] = lo;
+    pd[PD_HI] = hi;
+}
+
+// 6. keep0 and the row max filter of the closing, one thread per pixel.
+template <typename T>
+__global__ void keep_rowor_kernel(const T *__restrict__ y, int64_t total, int64_t len, int64_t w, int64_t r,
+                                  om_ws ws) {
+    for (int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
+         idx += (int64_t)gridDim.x * blockDim.x) {
+        const int64_t plane = idx / len;
+        const int64_t x = idx % w;
+        const double *pd = ws.plane_d + plane * LPL_OM_PLANE_D;
+        const double lo = pd[PD_LO], hi = pd[PD_HI];
+        const int64_t a = x - r < 0 ? -x : -r, b = x + r > w - 1 ? w - 1 - x : r;
+        uint8_t out = 0;
+        for (int64_t d = a; d <= b && !out; ++d) {
+            // compared in the dtype's value type: exact, the thresholds are dtype values
+            const double v = (double)om_traits<T>::load(y[idx + d]);
+            out = (uint8_t)((lo < v) & (v < hi));
+        }
+        ws.tmp[idx] = out;
+    }
+}
+
+// 7. Column max filter (closing): tmp -> keep.
+__global__ void col_or_kernel(const uint8_t *__restrict__ src, uint8_t *__restrict__ dst, int64_t total, int64_t len,
+                              int64_t h, int64_t w, int64_t r) {
+    for (int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
+         idx += (int64_t)gridDim.x * blockDim.x) {
+        const int64_t row = (idx % len) / w;
+        const int64_t a = row - r < 0 ? -row : -r, b = row + r > h - 1 ? h - 1 - row : r;
+        uint8_t out = 0;
+        for (int64_t d = a; d <= b; ++d) out |= src[idx + d * w];
+        dst[idx] = out;
+    }
+}
+
+// 8. Row min filter (opening): keep -> tmp.
+__global__ void row_and_kernel(const uint8_t *__restrict__ src, uint8_t *__restrict__ dst, int64_t total, int64_t w,
+                               int64_t r) {
+    for (int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
+         idx += (int64_t)gridDim.x * blockDim.x) {
+        const int64_t x = idx % w;
+        const int64_t a = x - r < 0 ? -x : -r, b = x + r > w - 1 ? w - 1 - x : r;
+        uint8_t out = 1;
+        for (int64_t d = a; d <= b; ++d) out &= src[idx + d];
+        dst[idx] = out;
+    }
+}
+
+// 9. Column min filter (opening) AND finite -> keep, with the kept-value moments per
+// block (same block layout as moments_kernel, so the partials are deterministic).
+template <typename T>
+__global__ void final_kernel(const T *__restrict__ y, uint8_t *__restrict__ keep, int64_t len, int64_t h, int64_t w,
+                             int64_t r, int64_t nb, om_ws ws) {
+    __shared__ double red[32];
+    const int64_t plane = blockIdx.x / nb, j = blockIdx.x % nb;
+    const T *yp = y + plane * len;
+    const uint8_t *tp = ws.tmp + plane * len;
+    uint8_t *kp = keep + plane * len;
+    const double k = ws.plane_d[plane * LPL_OM_PLANE_D + PD_MEAN];
+    double kept = 0.0, s1 = 0.0, s2 = 0.0;
+    for (int64_t i = j * kThreads + threadIdx.x; i < len; i += nb * kThreads) {
+        const int64_t row = i / w;
+        const int64_t a = row - r < 0 ? -row : -r, b = row + r > h - 1 ? h - 1 - row : r;
+        uint8_t out = 1;
+        for (int64_t d = a; d <= b; ++d) out &= tp[i + d * w];
+        const T raw = yp[i];
+        out &= (uint8_t)om_traits<T>::finite(raw);
+        kp[i] = out;
+        if (out) {
+            const double dv = (double)om_traits<T>::load(raw) - k;
+            kept += 1.0;
+            s1 += dv;
+            s2 += dv * dv;
+        }
+    }
+    kept = lpl_block_sum(kept, red);
+    __syncthreads();
+    s1 = lpl_block_sum(s1, red);
+    __syncthreads();
+    s2 = lpl_block_sum(s2, red);
+    if (threadIdx.x == 0) {
+        ws.part_d[blockIdx.x * 4] = kept;
+        ws.part_d[blockIdx.x * 4 + 1] = s1;
+        ws.part_d[blockIdx.x * 4 + 2] = s2;
+    }
+}
+
+// 10a. Per-plane moments of where(keep, y, 0) (masked values count as 0).
+__global__ void plane_stats_kernel(int64_t planes, int64_t nb, int64_t len, om_ws ws) {
+    const int64_t plane = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (plane >= planes) return;
+    double *pd = ws.plane_d + plane * LPL_OM_PLANE_D;
+    double kept = 0.0, s1 = 0.0, s2 = 0.0;
+    for (int64_t j = 0; j < nb; ++j) {
+        kept += ws.part_d[(plane * nb + j) * 4];
+        s1 += ws.part_d[(plane * nb + j) * 4 + 1];
+        s2 += ws.part_d[(plane * nb + j) * 4 + 2];
+    }
+    const double zeros = (double)len - kept, k = pd[PD_MEAN];
+    s1 -= zeros * k;
+    s2 += zeros * k * k;
+    const double m2 = len > 0 ? s2 - s1 * s1 / (double)len : 0.0;
+    pd[PD_PMEAN] = len > 0 ? k + s1 / (double)len : 0.0;
+    pd[PD_PM2] = m2 > 0.0 ? m2 : 0.0;
+    pd[PD_KEPT] = kept;
+}
+
+// 10b. Single thread: planes merged in order (as the CPU does).
+__global__ void layer_stats_kernel(int64_t planes, int64_t len, om_ws ws, double *stats) {
+    if (blockIdx.x != 0 || threadIdx.x != 0) return;
+    double n = 0.0, mean = 0.0, m2 = 0.0, kept = 0.0;
+    for (int64_t pl = 0; pl < planes && len > 0; ++pl) {
+        const double *pd = ws.plane_d + pl * LPL_OM_PLANE_D;
+        lpl_om_merge_moments(&n, &mean, &m2, (double)len, pd[PD_PMEAN], pd[PD_PM2]);
+        kept += pd[PD_KEPT];
+    }
+    lpl_om_finish_stats(n, mean, m2, kept, stats);
+}
+
+unsigned grid_for(int64_t work, int64_t threads) {
+    int64_t g = (work + threads - 1) / threads;
+    if (g < 1) g = 1;
+    if (g > 65535LL * 64) g = 65535LL * 64;
+    return (unsigned)g;
+}
+
+#define OM_CHECK(name)                                                          \
+    do {                                                                        \
+        if (lpl_cuda_report(cudaGetLastError(), name, err)) return -1;          \
+    } while (0)
+
+template <typename T>
+int run(const lpl_om_params *p, cudaStream_t stream, char *err) {
+    const int64_t planes = p->n * p->c, h = p->h, w = p->w, len = h * w, total = planes * len;
+    const lpl_om_layout layout = lpl_om_workspace_layout(p->n, p->c, p->h, p->w);
+    const int64_t nb = lpl_om_blocks_per_plane(len);
+    uint8_t *base = (uint8_t *)p->workspace;
+    om_ws ws;
+    ws.part_d = (double *)(base + layout.part_d);
+    ws.part_u = (uint64_t *)(base + layout.part_u);
+    ws.plane_d = (double *)(base + layout.plane_d);
+    ws.plane_u = (uint64_t *)(base + layout.plane_u);
+    ws.hist = (unsigned int *)(base + layout.hist);
+    ws.tmp = base + layout.tmp;
+    const T *y = (const T *)p->y;
+
+    if (planes > 0 && len > 0) {
+        if (planes * nb > 2147483647LL) {
+            snprintf(err, LPL_ERR_LEN, "too many (sample, channel) planes for one launch");
+            return -1;
+        }
+        const unsigned plane_blocks = (unsigned)(planes * nb);
+        const unsigned per_plane_grid = grid_for(planes, 128);
+        moments_kernel<T><<<plane_blocks, kThreads, 0, stream>>>(y, len, nb, ws);
+        OM_CHECK("moments_kernel");
+        setup_kernel<T><<<per_plane_grid, 128, 0, stream>>>(planes, nb, p->quantile, ws);
+        OM_CHECK("setup_kernel");
+        variance_kernel<T><<<plane_blocks, kThreads, 0, stream>>>(y, len, nb, ws);
+        OM_CHECK("variance_kernel");
+        for (int shift = om_traits<T>::kKeyBits - 8; shift >= 0; shift -= 8) {
+            radix_hist_kernel<T><<<plane_blocks, kThreads, 0, stream>>>(y, len, nb, shift, ws);
+            OM_CHECK("radix_hist_kernel");
+            radix_select_kernel<<<grid_for(planes * 2, 128), 128, 0, stream>>>(planes, shift, ws);
+            OM_CHECK("radix_select_kernel");
+        }
+        thresholds_kernel<T><<<per_plane_grid, 128, 0, stream>>>(planes, nb, p->margin_std, ws);
+        OM_CHECK("thresholds_kernel");
+        const unsigned pix_grid = grid_for(total, kThreads);
+        keep_rowor_kernel<T><<<pix_grid, kThreads, 0, stream>>>(y, total, len, w, (p->closing - 1) / 2, ws);
+        OM_CHECK("keep_rowor_kernel");
+        col_or_kernel<<<pix_grid, kThreads, 0, stream>>>(ws.tmp, p->keep, total, len, h, w, (p->closing - 1) / 2);
+        OM_CHECK("col_or_kernel");
+        row_and_kernel<<<pix_grid, kThreads, 0, stream>>>(p->keep, ws.tmp, total, w, (p->opening - 1) / 2);
+        OM_CHECK("row_and_kernel");
+        final_kernel<T><<<plane_blocks, kThreads, 0, stream>>>(y, p->keep, len, h, w, (p->opening - 1) / 2, nb, ws);
+        OM_CHECK("final_kernel");
+        if (p->stats) {
+            plane_stats_kernel<<<per_plane_grid, 128, 0, stream>>>(planes, nb, len, ws);
+            OM_CHECK("plane_stats_kernel");
+        }
+    }
+    if (p->stats) {
+        layer_stats_kernel<<<1, 32, 0, stream>>>(planes, len, ws, p->stats);
+        OM_CHECK("layer_stats_kernel");
+    }
+    return 0;
+}
+
+}  // namespace
+
+extern "C" int lpl_cuda_outlier_mask(const lpl_om_params *p, void *stream, char *err) {
+    if (lpl_cuda_report(cudaSetDevice(p->device), "cudaSetDevice", err)) return -1;
+    cudaStream_t s = (cudaStream_t)stream;
+    switch (p->dtype) {
+    case LPL_FLOAT32: return run<float>(p, s, err);
+    case LPL_FLOAT64: return run<double>(p, s, err);
+    case LPL_FLOAT16: return run<lpl_f16>(p, s, err);
+    case LPL_BFLOAT16: return run<lpl_bf16>(p, s, err);
+    default: snprintf(err, LPL_ERR_LEN, "unsupported dtype"); return -1;
+    }
+}

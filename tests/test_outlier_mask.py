@@ -1,0 +1,453 @@
+"""lpl_ext.outlier_mask against the plain-PyTorch formulation of LPL_SPEC.md section 2
+(tests/reference.py: kthvalue, std, max_pool2d per plane) bit for bit, against the
+reference implementation's own masks (tests/data/outlier_*.npz), and its statistics
+against torch."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lpl_ext
+from reference import outlier_windows as ref_outlier_windows
+from reference import ref_outlier_mask
+
+DATA = Path(__file__).parent / "data"
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+KINDS = ["normal", "heavy", "ties", "silu", "spiky"]
+CUDA_OK = torch.cuda.is_available() and lpl_ext.build_info()["cuda"]
+CUDA_REASON = (
+    "no CUDA GPU visible to torch" if not torch.cuda.is_available() else "lpl_ext was built without CUDA"
+)
+
+# torch warns that std() of one value has no degrees of freedom (the 1x1 planes)
+pytestmark = pytest.mark.filterwarnings("ignore:std.*degrees of freedom:UserWarning")
+
+
+def make_features(shape, kind: str, seed: int = 0, dtype=torch.float32) -> torch.Tensor:
+    """Decoder-feature-like test data of several distributions."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "normal":
+        y = torch.randn(shape, generator=g)
+    elif kind == "heavy":  # Student-t(2)-like: heavy tails, per-channel scale and offset
+        z = torch.randn(shape, generator=g)
+        chi = (torch.randn(shape, generator=g) ** 2 + torch.randn(shape, generator=g) ** 2) / 2
+        scale = torch.rand(shape[:2], generator=g)[..., None, None] * 4 + 0.1
+        offset = torch.randn(shape[:2], generator=g)[..., None, None] * 3
+        y = z / chi.clamp_min(1e-3).sqrt() * scale + offset
+    elif kind == "ties":  # few distinct values: the order statistics sit in long runs of ties
+        y = torch.randint(-3, 4, shape, generator=g).float() * 0.5
+    elif kind == "silu":  # post-activation: half the mass piled up just below 0
+        y = F.silu(torch.randn(shape, generator=g) * 4)
+    elif kind == "spiky":  # 1% of huge activations, as in real VAE decoder layers
+        y = torch.randn(shape, generator=g)
+        spikes = torch.rand(shape, generator=g) < 0.01
+        y = torch.where(spikes, torch.randn(shape, generator=g) * 1000, y)
+    else:
+        raise ValueError(kind)
+    return y.to(dtype)
+
+
+def welford_ref_mask(y, quantile=0.02, margin_std=2.0, closing=3, opening=5):
+    """ref_outlier_mask, but with the std taken by torch's batched (Welford) reduction, as
+    the reference implementation does it (``feat_flat.std(-1)`` over many planes). It
+    differs from ref_outlier_mask only where torch's 1-D all-reduce std of a constant
+    float32/float64 plane is not exactly 0 (its float-accumulated mean is off by one ulp),
+    which keeps a constant plane entirely; lpl_ext and the batched std give exactly 0."""
+    n, c, h, w = y.shape
+    flat = y.reshape(n * c, h * w)
+    keep = torch.zeros(n * c, h * w, dtype=torch.bool)
+    for i in range(n * c):
+        p = flat[i]
+        finite = torch.isfinite(p)
+        vals = p[finite]
+        cnt = vals.numel()
+        if cnt == 0:
+            continue
+        k1 = min(max(int(math.floor(cnt * quantile)), 1), cnt)
+        k2 = min(max(int(math.floor(cnt * (1 - quantile))), 1), cnt)
+        q1 = vals.kthvalue(k1).values
+        q2 = vals.kthvalue(k2).values
+        std = torch.stack([vals, vals]).std(dim=1)[0]  # two rows: the Welford path
+        m = margin_std * std
+        keep[i] = finite & (q1 - m < p) & (p < q2 + m)
+    keep = keep.view(n, c, h, w).float()
+    keep = F.max_pool2d(keep, closing, stride=1, padding=(closing - 1) // 2)
+    keep = -F.max_pool2d(-keep, opening, stride=1, padding=(opening - 1) // 2)
+    return keep.bool() & torch.isfinite(y)
+
+
+def assert_same_mask(got: torch.Tensor, want: torch.Tensor) -> None:
+    assert got.dtype == torch.bool and got.shape == want.shape
+    diff = (got != want).sum().item()
+    assert diff == 0, f"{diff} of {want.numel()} mask values differ"
+
+
+# ---------------------------------------------------------------- reference vectors
+
+def _outlier_cases():
+    index = json.loads((DATA / "index.json").read_text())
+    return [e for e in index if e["kind"] == "outlier_mask"]
+
+
+@pytest.mark.parametrize("case", _outlier_cases(), ids=lambda e: e["file"])
+def test_reference_vectors(case):
+    data = np.load(DATA / case["file"])
+    y, want = data["y"], data["keep"]
+    closing, opening = case["closing"], case["opening"]
+    assert (closing, opening) == lpl_ext.outlier_windows(case["down_factor"])
+    got_np = lpl_ext.outlier_mask(y, quantile=case["quantile"], margin_std=case["margin_std"], closing=closing,
+                                  opening=opening)
+    assert got_np.dtype == np.bool_
+    np.testing.assert_array_equal(got_np, want)
+    got_t = lpl_ext.outlier_mask(torch.from_numpy(y), quantile=case["quantile"], margin_std=case["margin_std"],
+                                 closing=closing, opening=opening)
+    assert_same_mask(got_t, torch.from_numpy(want))
+
+
+# ---------------------------------------------------------------- bit-exact grids
+
+SMALL_SHAPES = [(1, 1, 1, 1), (2, 3, 3, 5), (3, 2, 5, 3), (1, 2, 7, 7), (2, 1, 64, 64)]
+
+
+@pytest.mark.parametrize("shape", SMALL_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[1])
+def test_matches_reference_dtypes(shape, kind, dtype):
+    """Every dtype, run by the reference in that dtype (kthvalue / std / arithmetic of
+    torch in float16 and bfloat16 too), for the reference's two window pairs."""
+    y = make_features(shape, kind, seed=hash((shape, kind)) % 1000, dtype=dtype)
+    for closing, opening in [(3, 5), (1, 3)]:
+        got = lpl_ext.outlier_mask(y, closing=closing, opening=opening)
+        assert_same_mask(got, ref_outlier_mask(y, closing=closing, opening=opening))
+
+
+WINDOWS = [(c, o) for c in (1, 3, 5, 7) for o in (1, 3, 5, 7)]
+
+
+@pytest.mark.parametrize("closing,opening", WINDOWS)
+def test_every_window_pair(closing, opening):
+    # 7x7 and 3x5 planes are no larger than the 7x7 windows: the borders dominate
+    for shape, kind in [((2, 2, 7, 7), "heavy"), ((1, 3, 3, 5), "normal"), ((1, 1, 40, 33), "spiky")]:
+        y = make_features(shape, kind, seed=closing * 10 + opening)
+        got = lpl_ext.outlier_mask(y, closing=closing, opening=opening)
+        assert_same_mask(got, ref_outlier_mask(y, closing=closing, opening=opening))
+
+
+@pytest.mark.parametrize("quantile,margin_std", [(0.001, 2.0), (0.1, 0.0), (0.25, 0.3), (0.49, 0.1), (0.02, 3.3)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[1])
+def test_quantile_and_margin(quantile, margin_std, dtype):
+    """Other quantiles and margins, including ones not representable in the dtype."""
+    y = make_features((2, 2, 31, 17), "heavy", seed=7, dtype=dtype)
+    got = lpl_ext.outlier_mask(y, quantile=quantile, margin_std=margin_std)
+    assert_same_mask(got, ref_outlier_mask(y, quantile, margin_std))
+
+
+@pytest.mark.parametrize("layout", [(1, 4), (4, 1)], ids=["N1xC4", "N4xC1"])
+@pytest.mark.parametrize("kind", ["heavy", "ties", "silu"])
+def test_large_planes(layout, kind):
+    """Planes above the direct-select size (histogram + candidate select), in both N/C
+    layouts; N*C = 4 > 2 threads runs one plane per thread."""
+    y = make_features((*layout, 96, 80), kind, seed=3)
+    assert_same_mask(lpl_ext.outlier_mask(y), ref_outlier_mask(y))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[1])
+def test_single_large_plane(dtype):
+    """One 256x256 plane: with several OpenMP threads the whole team splits the plane by
+    rows (per-thread histograms, halo rows of the filters). The same plane inside a
+    batch (one plane per thread) gives the same mask."""
+    y = make_features((1, 1, 256, 256), "spiky", seed=11, dtype=dtype)
+    alone = lpl_ext.outlier_mask(y)
+    assert_same_mask(alone, ref_outlier_mask(y))
+    batch = torch.cat([y, make_features((3, 1, 256, 256), "normal", seed=12, dtype=dtype)])
+    assert_same_mask(lpl_ext.outlier_mask(batch)[:1], alone)
+
+
+def test_matches_batched_reference_formulation():
+    """The reference implementation's own vectorized code (kthvalue(dim=-1), std(-1),
+    max pools), with k clamped, on finite data of many planes."""
+    y = make_features((2, 8, 24, 40), "heavy", seed=5)
+    n, c, h, w = y.shape
+    flat = y.flatten(-2, -1)
+    length = h * w
+    k1, k2 = max(int(length * 0.02), 1), max(int(length * 0.98), 1)
+    q1 = flat.kthvalue(k1, dim=-1).values[..., None, None]
+    q2 = flat.kthvalue(k2, dim=-1).values[..., None, None]
+    m = 2 * flat.std(-1)[..., None, None]
+    mask = ((q1 - m < y) * (y < q2 + m)).float()
+    mask = F.max_pool2d(mask, 3, stride=1, padding=1)
+    mask = (-F.max_pool2d(-mask, 5, stride=1, padding=2)).bool()
+    assert_same_mask(lpl_ext.outlier_mask(y), mask)
+
+
+# ---------------------------------------------------------------- corner cases
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[1])
+def test_constant_planes_keep_nothing(dtype):
+    """A constant plane has std exactly 0, so q1 - 0 < p < q2 + 0 fails everywhere."""
+    planes = []
+    for value in (0.1, 3.7, 0.0, -2.5, 1000.1, 1 / 3):
+        planes.append(torch.full((1, 1, 7, 9), value))
+    planes.append(torch.full((1, 1, 70, 90), 0.1))  # histogram path
+    for p in planes:
+        y = p.to(dtype)
+        got = lpl_ext.outlier_mask(y)
+        assert not got.any()
+        assert_same_mask(got, welford_ref_mask(y))
+    # mixed with ordinary planes in one batch, against the batched std of torch
+    y = torch.cat([torch.full((1, 2, 9, 9), 0.1), make_features((1, 2, 9, 9), "normal", seed=1)], 1).to(dtype)
+    got = lpl_ext.outlier_mask(y)
+    assert not got[0, :2].any()
+    assert_same_mask(got, welford_ref_mask(y))
+    assert_same_mask(got[:, 2:], ref_outlier_mask(y[:, 2:]))
+
+
+def test_welford_oracle_agrees_on_non_constant_data():
+    """The two oracles only differ on constant planes."""
+    y = make_features((2, 3, 17, 19), "heavy", seed=9)
+    assert_same_mask(welford_ref_mask(y), ref_outlier_mask(y))
+
+
+def test_tiny_planes():
+    """Planes under 50 values (the reference's k1 = 0 crash) and a 1x1 plane, whose std of
+    one value is NaN: nothing kept, as torch."""
+    y1 = torch.tensor([[[[1.5]]]])
+    assert not lpl_ext.outlier_mask(y1).any()
+    for shape in [(1, 1, 2, 2), (2, 2, 1, 7), (1, 3, 6, 8)]:
+        y = make_features(shape, "normal", seed=2)
+        assert_same_mask(lpl_ext.outlier_mask(y, closing=1, opening=1), ref_outlier_mask(y, closing=1, opening=1))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[1])
+def test_non_finite_values_never_kept_and_do_not_poison(dtype):
+    y = make_features((2, 2, 40, 30), "normal", seed=4, dtype=torch.float64)
+    g = torch.Generator().manual_seed(4)
+    bad = torch.rand(y.shape, generator=g) < 0.05
+    kinds = torch.randint(0, 3, y.shape, generator=g)
+    special = torch.tensor([math.nan, math.inf, -math.inf], dtype=torch.float64)[kinds]
+    y_bad = torch.where(bad, special, y).to(dtype)
+    got = lpl_ext.outlier_mask(y_bad, closing=1, opening=1)
+    assert not got[bad].any()
+    assert_same_mask(got, ref_outlier_mask(y_bad, closing=1, opening=1))
+    # without filters, the finite values' decisions are those of the finite subset alone
+    for plane in range(4):
+        n, c = divmod(plane, 2)
+        vals = y_bad[n, c][~bad[n, c]]
+        cnt = vals.numel()
+        k1, k2 = max(int(cnt * 0.02), 1), max(int(cnt * 0.98), 1)
+        m = 2.0 * vals.std()
+        lo, hi = vals.kthvalue(k1).values - m, vals.kthvalue(k2).values + m
+        expect = (lo < y_bad[n, c]) & (y_bad[n, c] < hi) & ~bad[n, c]
+        assert torch.equal(got[n, c], expect)
+    # with the default filters too
+    assert_same_mask(lpl_ext.outlier_mask(y_bad), ref_outlier_mask(y_bad))
+
+
+def test_all_non_finite_plane():
+    y = make_features((1, 3, 8, 8), "normal", seed=6)
+    y[0, 0] = math.nan
+    y[0, 1, ::2] = math.inf
+    y[0, 1, 1::2] = -math.inf
+    keep, stats = lpl_ext.outlier_mask(y, return_stats=True)
+    assert not keep[0, :2].any()
+    assert_same_mask(keep, ref_outlier_mask(y))
+    assert all(math.isfinite(float(s)) for s in stats)
+
+
+# ---------------------------------------------------------------- statistics
+
+def expected_stats(y: torch.Tensor, keep: torch.Tensor):
+    ym = torch.where(keep, y.double(), torch.zeros((), dtype=torch.float64))
+    return ym.mean().item(), ym.std().item(), 1.0 - keep.double().mean().item()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[1])
+@pytest.mark.parametrize("kind", ["heavy", "spiky"])
+def test_stats_match_torch(dtype, kind):
+    y = make_features((2, 3, 33, 47), kind, seed=8, dtype=dtype)
+    y[0, 0, 0, :3] = torch.tensor([math.nan, math.inf, -math.inf]).to(dtype)
+    keep, stats = lpl_ext.outlier_mask(y, return_stats=True)
+    assert isinstance(stats, lpl_ext.OutlierStats)
+    for s in stats:
+        assert isinstance(s, torch.Tensor) and s.dtype == torch.float64 and s.dim() == 0
+    mean, std, ratio = expected_stats(y, keep)
+    assert keep.sum() < keep.numel()  # something was removed
+    np.testing.assert_allclose(float(stats.mean), mean, rtol=1e-12, atol=1e-12 * std)
+    np.testing.assert_allclose(float(stats.std), std, rtol=1e-12)
+    assert float(stats.outlier_ratio) == pytest.approx(ratio, abs=1e-15)
+
+
+def test_stats_single_plane_team_and_numpy():
+    y = make_features((1, 1, 200, 160), "spiky", seed=10)
+    keep, stats = lpl_ext.outlier_mask(y, return_stats=True)
+    mean, std, ratio = expected_stats(y, keep)
+    # the mean is compared on the scale of the std (spikes of 1e3 around a mean of 0.1)
+    np.testing.assert_allclose(float(stats.mean), mean, rtol=0, atol=1e-12 * std)
+    np.testing.assert_allclose(float(stats.std), std, rtol=1e-12)
+    assert float(stats.outlier_ratio) == pytest.approx(ratio, abs=1e-15)
+    keep_np, stats_np = lpl_ext.outlier_mask(y.numpy(), return_stats=True)
+    np.testing.assert_array_equal(keep_np, keep.numpy())
+    np.testing.assert_allclose(np.array(stats_np, dtype=np.float64), [float(s) for s in stats], rtol=1e-15)
+
+
+# ---------------------------------------------------------------- inputs
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+def test_numpy_inputs(dtype):
+    y = make_features((2, 2, 19, 23), "heavy", seed=12).numpy().astype(dtype)
+    got = lpl_ext.outlier_mask(y)
+    assert isinstance(got, np.ndarray) and got.dtype == np.bool_ and got.shape == y.shape
+    want = ref_outlier_mask(torch.from_numpy(y)).numpy()
+    np.testing.assert_array_equal(got, want)
+    # non-contiguous and non-native byte order are converted first
+    y_t = np.ascontiguousarray(y.transpose(0, 1, 3, 2)).transpose(0, 1, 3, 2)
+    np.testing.assert_array_equal(lpl_ext.outlier_mask(y_t), want)
+    y_be = y.astype(y.dtype.newbyteorder(">"))
+    np.testing.assert_array_equal(lpl_ext.outlier_mask(y_be), want)
+
+
+def test_non_contiguous_tensor():
+    y = make_features((2, 3, 21, 17), "silu", seed=13)
+    want = ref_outlier_mask(y)
+    y_cl = y.to(memory_format=torch.channels_last)
+    assert_same_mask(lpl_ext.outlier_mask(y_cl), want)
+    y_t = y.transpose(2, 3).contiguous().transpose(2, 3)
+    assert_same_mask(lpl_ext.outlier_mask(y_t), want)
+
+
+def test_empty_layer():
+    keep, stats = lpl_ext.outlier_mask(torch.zeros(0, 3, 4, 4), return_stats=True)
+    assert keep.shape == (0, 3, 4, 4)
+    assert all(math.isnan(float(s)) for s in stats)
+
+
+def test_outlier_windows():
+    assert lpl_ext.outlier_windows(1) == (3, 5)
+    assert lpl_ext.outlier_windows(2) == (1, 3)
+    for d in range(1, 9):
+        assert lpl_ext.outlier_windows(d) == ref_outlier_windows(d)
+    with pytest.raises(ValueError, match="down_factor"):
+        lpl_ext.outlier_windows(0)
+    with pytest.raises(TypeError, match="down_factor"):
+        lpl_ext.outlier_windows(1.5)
+
+
+def test_bad_inputs():
+    y = torch.randn(1, 2, 8, 8)
+    with pytest.raises(ValueError, match="y: expected a 4-D"):
+        lpl_ext.outlier_mask(torch.randn(2, 8, 8))
+    with pytest.raises(ValueError, match="y: expected a 4-D"):
+        lpl_ext.outlier_mask(np.zeros((8, 8), np.float32))
+    with pytest.raises(TypeError, match="y"):
+        lpl_ext.outlier_mask(torch.zeros(1, 1, 4, 4, dtype=torch.int32))
+    with pytest.raises(TypeError, match="y"):
+        lpl_ext.outlier_mask(np.zeros((1, 1, 4, 4), np.int64))
+    with pytest.raises(TypeError, match="y"):
+        lpl_ext.outlier_mask([[[[1.0]]]])
+    for q in (0.0, 0.5, -0.1, 0.7, math.nan, math.inf):
+        with pytest.raises(ValueError, match="quantile"):
+            lpl_ext.outlier_mask(y, quantile=q)
+    for m in (-1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="margin_std"):
+            lpl_ext.outlier_mask(y, margin_std=m)
+    for name in ("closing", "opening"):
+        for k in (0, -1, -3, 2, 4):
+            with pytest.raises(ValueError, match=name):
+                lpl_ext.outlier_mask(y, **{name: k})
+        with pytest.raises(TypeError, match=name):
+            lpl_ext.outlier_mask(y, **{name: 3.0})
+    with pytest.raises(TypeError, match="quantile"):
+        lpl_ext.outlier_mask(y, quantile="0.02")
+
+
+def test_c_entry_point_validates():
+    """The C entry point checks arguments itself (ValueError naming the argument)."""
+    from lpl_ext import _C
+
+    y = np.random.default_rng(0).standard_normal((1, 1, 4, 4)).astype(np.float32)
+    keep = np.empty(y.shape, np.bool_)
+    stats = np.empty(3, np.float64)
+    _C.outlier_mask(y, keep, stats, 0.02, 2.0, 3, 5)
+    cases = [((0.5, 2.0, 3, 5), "quantile"), ((0.0, 2.0, 3, 5), "quantile"), ((0.02, -1.0, 3, 5), "margin_std"),
+             ((0.02, math.nan, 3, 5), "margin_std"), ((0.02, 2.0, 2, 5), "closing"), ((0.02, 2.0, 3, 0), "opening"),
+             ((0.02, 2.0, -1, 5), "closing")]
+    for args, name in cases:
+        with pytest.raises(ValueError, match=name):
+            _C.outlier_mask(y, keep, stats, *args)
+    with pytest.raises(ValueError, match="keep"):
+        _C.outlier_mask(y, np.empty((1, 1, 4, 5), np.bool_), stats, 0.02, 2.0, 3, 5)
+    with pytest.raises(TypeError, match="keep"):
+        _C.outlier_mask(y, np.empty(y.shape, np.float32), stats, 0.02, 2.0, 3, 5)
+    with pytest.raises(ValueError, match="stats"):
+        _C.outlier_mask(y, keep, np.empty(4, np.float64), 0.02, 2.0, 3, 5)
+    with pytest.raises(TypeError, match="stats"):
+        _C.outlier_mask(y, keep, np.empty(3, np.float32), 0.02, 2.0, 3, 5)
+    assert _C.outlier_mask_workspace_bytes(2, 3, 64, 64) >= 2 * 3 * 64 * 64
+    with pytest.raises(ValueError):
+        _C.outlier_mask_workspace_bytes(-1, 3, 4, 4)
+
+
+def test_cuda_tensor_without_cuda_build_raises():
+    if lpl_ext.build_info()["cuda"]:
+        pytest.skip("lpl_ext was built with CUDA")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU visible to torch")
+    with pytest.raises(RuntimeError, match="without CUDA"):
+        lpl_ext.outlier_mask(torch.randn(1, 1, 8, 8, device="cuda"))
+
+
+# ---------------------------------------------------------------- CUDA
+
+@pytest.mark.skipif(not CUDA_OK, reason=CUDA_REASON)
+class TestCuda:
+    """CUDA results bit-identical to the CPU kernels (masks) and statistics on device."""
+
+    @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[1])
+    @pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 3, 3, 5), (1, 2, 7, 7), (2, 3, 64, 64), (1, 1, 300, 257)],
+                             ids=lambda s: "x".join(map(str, s)))
+    def test_matches_cpu(self, dtype, shape):
+        for kind in KINDS:
+            y = make_features(shape, kind, seed=21, dtype=dtype)
+            y.view(-1)[:: max(1, y.numel() // 7)] = math.nan
+            for closing, opening in [(3, 5), (1, 3), (7, 1)]:
+                cpu_keep, cpu_stats = lpl_ext.outlier_mask(y, closing=closing, opening=opening, return_stats=True)
+                gpu_keep, gpu_stats = lpl_ext.outlier_mask(y.cuda(), closing=closing, opening=opening,
+                                                           return_stats=True)
+                assert gpu_keep.is_cuda and gpu_stats.mean.is_cuda
+                assert_same_mask(gpu_keep.cpu(), cpu_keep)
+                np.testing.assert_allclose([float(s) for s in gpu_stats], [float(s) for s in cpu_stats],
+                                           rtol=1e-10, atol=1e-12)
+
+    def test_constant_and_non_finite_planes(self):
+        y = make_features((1, 4, 40, 40), "heavy", seed=22)
+        y[0, 0] = 0.1
+        y[0, 1] = math.nan
+        y[0, 2, :, :5] = math.inf
+        assert_same_mask(lpl_ext.outlier_mask(y.cuda()).cpu(), lpl_ext.outlier_mask(y))
+
+    def test_reference_vectors(self):
+        for case in _outlier_cases():
+            data = np.load(DATA / case["file"])
+            got = lpl_ext.outlier_mask(torch.from_numpy(data["y"]).cuda(), closing=case["closing"],
+                                       opening=case["opening"])
+            assert_same_mask(got.cpu(), torch.from_numpy(data["keep"]))
+
+    def test_no_host_sync_and_stream(self):
+        y = make_features((2, 8, 128, 128), "spiky", seed=23).cuda()
+        stream = torch.cuda.Stream()
+        with torch.cuda.stream(stream):
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                keep, stats = lpl_ext.outlier_mask(y, return_stats=True)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        stream.synchronize()
+        assert_same_mask(keep.cpu(), lpl_ext.outlier_mask(y.cpu()))
