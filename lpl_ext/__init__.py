@@ -3,15 +3,24 @@
 from ._backend import build_info
 from .feature_distance import FeatureDistanceFunction, feature_distance
 from .outlier_mask import OutlierStats, outlier_mask, outlier_windows
+from ._backend import torch as _torch
+
+if _torch is not None:  # the VAE-level loss and the objective need torch
+    from .lpl_loss import LatentPerceptualLoss
+    from .objective import LPLObjective, predict_z0, snr_weights
 
 __version__ = "0.1.0"
 
 __all__ = [
     "FeatureDistanceFunction",
+    "LPLObjective",
+    "LatentPerceptualLoss",
     "OutlierStats",
     "build_info",
     "feature_distance",
     "outlier_mask",
     "outlier_windows",
+    "predict_z0",
+    "snr_weights",
     "__version__",
 ]

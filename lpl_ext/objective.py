@@ -1,0 +1,294 @@
+"""Trainer-agnostic LPL objective (LPL_SPEC.md section 5).
+
+Built once from the VAE and the options, called once per step with the model prediction,
+the noisy latents, the clean latents, the timesteps and the noise schedule; returns the
+scalar LPL term (the trainer adds ``lpl_weight * lpl`` to its diffusion loss) and a dict of
+0-dim logging tensors. Fixes of the reference training script: works for any
+``start_step``; SNR weights are computed on the selected samples only; ``scale`` without
+``snr_gamma`` is an error instead of a silent no-op; z0_hat is computed in fp32.
+
+Host syncs: exactly one per call that reaches the threshold test, the ``nonzero`` that
+selects the samples below ``t_threshold`` (its size decides the decoder's batch), skipped
+entirely before ``start_step``. Everything else, logs included, stays on the device.
+
+Schedules:
+    epsilon / v_prediction / sample: ``alphas_cumprod`` (T,) indexed by ``timesteps``
+        (integer-valued, cast to long); alpha_t = sqrt(ac[t]), sigma_t = sqrt(1 - ac[t]),
+        snr = ac[t] / (1 - ac[t]). ``sample`` needs it only for ``scale``.
+    flow_matching: ``sigmas`` holds the per-sample t in [0, 1], shape (N,) (or anything
+        with N values, e.g. (N, 1, 1, 1)), aligned with the batch, NOT indexed by
+        timesteps; z_t = (1 - t) z0 + t eps, the model predicts v = eps - z0,
+        z0_hat = z_t - t v, snr = ((1 - t) / t)^2. ``timesteps`` is still what
+        ``t_threshold`` compares against (e.g. 1000 * t in SD3-style trainers).
+
+SNR weights with ``scale=True`` (Min-SNR-gamma written for each parameterization):
+    epsilon min(snr, g) / snr; v_prediction min(snr, g) / (snr + 1); sample min(snr, g);
+    flow_matching min(snr, g) * t^2 (since z0_hat - z0 = -t (v_hat - v)).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .lpl_loss import LatentPerceptualLoss
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow_matching")
+
+
+def _check_prediction_type(prediction_type: str) -> None:
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type: expected one of {PREDICTION_TYPES}, got {prediction_type!r}")
+
+
+def _per_sample(values: torch.Tensor, n: int, name: str, device: torch.device) -> torch.Tensor:
+    if not isinstance(values, torch.Tensor):
+        values = torch.as_tensor(values)
+    if values.numel() != n:
+        raise ValueError(f"{name}: expected {n} per-sample values (shape (N,)), got shape {tuple(values.shape)}")
+    return values.reshape(n).to(device)
+
+
+def _alpha_sigma(
+    alphas_cumprod: Optional[torch.Tensor], timesteps: torch.Tensor, device: torch.device, why: str
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(alpha_t, sigma_t, snr_t) per sample, float32, from alphas_cumprod (T,) at timesteps."""
+    if alphas_cumprod is None:
+        raise ValueError(f"alphas_cumprod: required {why}")
+    if not isinstance(alphas_cumprod, torch.Tensor):
+        alphas_cumprod = torch.as_tensor(alphas_cumprod)
+    if alphas_cumprod.dim() != 1:
+        raise ValueError(f"alphas_cumprod: expected shape (T,), got {tuple(alphas_cumprod.shape)}")
+    ac = alphas_cumprod.to(device).index_select(0, timesteps.reshape(-1).long())
+    return ac.sqrt().float(), (1 - ac).sqrt().float(), (ac / (1 - ac)).float()
+
+
+def predict_z0(
+    model_pred: torch.Tensor,
+    noisy_latents: torch.Tensor,
+    timesteps: torch.Tensor,
+    *,
+    prediction_type: str,
+    alphas_cumprod: Optional[torch.Tensor] = None,
+    sigmas: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Clean-latent estimate z0_hat (N, C, h, w) float32 from a prediction, in fp32.
+
+    epsilon: (z_t - sigma_t eps) / alpha_t; v_prediction: alpha_t z_t - sigma_t v;
+    sample: the prediction; flow_matching: z_t - t v (``sigmas`` = per-sample t, (N,)).
+    Also recovers the clean latents from a trainer's regression target (pass the target as
+    ``model_pred``). ``noisy_latents`` should be the fp32 z_t, not a low-precision copy.
+    """
+    _check_prediction_type(prediction_type)
+    if model_pred.shape != noisy_latents.shape:
+        raise ValueError(f"noisy_latents: shape {tuple(noisy_latents.shape)} differs from model_pred "
+                         f"{tuple(model_pred.shape)}")
+    n = model_pred.shape[0]
+    device = model_pred.device
+    shape = (n,) + (1,) * (model_pred.dim() - 1)
+    if prediction_type == "sample":
+        return model_pred.float()
+    pred, z_t = model_pred.float(), noisy_latents.float()
+    if prediction_type == "flow_matching":
+        if sigmas is None:
+            raise ValueError("sigmas: required for prediction_type='flow_matching' (per-sample t, shape (N,))")
+        t = _per_sample(sigmas, n, "sigmas", device).float().view(shape)
+        return z_t - t * pred
+    timesteps = _per_sample(timesteps, n, "timesteps", device)
+    alpha, sigma, _ = _alpha_sigma(alphas_cumprod, timesteps, device, f"for prediction_type={prediction_type!r}")
+    alpha, sigma = alpha.view(shape), sigma.view(shape)
+    if prediction_type == "epsilon":
+        return (z_t - sigma * pred) / alpha
+    return alpha * z_t - sigma * pred
+
+
+def snr_weights(
+    timesteps: torch.Tensor,
+    snr_gamma: float,
+    *,
+    prediction_type: str,
+    alphas_cumprod: Optional[torch.Tensor] = None,
+    sigmas: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Per-sample Min-SNR-gamma weights (N,) float32 (see the module docstring)."""
+    _check_prediction_type(prediction_type)
+    n = timesteps.numel()
+    device = timesteps.device
+    if prediction_type == "flow_matching":
+        if sigmas is None:
+            raise ValueError("sigmas: required for prediction_type='flow_matching'")
+        t = _per_sample(sigmas, n, "sigmas", device).float()
+        snr = ((1 - t) / t) ** 2
+        return torch.clamp(snr, max=snr_gamma) * t * t
+    _, _, snr = _alpha_sigma(alphas_cumprod, timesteps, device, "for SNR weights")
+    clipped = torch.clamp(snr, max=snr_gamma)
+    if prediction_type == "epsilon":
+        return clipped / snr
+    if prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    return clipped
+
+
+class LPLObjective(nn.Module):
+    """The LPL term of a diffusion training step.
+
+    Args:
+        vae: the (frozen) diffusers ``AutoencoderKL``; kept out of ``parameters()``.
+        loss_type, norm_type, pow_law, num_blocks, remove_outliers, grad_ckpt: the
+            :class:`LatentPerceptualLoss` options (``num_blocks`` = ``num_mid_blocks``).
+        t_threshold: apply LPL to samples with ``timesteps < t_threshold`` (None: all).
+        snr_gamma: Min-SNR gamma for ``scale``.
+        scale: weight each sample's LPL by its SNR weight (requires ``snr_gamma``).
+        start_step: return 0 while ``global_step < start_step``.
+        decoder_fp32: run the decoder in fp32 with autocast disabled (float32 VAE).
+        reference_compat: reference arithmetic in the loss (see ``lpl_loss``).
+
+    Call: ``lpl, logs = obj(model_pred, noisy_latents, latents, timesteps, *,
+    prediction_type, alphas_cumprod=None, sigmas=None, global_step=0)`` with
+    model_pred/noisy_latents/latents (N, C, h, w) and timesteps (N,). ``lpl`` is a 0-dim
+    float32 tensor (the mean over the selected samples of their, optionally SNR-weighted,
+    LPL; 0 when none qualifies or before ``start_step``). ``logs`` always has the same keys:
+    lpl_loss, lpl_applied_ratio (fraction of the batch used), lpl_num_samples and, per layer
+    i, lpl_layer{i}_loss (unweighted mean over the selected samples), lpl_layer{i}_mean,
+    lpl_layer{i}_std, lpl_layer{i}_outlier_ratio (zeros when nothing was applied).
+    """
+
+    def __init__(
+        self,
+        vae: nn.Module,
+        *,
+        loss_type: str = "mse",
+        norm_type: str = "shared",
+        pow_law: bool = True,
+        num_blocks: int = 4,
+        remove_outliers: bool = True,
+        grad_ckpt: bool = True,
+        t_threshold: Optional[float] = 200,
+        snr_gamma: Optional[float] = None,
+        scale: bool = False,
+        start_step: int = 0,
+        decoder_fp32: bool = True,
+        reference_compat: bool = False,
+    ) -> None:
+        super().__init__()
+        if scale and snr_gamma is None:
+            raise ValueError("scale: needs snr_gamma (the reference silently ignores scale without it)")
+        if snr_gamma is not None and not snr_gamma > 0:
+            raise ValueError(f"snr_gamma: expected a positive number, got {snr_gamma!r}")
+        if isinstance(start_step, bool) or not isinstance(start_step, int):
+            raise TypeError(f"start_step: expected an int, got {type(start_step).__name__}")
+        self.loss = LatentPerceptualLoss(
+            vae, loss_type=loss_type, grad_ckpt=grad_ckpt, pow_law=pow_law, norm_type=norm_type,
+            num_mid_blocks=num_blocks, feature_type="feature", remove_outliers=remove_outliers,
+            reference_compat=reference_compat, decoder_fp32=decoder_fp32,
+        )
+        self.t_threshold = t_threshold
+        self.snr_gamma = None if snr_gamma is None else float(snr_gamma)
+        self.scale = bool(scale)
+        self.start_step = start_step
+        self._schedule_cache: Optional[Tuple[torch.Tensor, int, torch.Tensor]] = None
+
+    def _schedule_on(self, alphas_cumprod: Optional[torch.Tensor], device: torch.device) -> Optional[torch.Tensor]:
+        """alphas_cumprod on ``device``, copied once and cached (a fresh host-to-device copy
+        every step would be a host sync)."""
+        if alphas_cumprod is None or not isinstance(alphas_cumprod, torch.Tensor) or alphas_cumprod.device == device:
+            return alphas_cumprod
+        cached = self._schedule_cache
+        if (cached is not None and cached[0] is alphas_cumprod and cached[1] == alphas_cumprod._version
+                and cached[2].device == device):
+            return cached[2]
+        moved = alphas_cumprod.to(device)
+        self._schedule_cache = (alphas_cumprod, alphas_cumprod._version, moved)
+        return moved
+
+    @property
+    def num_layers(self) -> int:
+        return self.loss.num_layers
+
+    def _empty_logs(self, device: torch.device, applied_ratio: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
+        zero = torch.zeros((), dtype=torch.float32, device=device)
+        logs = {"lpl_loss": zero, "lpl_applied_ratio": zero if applied_ratio is None else applied_ratio,
+                "lpl_num_samples": zero}
+        for i in range(self.num_layers):
+            for key in ("loss", "mean", "std", "outlier_ratio"):
+                logs[f"lpl_layer{i}_{key}"] = zero
+        return logs
+
+    @staticmethod
+    def _zero_like_graph(model_pred: torch.Tensor) -> torch.Tensor:
+        # 0 that is still connected to the graph (backward works) without multiplying
+        # any value by zero (0 * inf would be NaN).
+        return model_pred.reshape(-1)[:0].float().sum()
+
+    def forward(
+        self,
+        model_pred: torch.Tensor,
+        noisy_latents: torch.Tensor,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        *,
+        prediction_type: str,
+        alphas_cumprod: Optional[torch.Tensor] = None,
+        sigmas: Optional[torch.Tensor] = None,
+        global_step: int = 0,
+    ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        _check_prediction_type(prediction_type)
+        for name, t in (("model_pred", model_pred), ("noisy_latents", noisy_latents), ("latents", latents)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 4:
+                raise ValueError(f"{name}: expected an (N, C, h, w) tensor")
+            if t.shape != model_pred.shape:
+                raise ValueError(f"{name}: shape {tuple(t.shape)} differs from model_pred {tuple(model_pred.shape)}")
+        n = model_pred.shape[0]
+        device = model_pred.device
+        timesteps = _per_sample(timesteps, n, "timesteps", device)
+        if global_step < self.start_step:
+            return self._zero_like_graph(model_pred), self._empty_logs(device, None)
+
+        if self.t_threshold is None:
+            below = torch.ones(n, dtype=torch.bool, device=device)
+            index = None
+            count = n
+        else:
+            below = timesteps < self.t_threshold
+            index = below.nonzero().reshape(-1)  # the one host sync: its size is the batch
+            count = index.numel()
+            if count == n:
+                index = None  # everything qualifies: no gather copies
+        applied_ratio = below.float().mean()
+        if count == 0:
+            return self._zero_like_graph(model_pred), self._empty_logs(device, applied_ratio)
+
+        def pick(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+            if t is None or index is None:
+                return t
+            return t.index_select(0, index)
+
+        alphas_cumprod = self._schedule_on(alphas_cumprod, device)
+        sel_sigmas = None
+        if sigmas is not None:
+            sel_sigmas = pick(_per_sample(sigmas, n, "sigmas", device))
+        sel_t = pick(timesteps)
+        z0_hat = predict_z0(pick(model_pred), pick(noisy_latents), sel_t, prediction_type=prediction_type,
+                            alphas_cumprod=alphas_cumprod, sigmas=sel_sigmas)
+        layer_losses = self.loss.get_loss(z0_hat, pick(latents).float(), get_hist=True)
+        per_sample = (sum(layer_losses) / len(layer_losses)).float()
+        if self.scale:
+            weights = snr_weights(sel_t, self.snr_gamma, prediction_type=prediction_type,
+                                  alphas_cumprod=alphas_cumprod, sigmas=sel_sigmas)
+            lpl = (per_sample * weights).mean()
+        else:
+            lpl = per_sample.mean()
+
+        logs: Dict[str, torch.Tensor] = {
+            "lpl_loss": lpl.detach(),
+            "lpl_applied_ratio": applied_ratio,
+            "lpl_num_samples": below.sum().float(),  # device-side: no host-to-device copy
+        }
+        stats = self.loss.last_feature_stats
+        for i, layer in enumerate(layer_losses):
+            logs[f"lpl_layer{i}_loss"] = layer.detach().float().mean()
+            for key in ("mean", "std", "outlier_ratio"):
+                logs[f"lpl_layer{i}_{key}"] = stats[i][key] if i < len(stats) else torch.zeros((), device=device)
+        return lpl, logs

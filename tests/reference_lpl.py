@@ -1,0 +1,192 @@
+"""A from-scratch plain-PyTorch restatement of the public reference ``LatentPerceptualLoss``
+(diffusers ``examples/research_projects/lpl/lpl_loss.py``), quirks included, written for the
+tests and the memory benchmark. Nothing in lpl_ext uses it.
+
+Reproduced behaviour (LPL_SPEC.md section 6):
+- the decoder input is ``shift + z / scale`` fed straight into ``decoder.conv_in``:
+  ``post_quant_conv`` is skipped;
+- all prediction features are computed first (optionally checkpointing mid and up blocks),
+  then all target features under no_grad; the mid output is cast to the up blocks' dtype;
+- outliers (target only) on layer 2 with down factor 2 and layers 3, 4 (5) with down
+  factor 1: kthvalue at ``int(L * 0.02)`` and ``int(L * 0.98)`` (k = 0 raises for L < 50),
+  margin 2 * unbiased std, closing then opening by max-pooling, y = y * mask;
+- stats with ``.item()`` (host syncs) before normalization;
+- ``default``: both sides over their own channel norm + 1e-10; ``shared``: both over the
+  target's channel norm + 1e-6; ``batch``: nothing;
+- elementwise mse/l1 times the mask, summed over (h, w), times 2^-min(i, 3) with pow_law,
+  divided by the mask count (0/0 = NaN on a fully masked plane), mean over channels;
+  total = sum of layers / number of layers;
+- ``feature_type="image"``: scalar MSE of ``vae.decode(z / scale)`` images.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+def reference_windows(down_factor: int) -> Tuple[int, int]:
+    """(closing, opening) sizes used by the reference for a down factor."""
+    opening = int(math.ceil(5 / down_factor))
+    closing = int(math.ceil(3 / down_factor))
+    if opening == 2:
+        opening = 3
+    if closing == 2:
+        closing = 1
+    return closing, opening
+
+
+def reference_remove_outliers(feat: torch.Tensor, down_factor: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(mask bool, feat * mask) as the reference computes them; raises for planes < 50 values."""
+    closing, opening = reference_windows(down_factor)
+    planes = feat.flatten(-2, -1)
+    length = planes.shape[-1]
+    lo_k, hi_k = int(length * 0.02), int(length * (1 - 0.02))
+    lo = planes.kthvalue(lo_k, dim=-1).values.unsqueeze(-1).unsqueeze(-1)
+    hi = planes.kthvalue(hi_k, dim=-1).values.unsqueeze(-1).unsqueeze(-1)
+    margin = 2 * planes.std(-1).unsqueeze(-1).unsqueeze(-1)
+    mask = (lo - margin < feat) * (feat < hi + margin)
+    mask = F.max_pool2d(mask.float(), closing, stride=1, padding=(closing - 1) // 2)
+    mask = (-F.max_pool2d(-mask, opening, stride=1, padding=(opening - 1) // 2)).bool()
+    return mask, feat * mask
+
+
+def reference_layer_loss(
+    x: torch.Tensor, y: torch.Tensor, index: int, *, norm_type: str, loss_type: str, pow_law: bool,
+    remove_outliers: bool,
+) -> Tuple[torch.Tensor, Dict[str, float], torch.Tensor]:
+    """One layer of the reference: (per-sample loss (N,), stats with floats, mask)."""
+    mask = torch.ones_like(y).bool()
+    ratio = 0.0
+    if remove_outliers:
+        with torch.no_grad():
+            if index == 2:
+                mask, y = reference_remove_outliers(y, 2)
+                ratio = 1.0 - mask.float().mean().item()
+            elif index in (3, 4, 5):
+                mask, y = reference_remove_outliers(y, 1)
+                ratio = 1.0 - mask.float().mean().item()
+    with torch.no_grad():
+        stats = {"mean": y.mean().item(), "std": y.std().item(), "outlier_ratio": ratio}
+    if norm_type == "default":
+        x = x / (x.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+        y = y / (y.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+    elif norm_type == "shared":
+        denom = y.pow(2).sum(1, keepdim=True).sqrt() + 1e-6
+        x, y = x / denom, y / denom
+    # norm_type == "batch": the reference normalizes nothing.
+    elementwise = F.mse_loss(x, y, reduction="none") if loss_type == "mse" else F.l1_loss(x, y, reduction="none")
+    elementwise = elementwise * mask
+    factor = 2 ** (-min(index, 3)) if pow_law else 1.0
+    per_plane = elementwise.sum((2, 3)) * factor / mask.sum((2, 3))
+    return per_plane.mean((1,)), stats, mask
+
+
+class ReferenceLPL(nn.Module):
+    """Plain-PyTorch stand-in for the reference class (same constructor)."""
+
+    def __init__(self, vae, loss_type="mse", grad_ckpt=True, pow_law=False, norm_type="default",
+                 num_mid_blocks=4, feature_type="feature", remove_outliers=True):
+        super().__init__()
+        assert loss_type in ("mse", "l1") and norm_type in ("default", "shared", "batch")
+        assert feature_type in ("feature", "image") and 0 <= num_mid_blocks <= 4
+        self.vae = vae  # a submodule, as in the reference
+        self.decoder = vae.decoder
+        device = next(vae.parameters()).device
+        scale = getattr(vae.config, "scaling_factor", None)
+        shift = getattr(vae.config, "shift_factor", None)
+        self.scale = torch.tensor(1.0 if scale is None else scale, device=device)
+        self.shift = torch.tensor(0.0 if shift is None else shift, device=device)
+        self.gradient_checkpointing = grad_ckpt
+        self.pow_law = pow_law
+        self.norm_type = norm_type
+        self.remove_outliers = remove_outliers
+        self.feature_type = feature_type
+        self.n_blocks = num_mid_blocks
+        self.loss_type = loss_type
+        self.last_feature_stats: List[Dict[str, float]] = []
+
+    def get_features(self, z: torch.Tensor, disable_grads: bool = False) -> List[torch.Tensor]:
+        with torch.set_grad_enabled(not disable_grads):
+            ckpt = self.gradient_checkpointing and not disable_grads
+            up_dtype = next(iter(self.decoder.up_blocks.parameters())).dtype
+            h = self.decoder.conv_in(z)
+            blocks = [self.decoder.mid_block] + list(self.decoder.up_blocks[: self.n_blocks])
+            features = []
+            for i, block in enumerate(blocks):
+                h = checkpoint(block, h, None, use_reentrant=False) if ckpt else block(h, None)
+                if i == 0:
+                    h = h.to(up_dtype)
+                features.append(h)
+            return features
+
+    def get_loss(self, input: torch.Tensor, target: torch.Tensor, get_hist: bool = False):
+        if self.feature_type == "image":
+            x = self.vae.decode(input / self.scale).sample
+            y = self.vae.decode(target / self.scale).sample
+            return F.mse_loss(x, y)
+        xs = self.get_features(self.shift + input / self.scale)
+        ys = self.get_features(self.shift + target / self.scale, disable_grads=True)
+        losses = []
+        self.last_feature_stats = []
+        for i, (x, y) in enumerate(zip(xs, ys)):
+            loss, stats, _ = reference_layer_loss(x, y, i, norm_type=self.norm_type, loss_type=self.loss_type,
+                                                  pow_law=self.pow_law, remove_outliers=self.remove_outliers)
+            self.last_feature_stats.append(stats)
+            losses.append(loss)
+        if get_hist:
+            return losses
+        return sum(losses) / len(xs)
+
+
+def plain_decoder_features(vae, z: torch.Tensor, num_blocks: int, *, post_quant_conv: bool = True) -> List[torch.Tensor]:
+    """Spec section 1 written out: [mid, up_0, ..., up_{K-1}] of decoder-space latents z
+    (``z / scale + shift`` already applied), with post_quant_conv when asked and present."""
+    dec = vae.decoder
+    if post_quant_conv and getattr(vae, "post_quant_conv", None) is not None:
+        z = vae.post_quant_conv(z)
+    h = dec.mid_block(dec.conv_in(z), None)
+    features = [h]
+    for block in list(dec.up_blocks)[:num_blocks]:
+        h = block(h, None)
+        features.append(h)
+    return features
+
+
+# Tiny AutoencoderKL configs with 4 up blocks, so all five feature levels and all outlier
+# layers exist (latent h x w -> mid h, up0 2h, up1 4h, up2 8h, up3 8h).
+TINY_VAE_CONFIGS: Dict[str, dict] = {
+    # SDXL-like: post_quant_conv, scaling only.
+    "sdxl_like": dict(block_out_channels=(8, 16, 16, 16), norm_num_groups=4, latent_channels=4,
+                      scaling_factor=0.13025),
+    # SD3/Flux-like: 16 latent channels, shift factor, no post_quant_conv.
+    "shifted": dict(block_out_channels=(8, 8, 16, 16), norm_num_groups=8, latent_channels=16,
+                    scaling_factor=1.5305, shift_factor=0.0609, use_post_quant_conv=False,
+                    use_quant_conv=False),
+    # Wider, two resnets per block on the decoder side.
+    "wide": dict(block_out_channels=(16, 16, 32, 32), norm_num_groups=8, latent_channels=4,
+                 scaling_factor=0.18215, layers_per_block=2),
+}
+
+
+def tiny_vae(name: str = "sdxl_like", seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A randomly initialised diffusers AutoencoderKL from one of TINY_VAE_CONFIGS, in eval
+    mode (built from a config: nothing is downloaded)."""
+    from diffusers import AutoencoderKL
+
+    cfg = dict(layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * 4,
+               up_block_types=("UpDecoderBlock2D",) * 4)
+    cfg.update(TINY_VAE_CONFIGS[name])
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(**cfg).eval()
+    # Random init leaves many biases at 0: perturb them so every layer is exercised.
+    with torch.no_grad():
+        for module_name, p in vae.named_parameters():
+            if module_name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    return vae if dtype == torch.float32 else vae.to(dtype)
