@@ -1,0 +1,1 @@
+"""lpl_ext benchmark suite (see benchmarks/RESULTS.md and docs/benchmarks.md)."""

@@ -1,0 +1,327 @@
+"""Regenerate every lpl_ext benchmark: benchmarks/results.csv, benchmarks/RESULTS.md and
+benchmarks/plot.png, in one command.
+
+    python benchmarks/run_all.py                 # CPU suite (~10 min on 2 cores)
+    python benchmarks/run_all.py --device cuda   # GPU suite (1024px, batch 4)
+    python benchmarks/run_all.py --quick         # micro shapes, into a temporary folder
+
+Each variant of each comparison runs in its own fresh worker process (CPU peak RSS is
+per variant). The copy bandwidth that defines the floors is measured once per run, in
+this process, before the workers start. Rows are keyed by (device, torch version,
+lpl_ext version): a re-run replaces its own key's rows in results.csv and keeps others
+(e.g. GPU rows stay when the CPU suite is re-run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import bench_decoder, bench_head, bench_outlier, common
+
+BENCHES = ("head", "outlier", "decoder")
+# Targets of issue 6 for lpl_ext's loss head.
+TARGETS = {
+    "cpu": dict(vs_eager=5.0, vs_compile=2.0, over_floor=2.0, extra_over_features=1.25),
+    "cuda": dict(vs_eager=10.0, vs_compile=None, over_floor=1.5, extra_over_features=1.25),
+}
+
+
+# ---------------------------------------------------------------------------- helpers
+
+def _f(v: Any) -> Optional[float]:
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+def _key(r: Dict[str, Any]) -> Tuple[str, ...]:
+    return tuple(str(r.get(k, "")) for k in common.KEY_FIELDS)
+
+
+def _ordered(values: List[str], order: Sequence[str]) -> List[str]:
+    return sorted(set(values), key=lambda v: (order.index(v) if v in order else len(order), v))
+
+
+def _medians(rows: List[Dict[str, Any]]) -> Dict[Tuple[str, str, str], float]:
+    out = {}
+    for r in rows:
+        m = _f(r.get("median_ms"))
+        if r.get("status") == "ok" and m:
+            out[(r["bench"], r["workload"], r["variant"])] = m
+    return out
+
+
+def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    return a / b if a and b else None
+
+
+def _fmt(x: Optional[float], nd: int = 2, suffix: str = "") -> str:
+    if x is None:
+        return "–"
+    if abs(x) >= 100:
+        return f"{x:.0f}{suffix}"
+    return f"{x:.{nd}f}{suffix}"
+
+
+# ---------------------------------------------------------------------------- markdown
+
+def _bench_table(rows: List[Dict[str, Any]], bench: str, baseline: str) -> List[str]:
+    rows = [r for r in rows if r["bench"] == bench]
+    if not rows:
+        return []
+    med = _medians(rows)
+    variants_order = {"head": bench_head.VARIANTS, "outlier": bench_outlier.VARIANTS,
+                      "decoder": bench_decoder.VARIANTS}[bench]
+    lines = [
+        f"| workload | variant | median ms | p20–p80 ms | × vs {baseline} | floor ms | × floor | extra MiB "
+        "| extra / features | first call s | note |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    workloads = list(dict.fromkeys(r["workload"] for r in rows))
+    for wl in workloads:
+        for v in _ordered([r["variant"] for r in rows if r["workload"] == wl], variants_order):
+            r = next(x for x in rows if x["workload"] == wl and x["variant"] == v)
+            if r["status"] != "ok":
+                lines.append(f"| {wl} | {v} | {r['status']} | | | | | | | | {r.get('note', '')} |")
+                continue
+            speed = _ratio(med.get((bench, wl, baseline)), med.get((bench, wl, v)))
+            lines.append(
+                f"| {wl} | {v} | {_fmt(_f(r['median_ms']), 1)} | {_fmt(_f(r['p20_ms']), 1)}–{_fmt(_f(r['p80_ms']), 1)} "
+                f"| {_fmt(speed, 2, '×')} | {_fmt(_f(r.get('floor_ms')), 1)} | {_fmt(_f(r.get('time_over_floor')))} "
+                f"| {_fmt(_f(r.get('extra_mem_mib')), 0)} | {_fmt(_f(r.get('extra_over_features')))} "
+                f"| {_fmt(_f(r.get('first_call_s')), 1)} | {r.get('note', '')} |"
+            )
+    return lines
+
+
+def _targets_table(rows: List[Dict[str, Any]], kind: str) -> List[str]:
+    t = TARGETS[kind]
+    head = [r for r in rows if r["bench"] == "head"]
+    med = _medians(head)
+    lines = [
+        f"Targets ({kind.upper()}): ≥ {t['vs_eager']}× eager"
+        + (f", ≥ {t['vs_compile']}× torch.compile" if t["vs_compile"] else "")
+        + f", ≤ {t['over_floor']}× the bandwidth floor, extra memory ≤ {t['extra_over_features']}× the bytes"
+        " of the two feature tensors. A miss shows the factor still missing.",
+        "",
+        "| workload | × eager | × compile | × floor | extra / features | verdict |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for wl in dict.fromkeys(r["workload"] for r in head):
+        r = next((x for x in head if x["workload"] == wl and x["variant"] == "lpl_ext" and x["status"] == "ok"), None)
+        if r is None:
+            lines.append(f"| {wl} | – | – | – | – | lpl_ext not measured |")
+            continue
+        m = med[("head", wl, "lpl_ext")]
+        ve = _ratio(med.get(("head", wl, "eager")), m)
+        vc = _ratio(med.get(("head", wl, "compile")), m)
+        of = _f(r.get("time_over_floor"))
+        ex = _f(r.get("extra_over_features"))
+        misses = []
+        if ve is not None and ve < t["vs_eager"]:
+            misses.append(f"eager {t['vs_eager'] / ve:.2f}× short")
+        if t["vs_compile"] and vc is not None and vc < t["vs_compile"]:
+            misses.append(f"compile {t['vs_compile'] / vc:.2f}× short")
+        if of is not None and of > t["over_floor"]:
+            misses.append(f"floor {of / t['over_floor']:.2f}× over")
+        if ex is not None and ex > t["extra_over_features"]:
+            misses.append(f"memory {ex / t['extra_over_features']:.2f}× over")
+        verdict = "all met" if not misses else "missed: " + ", ".join(misses)
+        lines.append(f"| {wl} | {_fmt(ve, 2, '×')} | {_fmt(vc, 2, '×')} | {_fmt(of)} | {_fmt(ex)} | {verdict} |")
+    return lines
+
+
+def write_results_md(path: Path, all_rows: List[Dict[str, Any]], command: str, wall_s: float,
+                     current_key: Optional[Tuple[str, ...]]) -> None:
+    keys = list(dict.fromkeys(_key(r) for r in all_rows))
+    if current_key in keys:  # the run just made comes first
+        keys.remove(current_key)
+        keys.insert(0, current_key)
+    any_gpu = any("cuda" in str(r.get("note", "")) or _is_gpu_key(k) for k in keys for r in all_rows[:1])
+    out = [
+        "# lpl_ext benchmarks",
+        "",
+        f"Regenerate everything (CSV, this file, plot.png) with `{command}`"
+        f" (this run: {wall_s / 60:.1f} min). Raw rows: [results.csv](results.csv); plot: [plot.png](plot.png);",
+        "method and profiling notes: [docs/benchmarks.md](../docs/benchmarks.md).",
+        "",
+        "- Variants run side by side in the same run, each in a fresh worker process: **eager** (the LPL head"
+        " written in plain PyTorch: kthvalue/std/max_pool2d outlier mask vectorized over planes, normalization,"
+        " distance, reductions), **compile** (the same function under `torch.compile`, compiled before timing;"
+        " *first call s* is the compile + first run) and **lpl_ext** (`lpl_ext.outlier_mask` +"
+        " `lpl_ext.feature_distance`). Head rows time forward + backward to the prediction features.",
+        "- Times: median and p20–p80 of the timed calls after one warm-up call. *× vs eager*: eager median /"
+        " variant median (higher is faster).",
+        "- Memory: *extra* = peak minus the level after the inputs exist (CPU: VmHWM of the worker process,"
+        " reset through /proc/self/clear_refs after the warm-up; CUDA: max_memory_allocated). It includes"
+        " x.grad. *features* = bytes of the prediction + target feature tensors (outlier bench: the target only).",
+        "- Floor: bytes that must move (read x and y, write x.grad, read a 1-byte mask on masked layers; outlier"
+        " bench: read y, write the mask) / the copy bandwidth measured in the same run (torch `copy_` of"
+        " 256 MiB, read + write, fastest of 10). The decoder bench is compute bound: no floor.",
+    ]
+    if not any(_is_gpu_key(k) for k in keys):
+        out.append("- **No GPU was lent to this task: every number below is CPU.** The harness supports CUDA"
+                   " (`--device cuda`: 1024px, batch 4, torch.cuda.synchronize timing, max_memory_allocated).")
+    out.append("")
+    for key in keys:
+        rows = [r for r in all_rows if _key(r) == key]
+        first = rows[0]
+        bw = next((_f(r.get("bandwidth_gbs")) for r in rows if _f(r.get("bandwidth_gbs"))), None)
+        kind = "cuda" if _is_gpu_key(key) else "cpu"
+        out += [
+            f"## {first['device']} — torch {first['torch_version']}, lpl_ext {first['lpl_ext_version']}",
+            "",
+            f"{first.get('threads', '?')} threads; copy bandwidth {_fmt(bw, 1)} GB/s; measured "
+            f"{min(r['timestamp'] for r in rows)[:16].replace('T', ' ')}.",
+            "",
+            "### Loss head (forward + backward), SDXL feature pyramid",
+            "",
+            "Workload names: resolution, batch, levels (pyramid = mid, up0..up3), norm, distance,"
+            " outliers on (out) / off (noout); pow_law on, float32.",
+            "",
+            *_bench_table(rows, "head", "eager"),
+            "",
+            *_targets_table(rows, kind),
+            "",
+            "### Outlier mask alone (forward)",
+            "",
+            *_bench_table(rows, "outlier", "eager"),
+            "",
+            "### Full get_loss + backward through an SDXL-sized AutoencoderKL decoder (random weights)",
+            "",
+            *_bench_table(rows, "decoder", "reference"),
+            "",
+        ]
+    del any_gpu
+    path.write_text("\n".join(out) + "\n")
+
+
+def _is_gpu_key(key: Tuple[str, ...]) -> bool:
+    return "threads)" not in key[0]
+
+
+# ---------------------------------------------------------------------------- plot
+
+def write_plot(path: Path, rows: List[Dict[str, Any]]) -> None:
+    """Four panels of the current run: head time over the floor, head extra memory over
+    the feature bytes, outlier-mask time over the floor, decoder time per variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"eager": "#d62728", "compile": "#ff7f0e", "lpl_ext": "#2ca02c", "reference": "#d62728"}
+    fig, axes = plt.subplots(2, 2, figsize=(15, 10))
+
+    def bars(ax: Any, bench: str, column: str, title: str, ylabel: str, log: bool, hline: Optional[float]) -> None:
+        sel = [r for r in rows if r["bench"] == bench and r["status"] == "ok" and _f(r.get(column))]
+        wls = list(dict.fromkeys(r["workload"] for r in sel))
+        order = {"head": bench_head.VARIANTS, "outlier": bench_outlier.VARIANTS,
+                 "decoder": bench_decoder.VARIANTS}[bench]
+        variants = _ordered([r["variant"] for r in sel], order)
+        width = 0.8 / max(len(variants), 1)
+        for j, v in enumerate(variants):
+            xs, ys = [], []
+            for i, wl in enumerate(wls):
+                r = next((x for x in sel if x["workload"] == wl and x["variant"] == v), None)
+                if r:
+                    xs.append(i + (j - (len(variants) - 1) / 2) * width)
+                    ys.append(_f(r[column]))
+            ax.bar(xs, ys, width, label=v, color=colors.get(v))
+        ax.set_xticks(range(len(wls)))
+        ax.set_xticklabels(wls, rotation=40, ha="right", fontsize=7)
+        if log:
+            ax.set_yscale("log")
+        if hline:
+            ax.axhline(hline, color="k", lw=0.8, ls="--")
+        ax.set_title(title, fontsize=10)
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=8)
+
+    bars(axes[0, 0], "head", "time_over_floor", "Loss head fwd+bwd: median time / bandwidth floor (dashed: 2x target)",
+         "x floor (log)", True, 2.0)
+    bars(axes[0, 1], "head", "extra_over_features", "Loss head: peak extra memory / bytes of x and y "
+         "(dashed: 1.25x target)", "x feature bytes", False, 1.25)
+    bars(axes[1, 0], "outlier", "time_over_floor", "Outlier mask: median time / bandwidth floor", "x floor (log)",
+         True, None)
+    bars(axes[1, 1], "decoder", "median_ms", "get_loss + backward through SDXL-sized decoder", "median ms", False,
+         None)
+    dev = rows[0]["device"] if rows else ""
+    fig.suptitle(f"lpl_ext benchmarks — {dev}", fontsize=12)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------- main
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    p.add_argument("--quick", action="store_true", help="micro shapes (smoke run); writes to a temporary folder "
+                   "unless --out-dir is given")
+    p.add_argument("--out-dir", default=None, help="where results.csv, RESULTS.md, plot.png go "
+                   "(default: benchmarks/)")
+    p.add_argument("--only", default=None, help=f"comma list of {BENCHES}")
+    p.add_argument("--variants", default=None, help="head/outlier variants (eager,compile,lpl_ext)")
+    p.add_argument("--budget", type=float, default=None, help="seconds of timed calls per row")
+    args = p.parse_args(argv)
+
+    t_start = time.time()
+    mode = "quick" if args.quick else ("gpu" if args.device.startswith("cuda") else "full")
+    benches = common.parse_list(args.only, BENCHES, "only")
+    variants = common.parse_list(args.variants, bench_head.VARIANTS, "variants")
+    if args.out_dir:
+        out_dir = Path(args.out_dir)
+    elif args.quick:
+        out_dir = Path(tempfile.mkdtemp(prefix="lpl_ext_bench_quick_"))
+    else:
+        out_dir = common.BENCH_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    quick = mode == "quick"
+    reps = 3 if quick else 7
+    head_budget = args.budget if args.budget is not None else (0.2 if quick else 6.0)
+    dec_budget = args.budget if args.budget is not None else (0.2 if quick else 20.0)
+
+    env = common.env_info(args.device)
+    bandwidth = common.copy_bandwidth(args.device, nbytes=(16 << 20) if quick else (256 << 20))
+    print(f"{env['device']}, torch {env['torch_version']}, lpl_ext {env['lpl_ext_version']}; "
+          f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; output in {out_dir}", flush=True)
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+
+    rows: List[Dict[str, Any]] = []
+    if "head" in benches:
+        rows += bench_head.run(mode, args.device, variants, bandwidth, env, reps, head_budget, log)
+    if "outlier" in benches:
+        rows += bench_outlier.run(mode, args.device, variants, bandwidth, env, reps, head_budget, log)
+    if "decoder" in benches:
+        rows += bench_decoder.run(mode, args.device, bench_decoder.VARIANTS, env, 3 if quick else 5, dec_budget, log)
+
+    all_rows = common.merge_csv(out_dir / "results.csv", rows)
+    command = "python benchmarks/run_all.py" + (" --device " + args.device if args.device != "cpu" else "")
+    if quick:
+        command += " --quick"
+    wall = time.time() - t_start
+    write_results_md(out_dir / "RESULTS.md", all_rows, command, wall, _key(rows[0]) if rows else None)
+    write_plot(out_dir / "plot.png", [r for r in all_rows if rows and _key(r) == _key(rows[0])])
+    print(f"wrote {out_dir / 'results.csv'}, {out_dir / 'RESULTS.md'}, {out_dir / 'plot.png'} "
+          f"in {wall / 60:.1f} min", flush=True)
+    return 0 if all(r["status"] != "error" for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
