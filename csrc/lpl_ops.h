@@ -69,6 +69,7 @@ typedef struct {
 #define LPL_OM_PLANE_D 16
 
 static inline int64_t lpl_om_blocks_per_plane(int64_t plane_len) {
+    if (plane_len > INT64_MAX / 2) return 64;
     int64_t b = (plane_len + 8 * LPL_OM_CUDA_THREADS - 1) / (8 * LPL_OM_CUDA_THREADS);
     if (b < 1) b = 1;
     if (b > 64) b = 64;
@@ -79,18 +80,34 @@ typedef struct {
     int64_t part_d, part_u, plane_d, plane_u, hist, tmp, total;
 } lpl_om_layout;
 
-static inline int64_t lpl_om_align256(int64_t v) { return (v + 255) / 256 * 256; }
+/* Non-negative int64 arithmetic that saturates to -1 on overflow (or a -1 operand). */
+static inline int64_t lpl_om_mul(int64_t a, int64_t b) {
+    if (a < 0 || b < 0) return -1;
+    if (a != 0 && b > INT64_MAX / a) return -1;
+    return a * b;
+}
+static inline int64_t lpl_om_add(int64_t a, int64_t b) {
+    if (a < 0 || b < 0 || a > INT64_MAX - b) return -1;
+    return a + b;
+}
+static inline int64_t lpl_om_align256(int64_t v) {
+    if (v < 0 || v > INT64_MAX - 255) return -1;
+    return (v + 255) / 256 * 256;
+}
 
+/* Region offsets in bytes; total = -1 when the sizes overflow int64. */
 static inline lpl_om_layout lpl_om_workspace_layout(int64_t n, int64_t c, int64_t h, int64_t w) {
     lpl_om_layout l;
-    const int64_t planes = n * c, len = h * w, b = lpl_om_blocks_per_plane(len);
+    const int64_t planes = lpl_om_mul(n, c), len = lpl_om_mul(h, w);
+    const int64_t b = len < 0 ? 1 : lpl_om_blocks_per_plane(len);
+    const int64_t blocks = lpl_om_mul(planes, b);
     l.part_d = 0;
-    l.part_u = l.part_d + lpl_om_align256(planes * b * 4 * 8);
-    l.plane_d = l.part_u + lpl_om_align256(planes * b * 2 * 8);
-    l.plane_u = l.plane_d + lpl_om_align256(planes * LPL_OM_PLANE_D * 8);
-    l.hist = l.plane_u + lpl_om_align256(planes * 4 * 8);
-    l.tmp = l.hist + lpl_om_align256(planes * 2 * 256 * 4);
-    l.total = l.tmp + lpl_om_align256(planes * len);
+    l.part_u = lpl_om_add(l.part_d, lpl_om_align256(lpl_om_mul(blocks, 4 * 8)));
+    l.plane_d = lpl_om_add(l.part_u, lpl_om_align256(lpl_om_mul(blocks, 2 * 8)));
+    l.plane_u = lpl_om_add(l.plane_d, lpl_om_align256(lpl_om_mul(planes, LPL_OM_PLANE_D * 8)));
+    l.hist = lpl_om_add(l.plane_u, lpl_om_align256(lpl_om_mul(planes, 4 * 8)));
+    l.tmp = lpl_om_add(l.hist, lpl_om_align256(lpl_om_mul(planes, 2 * 256 * 4)));
+    l.total = lpl_om_add(l.tmp, lpl_om_align256(lpl_om_mul(planes, len)));
     if (l.total == 0) l.total = 256;
     return l;
 }

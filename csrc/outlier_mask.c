@@ -104,11 +104,14 @@ PyObject *lpl_py_outlier_mask(PyObject *self, PyObject *args, PyObject *kwargs) 
             PyErr_SetString(PyExc_ValueError, "workspace: required for CUDA tensors");
             goto fail;
         }
+        const int64_t ws_bytes = lpl_outlier_mask_workspace_bytes(p.n, p.c, p.h, p.w);
+        if (ws_bytes < 0) {
+            PyErr_SetString(PyExc_ValueError, "y: shape too large for the CUDA workspace");
+            goto fail;
+        }
         if (lpl_tensor_from_object(ws_obj, "workspace", 1, &ws, &hold[3]) < 0) goto fail;
         if (lpl_check_dtype(&ws, "workspace", LPL_UINT8) < 0) goto fail;
-        if (lpl_check_1d(&ws, "workspace",
-                         lpl_outlier_mask_workspace_bytes(p.n, p.c, p.h, p.w)) < 0)
-            goto fail;
+        if (lpl_check_1d(&ws, "workspace", ws_bytes) < 0) goto fail;
         if (lpl_check_same_device(&ws, "workspace", &y, "y") < 0) goto fail;
         p.workspace = ws.data;
         Py_BEGIN_ALLOW_THREADS
@@ -138,5 +141,10 @@ PyObject *lpl_py_outlier_mask_workspace_bytes(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "n, c, h and w must be non-negative");
         return NULL;
     }
-    return PyLong_FromLongLong((long long)lpl_outlier_mask_workspace_bytes(n, c, h, w));
+    const int64_t bytes = lpl_outlier_mask_workspace_bytes(n, c, h, w);
+    if (bytes < 0) {
+        PyErr_SetString(PyExc_OverflowError, "outlier_mask workspace size overflows int64");
+        return NULL;
+    }
+    return PyLong_FromLongLong((long long)bytes);
 }
