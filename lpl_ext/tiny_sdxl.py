@@ -1,0 +1,244 @@
+"""Offline tiny SDXL-architecture pipeline for demos and tests.
+
+Builds, from configs only (nothing is downloaded), a randomly initialised pipeline with every
+component the SDXL trainer uses:
+
+- ``unet``: ``UNet2DConditionModel`` with ``addition_embed_type="text_time"`` (SDXL micro-conditioning),
+- ``vae``: ``AutoencoderKL`` with 4 down / 4 up blocks (downsampling factor 8, like SDXL's VAE, so the
+  LPL features mid + up0..up3 exist),
+- ``text_encoder`` (``CLIPTextModel``) and ``text_encoder_2`` (``CLIPTextModelWithProjection``),
+- ``tokenizer`` / ``tokenizer_2``: ``CLIPTokenizer`` loaded from a byte-level ``vocab.json`` /
+  ``merges.txt`` written locally,
+- ``scheduler``: ``EulerDiscreteScheduler`` with SDXL's scaled-linear betas.
+
+The pipeline is seeded, saved once with ``save_pretrained`` into a cache folder (atomically: built in a
+temporary folder, then renamed), and loaded back with ``from_pretrained(local_path)`` by the trainer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+# Bump when the architecture below changes so that stale caches are rebuilt, not silently reused.
+TINY_SDXL_VERSION = 1
+CACHE_ENV_VAR = "LPL_EXT_CACHE_DIR"
+_COMPLETE_MARKER = "tiny_sdxl_complete.json"
+
+# Sizes shared by the components (the UNet's cross-attention width is the two encoders' widths added).
+TEXT_HIDDEN_1 = 32
+TEXT_HIDDEN_2 = 32
+TEXT_PROJECTION_2 = 32
+ADDITION_TIME_EMBED_DIM = 8
+MAX_TOKEN_LENGTH = 77
+
+
+def default_cache_dir() -> Path:
+    """Cache root: ``$LPL_EXT_CACHE_DIR`` if set, else ``~/.cache/lpl_ext``."""
+    env = os.environ.get(CACHE_ENV_VAR)
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "lpl_ext"
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP byte -> printable unicode character table (256 entries)."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("\u00a1"), ord("\u00ac") + 1))
+        + list(range(ord("\u00ae"), ord("\u00ff") + 1))
+    )
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, (chr(c) for c in chars)))
+
+
+def write_tokenizer_files(folder: str | os.PathLike, words: list[str] | None = None) -> tuple[Path, Path]:
+    """Write a small byte-level BPE vocabulary usable by ``CLIPTokenizer``.
+
+    The vocabulary holds every byte symbol, alone and as a word end (``</w>``), plus whole-word tokens
+    for ``words`` (built by explicit merges), then ``<|startoftext|>`` and ``<|endoftext|>`` last.
+    Returns the paths of ``vocab.json`` and ``merges.txt``.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    byte_symbols = list(_bytes_to_unicode().values())
+    vocab: dict[str, int] = {}
+    for sym in byte_symbols:
+        vocab.setdefault(sym, len(vocab))
+    for sym in byte_symbols:
+        vocab.setdefault(sym + "</w>", len(vocab))
+    merges: list[str] = []
+    for word in words or []:
+        # Merge left to right: "c i r c l e</w>" -> "ci r ..." -> "cir ..." ... -> "circle</w>".
+        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        current = symbols[0]
+        for nxt in symbols[1:]:
+            merge = f"{current} {nxt}"
+            if merge not in merges:
+                merges.append(merge)
+            current = current + nxt
+            vocab.setdefault(current, len(vocab))
+    vocab.setdefault("<|startoftext|>", len(vocab))
+    vocab.setdefault("<|endoftext|>", len(vocab))
+    vocab_path = folder / "vocab.json"
+    merges_path = folder / "merges.txt"
+    vocab_path.write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    merges_path.write_text("#version: 0.2\n" + "\n".join(merges) + ("\n" if merges else ""), encoding="utf-8")
+    return vocab_path, merges_path
+
+
+def _caption_words() -> list[str]:
+    from lpl_ext.synthetic_data import caption_vocabulary
+
+    return caption_vocabulary()
+
+
+def build_tiny_sdxl_components(seed: int = 0, tokenizer_folder: str | os.PathLike | None = None) -> dict:
+    """Build the tiny SDXL components (randomly initialised with ``seed``).
+
+    Returns a dict with keys unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, scheduler,
+    ready for ``StableDiffusionXLPipeline(**components)``.
+    """
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    own_tmp = None
+    if tokenizer_folder is None:
+        own_tmp = tempfile.mkdtemp(prefix="lpl_tiny_tok_")
+        tokenizer_folder = own_tmp
+    try:
+        write_tokenizer_files(tokenizer_folder, _caption_words())
+        tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_folder), model_max_length=MAX_TOKEN_LENGTH)
+        tokenizer_2 = CLIPTokenizer.from_pretrained(str(tokenizer_folder), model_max_length=MAX_TOKEN_LENGTH)
+    finally:
+        if own_tmp is not None:
+            shutil.rmtree(own_tmp, ignore_errors=True)
+
+    vocab_size = len(tokenizer)
+    special = dict(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        transformer_layers_per_block=(1, 1),
+        cross_attention_dim=TEXT_HIDDEN_1 + TEXT_HIDDEN_2,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=ADDITION_TIME_EMBED_DIM,
+        # 6 micro-conditioning ids (original size, crop top-left, target size) + pooled text embedding.
+        projection_class_embeddings_input_dim=6 * ADDITION_TIME_EMBED_DIM + TEXT_PROJECTION_2,
+        norm_num_groups=16,
+    )
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(16, 32, 32, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+        scaling_factor=0.13025,
+    )
+    text_cfg = dict(
+        vocab_size=vocab_size,
+        intermediate_size=37,
+        layer_norm_eps=1e-5,
+        num_attention_heads=4,
+        num_hidden_layers=3,
+        max_position_embeddings=MAX_TOKEN_LENGTH,
+        hidden_act="gelu",
+        **special,
+    )
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=TEXT_HIDDEN_1, projection_dim=TEXT_HIDDEN_1, **text_cfg))
+    torch.manual_seed(seed + 3)
+    text_encoder_2 = CLIPTextModelWithProjection(
+        CLIPTextConfig(hidden_size=TEXT_HIDDEN_2, projection_dim=TEXT_PROJECTION_2, **text_cfg)
+    )
+    scheduler = EulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        timestep_spacing="leading",
+        steps_offset=1,
+        prediction_type="epsilon",
+    )
+    return dict(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        scheduler=scheduler,
+    )
+
+
+def tiny_sdxl_path(cache_dir: str | os.PathLike | None = None, seed: int = 0) -> Path:
+    """Folder the tiny pipeline is (or will be) saved in."""
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    return root / f"tiny-sdxl-v{TINY_SDXL_VERSION}-seed{seed}"
+
+
+def is_complete(path: str | os.PathLike) -> bool:
+    """True when ``path`` holds a fully written tiny pipeline."""
+    return (Path(path) / _COMPLETE_MARKER).is_file()
+
+
+def ensure_tiny_sdxl(cache_dir: str | os.PathLike | None = None, seed: int = 0) -> Path:
+    """Return the folder of the cached tiny pipeline, building and saving it first if needed.
+
+    Safe against concurrent callers and interrupted builds: the pipeline is written into a temporary
+    sibling folder and renamed into place only once complete; a loser of the race discards its copy.
+    """
+    target = tiny_sdxl_path(cache_dir, seed)
+    if is_complete(target):
+        return target
+    from diffusers import StableDiffusionXLPipeline
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        components = build_tiny_sdxl_components(seed=seed, tokenizer_folder=tmp / "_tokenizer_src")
+        shutil.rmtree(tmp / "_tokenizer_src", ignore_errors=True)
+        pipe = StableDiffusionXLPipeline(**components)
+        pipe.save_pretrained(str(tmp))
+        (tmp / _COMPLETE_MARKER).write_text(
+            json.dumps({"version": TINY_SDXL_VERSION, "seed": seed}), encoding="utf-8"
+        )
+        if target.exists() and not is_complete(target):
+            shutil.rmtree(target, ignore_errors=True)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            # Another process finished first (target is a non-empty directory): keep theirs.
+            if not is_complete(target):
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target

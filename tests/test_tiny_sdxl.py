@@ -1,0 +1,143 @@
+"""Tests of the offline tiny SDXL pipeline builder and the built-in synthetic image-caption set."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from lpl_ext import synthetic_data as sd
+from lpl_ext import tiny_sdxl as ts
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory):
+    """Shared cache root (the trainer tests use the same one, so the pipeline is built once per session)."""
+    return tmp_path_factory.getbasetemp() / "lpl_tiny_cache"
+
+
+@pytest.fixture(scope="session")
+def tiny_path(tiny_cache):
+    return ts.ensure_tiny_sdxl(tiny_cache)
+
+
+def test_tokenizer_files_give_whole_word_tokens(tmp_path):
+    from transformers import CLIPTokenizer
+
+    words = sd.caption_vocabulary()
+    ts.write_tokenizer_files(tmp_path, words)
+    tok = CLIPTokenizer.from_pretrained(str(tmp_path))
+    vocab = json.loads((tmp_path / "vocab.json").read_text())
+    assert len(tok) == len(vocab)
+    caption = sd.caption_for(sd.example_spec(5))
+    ids = tok(caption).input_ids
+    # bos + one token per word + eos: every caption word is a single merged token.
+    assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
+    assert len(ids) == len(caption.split()) + 2
+    assert tok.decode(ids, skip_special_tokens=True).strip() == caption
+    # Words outside the vocabulary still tokenize (byte fallback), never to unknown tokens.
+    odd = tok("zebra!").input_ids
+    assert tok.unk_token_id not in odd[1:-1]
+    assert tok.decode(odd, skip_special_tokens=True).replace(" ", "") == "zebra!"
+
+
+def test_components_have_sdxl_architecture():
+    comps = ts.build_tiny_sdxl_components(seed=0)
+    unet, vae = comps["unet"], comps["vae"]
+    assert unet.config.addition_embed_type == "text_time"
+    assert len(vae.decoder.up_blocks) == 4 and vae.post_quant_conv is not None
+    te1, te2 = comps["text_encoder"], comps["text_encoder_2"]
+    assert unet.config.cross_attention_dim == te1.config.hidden_size + te2.config.hidden_size
+    assert te1.config.vocab_size == len(comps["tokenizer"]) == len(comps["tokenizer_2"])
+
+    ids = comps["tokenizer"](["a red circle", "a blue square"], padding="max_length", max_length=77,
+                             return_tensors="pt").input_ids
+    with torch.no_grad():
+        h1 = te1(ids, output_hidden_states=True).hidden_states[-2]
+        out2 = te2(ids, output_hidden_states=True)
+        embeds = torch.cat([h1, out2.hidden_states[-2]], dim=-1)
+        time_ids = torch.tensor([[64.0, 80.0, 0.0, 8.0, 64.0, 64.0]] * 2)
+        z = torch.randn(2, 4, 8, 8)
+        pred = unet(z, torch.tensor([10, 500]), encoder_hidden_states=embeds,
+                    added_cond_kwargs={"text_embeds": out2.text_embeds, "time_ids": time_ids}).sample
+        assert pred.shape == z.shape and torch.isfinite(pred).all()
+        img = vae.decode(z).sample
+        assert img.shape == (2, 3, 64, 64)
+        # The EOS-pooled embedding must depend on the caption (pooling at the right token).
+        assert not torch.allclose(out2.text_embeds[0], out2.text_embeds[1])
+
+
+def test_components_are_seeded():
+    a = ts.build_tiny_sdxl_components(seed=3)
+    b = ts.build_tiny_sdxl_components(seed=3)
+    c = ts.build_tiny_sdxl_components(seed=4)
+    for key in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        sa, sb, sc = a[key].state_dict(), b[key].state_dict(), c[key].state_dict()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+        assert any(not torch.equal(sa[k], sc[k]) for k in sa)
+
+
+def test_ensure_builds_once_and_loads_with_from_pretrained(tiny_path, tiny_cache):
+    from diffusers import StableDiffusionXLPipeline
+
+    assert ts.is_complete(tiny_path)
+    marker = tiny_path / "tiny_sdxl_complete.json"
+    before = marker.stat().st_mtime_ns
+    assert ts.ensure_tiny_sdxl(tiny_cache) == tiny_path  # cached: not rebuilt
+    assert marker.stat().st_mtime_ns == before
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_path))
+    assert pipe.unet.config.addition_embed_type == "text_time"
+    assert len(pipe.vae.decoder.up_blocks) == 4
+    # No leftovers of the atomic build.
+    assert not [p for p in tiny_cache.iterdir() if p.name.startswith(".")]
+
+
+def test_incomplete_cache_is_rebuilt(tmp_path):
+    target = ts.tiny_sdxl_path(tmp_path)
+    target.mkdir(parents=True)
+    (target / "model_index.json").write_text("{}")  # an interrupted, marker-less build
+    path = ts.ensure_tiny_sdxl(tmp_path)
+    assert path == target and ts.is_complete(path)
+    assert (path / "unet" / "config.json").is_file()
+
+
+def test_cache_dir_env_var(monkeypatch, tmp_path):
+    monkeypatch.setenv(ts.CACHE_ENV_VAR, str(tmp_path / "envcache"))
+    assert ts.tiny_sdxl_path().parent == tmp_path / "envcache"
+    monkeypatch.delenv(ts.CACHE_ENV_VAR)
+    assert ts.tiny_sdxl_path().parent == ts.default_cache_dir()
+
+
+def test_synthetic_examples_are_deterministic_and_captioned():
+    data = sd.SyntheticShapes(12)
+    assert len(data) == 12
+    seen = set()
+    for i in range(len(data)):
+        img, caption = data[i]
+        img2, caption2 = sd.draw_example(i)
+        assert caption == caption2 and np.array_equal(np.asarray(img), np.asarray(img2))
+        assert img.size == (sd.DEFAULT_WIDTH, sd.DEFAULT_HEIGHT) and img.mode == "RGB"
+        spec = sd.example_spec(i)
+        assert spec["color"] != spec["background"]
+        assert set(caption.split()) <= set(sd.caption_vocabulary())
+        # The shape colour is really drawn: the pixel at the shape centre has the caption's colour.
+        base = min(img.size)
+        cx = round(img.size[0] / 2 + spec["dx"] * base / 64)
+        cy = round(img.size[1] / 2 + spec["dy"] * base / 64)
+        assert img.getpixel((cx, cy)) == sd.COLORS[spec["color"]]
+        seen.add(caption)
+    assert len(seen) == 12
+    with pytest.raises(IndexError):
+        data[12]
+    with pytest.raises(ValueError, match="num_examples"):
+        sd.SyntheticShapes(0)
+
+
+def test_write_imagefolder(tmp_path):
+    folder = sd.write_imagefolder(tmp_path / "imgs", 3)
+    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    assert [r["text"] for r in rows] == [sd.draw_example(i)[1] for i in range(3)]
+    assert all(os.path.isfile(folder / r["file_name"]) for r in rows)
