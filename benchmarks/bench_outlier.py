@@ -142,38 +142,30 @@ def worker(args: argparse.Namespace) -> int:
     by_name = {wl.name: wl for wl in workloads(args.mode, args.device)}
     for name in args.workloads.split(","):
         wl = by_name[name]
-        try:
-            row = measure(args.variant, wl, args.device, env, args.bandwidth, args.reps, args.budget)
-        except Exception as exc:  # noqa: BLE001
-            row = common.base_row(env, BENCH, wl.name, args.variant)
-            row.update(status="error", note=f"{type(exc).__name__}: {str(exc)[:200]}", shape=wl.shape_text())
-        common.emit(row)
+        common.emit(common.safe_row(env, BENCH, name, args.variant, wl.shape_text(),
+                                    lambda: measure(args.variant, wl, args.device, env, args.bandwidth,
+                                                    args.reps, args.budget)))
     return 0
 
 
 def run(mode: str, device: str, variants: Sequence[str], bandwidth: Optional[float], env: Dict[str, Any],
-        reps: int = 7, budget_s: float = 5.0, log: Callable[[str], None] = print) -> List[Dict[str, Any]]:
+        reps: int = 7, budget_s: float = 5.0, log: Callable[[str], None] = print,
+        inprocess: bool = False) -> List[Dict[str, Any]]:
+    """Every variant over the mode's grid, one fresh worker process per variant."""
     grid = workloads(mode, device)
-    rows: List[Dict[str, Any]] = []
-    for variant in variants:
-        log(f"[outlier] {variant}: {len(grid)} workloads")
-        got, failure = common.run_worker(
-            "benchmarks.bench_outlier",
-            ["--worker", "--variant", variant, "--mode", mode, "--device", device,
-             "--workloads", ",".join(wl.name for wl in grid), "--reps", str(reps), "--budget", str(budget_s)]
-            + (["--bandwidth", repr(bandwidth)] if bandwidth else []),
-        )
-        done = {r["workload"] for r in got}
-        for wl in grid:
-            if wl.name not in done:
-                r = common.base_row(env, BENCH, wl.name, variant)
-                r.update(status="error", note=failure or "worker emitted no row", shape=wl.shape_text())
-                got.append(r)
-        for r in got:
-            log(f"  {r['workload']:<40} {r['status']:<8} median {r.get('median_ms', '')} ms "
-                f"extra {r.get('extra_mem_mib', '')} MiB {r.get('note', '')}")
-        rows += got
-    return rows
+    by_name = {wl.name: wl for wl in grid}
+    args = ["--mode", mode, "--device", device, "--reps", str(reps), "--budget", str(budget_s)]
+    if bandwidth:
+        args += ["--bandwidth", repr(bandwidth)]
+
+    def local_row(variant: str, name: str) -> Dict[str, Any]:
+        wl = by_name[name]
+        return common.safe_row(env, BENCH, name, variant, wl.shape_text(),
+                               lambda: measure(variant, wl, device, env, bandwidth, reps, budget_s))
+
+    shapes = {n: w.shape_text() for n, w in by_name.items()}
+    return common.collect_variants(BENCH, "benchmarks.bench_outlier", list(by_name), shapes, variants, env, args,
+                                   inprocess, local_row, log)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -329,6 +329,52 @@ def run_worker(
     return rows, ""
 
 
+def collect_variants(
+    bench: str, module: str, names: Sequence[str], shapes: Dict[str, str], variants: Sequence[str],
+    env: Dict[str, Any], worker_args: Sequence[str], inprocess: bool,
+    local_row: Callable[[str, str], Dict[str, Any]], log: Callable[[str], None],
+) -> List[Dict[str, Any]]:
+    """Run every variant over the workloads ``names``: one fresh worker process per
+    variant (``python -m module --worker --variant V *worker_args --workloads ...``), or,
+    with ``inprocess``, ``local_row(variant, name)`` here (faster; peak memory is then
+    not per variant and rows say so). Workloads a crashed worker did not report get an
+    error row carrying the reason."""
+    rows: List[Dict[str, Any]] = []
+    for variant in variants:
+        log(f"[{bench}] {variant}: {len(names)} workloads")
+        if inprocess:
+            got, failure = [local_row(variant, n) for n in names], ""
+            for r in got:
+                if r["status"] == "ok":
+                    r["note"] = (r.get("note") or "") + "in-process run (memory not isolated)"
+        else:
+            got, failure = run_worker(module, ["--worker", "--variant", variant, *worker_args,
+                                               "--workloads", ",".join(names)])
+        done = {r["workload"] for r in got}
+        for n in names:
+            if n not in done:
+                r = base_row(env, bench, n, variant)
+                r.update(status="error", note=failure or "worker emitted no row", shape=shapes.get(n, ""))
+                got.append(r)
+        for r in got:
+            log(f"  {r['workload']:<40} {r['status']:<8} median {r.get('median_ms', '')} ms "
+                f"extra {r.get('extra_mem_mib', '')} MiB {r.get('note', '')}")
+        rows += got
+    return rows
+
+
+def safe_row(env: Dict[str, Any], bench: str, name: str, variant: str, shape: str,
+             measure: Callable[[], Dict[str, Any]]) -> Dict[str, Any]:
+    """measure(), or an error row naming the exception: one failing workload must not
+    hide the others."""
+    try:
+        return measure()
+    except Exception as exc:  # noqa: BLE001
+        row = base_row(env, bench, name, variant)
+        row.update(status="error", note=f"{type(exc).__name__}: {str(exc)[:200]}", shape=shape)
+        return row
+
+
 def _parse_rows(text: str) -> List[Dict[str, Any]]:
     rows = []
     for line in text.splitlines():

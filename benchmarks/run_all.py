@@ -277,6 +277,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--only", default=None, help=f"comma list of {BENCHES}")
     p.add_argument("--variants", default=None, help="head/outlier variants (eager,compile,lpl_ext)")
     p.add_argument("--budget", type=float, default=None, help="seconds of timed calls per row")
+    p.add_argument("--inprocess", action="store_true", help="run the variants in this process (faster smoke "
+                   "runs; peak memory is then not isolated per variant)")
     args = p.parse_args(argv)
 
     t_start = time.time()
@@ -305,11 +307,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     rows: List[Dict[str, Any]] = []
     if "head" in benches:
-        rows += bench_head.run(mode, args.device, variants, bandwidth, env, reps, head_budget, log)
+        rows += bench_head.run(mode, args.device, variants, bandwidth, env, reps, head_budget, log,
+                                 inprocess=args.inprocess)
     if "outlier" in benches:
-        rows += bench_outlier.run(mode, args.device, variants, bandwidth, env, reps, head_budget, log)
+        rows += bench_outlier.run(mode, args.device, variants, bandwidth, env, reps, head_budget, log,
+                                 inprocess=args.inprocess)
     if "decoder" in benches:
-        rows += bench_decoder.run(mode, args.device, bench_decoder.VARIANTS, env, 3 if quick else 5, dec_budget, log)
+        rows += bench_decoder.run(mode, args.device, bench_decoder.VARIANTS, env, 3 if quick else 5, dec_budget,
+                                   log, inprocess=args.inprocess)
 
     all_rows = common.merge_csv(out_dir / "results.csv", rows)
     command = "python benchmarks/run_all.py" + (" --device " + args.device if args.device != "cpu" else "")
