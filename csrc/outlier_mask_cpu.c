@@ -517,23 +517,26 @@ static void OM_FN(om_pass2)(const void *yv, int64_t i0, int64_t i1, double mean,
                             int64_t b2, uint64_t *c1, uint64_t *c2, double *part, int is_const) {
     const OM_T *y = (const OM_T *)yv;
     double ss = 0.0, sd = 0.0;
-    if (!is_const) {
+    if (c1) {
+        /* one read for both: the moments and the candidates (never a constant plane) */
         for (int64_t i = i0; i < i1; ++i) {
             const OM_T r = y[i];
             if (!OM_FINITE(r)) continue;
             const double d = (double)OM_LOAD(r) - mean;
             ss += d * d;
             sd += d;
-        }
-    }
-    if (c1) {
-        for (int64_t i = i0; i < i1; ++i) {
-            const OM_T r = y[i];
-            if (!OM_FINITE(r)) continue;
             const uint64_t k = OM_KEY(r);
             const int64_t b = (int64_t)(k >> (OM_KEYBITS - OM_HIST_BITS));
             if (b == b1) *c1++ = k;
             if (b == b2) *c2++ = k;
+        }
+    } else if (!is_const) {
+        for (int64_t i = i0; i < i1; ++i) {
+            const OM_T r = y[i];
+            if (!OM_FINITE(r)) continue;
+            const double d = (double)OM_LOAD(r) - mean;
+            ss += d * d;
+            sd += d;
         }
     }
     part[0] = ss;
