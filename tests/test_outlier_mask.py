@@ -21,7 +21,7 @@ from reference import ref_outlier_mask
 
 DATA = Path(__file__).parent / "data"
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-KINDS = ["normal", "heavy", "ties", "silu", "spiky"]
+KINDS = ["normal", "heavy", "ties", "silu", "spiky", "relu"]
 CUDA_OK = torch.cuda.is_available() and lpl_ext.build_info()["cuda"]
 CUDA_REASON = (
     "no CUDA GPU visible to torch" if not torch.cuda.is_available() else "lpl_ext was built without CUDA"
@@ -50,6 +50,10 @@ def make_features(shape, kind: str, seed: int = 0, dtype=torch.float32) -> torch
         y = torch.randn(shape, generator=g)
         spikes = torch.rand(shape, generator=g) < 0.01
         y = torch.where(spikes, torch.randn(shape, generator=g) * 1000, y)
+    elif kind == "relu":  # most values exactly zero, of both signs (-0.0 sorts below +0.0 as a key)
+        x = torch.randn(shape, generator=g)
+        neg_zero = torch.rand(shape, generator=g) < 0.5
+        y = torch.where(x > 0.5, x, torch.where(neg_zero, torch.tensor(-0.0), torch.tensor(0.0)))
     else:
         raise ValueError(kind)
     return y.to(dtype)
@@ -151,7 +155,7 @@ def test_quantile_and_margin(quantile, margin_std, dtype):
 
 
 @pytest.mark.parametrize("layout", [(1, 4), (4, 1)], ids=["N1xC4", "N4xC1"])
-@pytest.mark.parametrize("kind", ["heavy", "ties", "silu"])
+@pytest.mark.parametrize("kind", ["heavy", "ties", "silu", "relu"])
 def test_large_planes(layout, kind):
     """Planes above the direct-select size (histogram + candidate select), in both N/C
     layouts; N*C = 4 > 2 threads runs one plane per thread."""
