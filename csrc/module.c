@@ -52,6 +52,11 @@ static PyObject *py_fd_workspace(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "n and c must be non-negative");
         return NULL;
     }
+    /* 4 * n * c + 2 * c must fit in int64 */
+    if ((c > 0 && n > (INT64_MAX / 8) / c) || c > INT64_MAX / 8) {
+        PyErr_SetString(PyExc_OverflowError, "feature_distance_workspace: n * c is too large");
+        return NULL;
+    }
     return PyLong_FromLongLong((long long)lpl_feature_distance_workspace(n, c));
 }
 

@@ -75,7 +75,10 @@ def ref_outlier_mask(
         k2 = min(max(int(math.floor(cnt * (1 - quantile))), 1), cnt)
         q1 = vals.kthvalue(k1).values
         q2 = vals.kthvalue(k2).values
-        m = margin_std * vals.std()
+        # Std of a plane as the reference's batched (N, C, L) reduction computes it (exactly
+        # 0 for a constant plane; a 1-D torch.std sums the mean in the dtype and can be off
+        # by an ulp there, keeping a constant plane that the batched reference drops).
+        m = margin_std * torch.stack([vals, vals]).std(dim=1)[0]
         keep[i] = finite & (q1 - m < p) & (p < q2 + m)
     keep = keep.view(n, c, h, w).float()
     keep = F.max_pool2d(keep, closing, stride=1, padding=(closing - 1) // 2)
