@@ -30,7 +30,8 @@ the per-layer loss is the fused kernel (no normalized copies kept for backward).
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Dict, List, Optional, Tuple, Union
+import functools
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +77,10 @@ class LatentPerceptualLoss(nn.Module):
             be float32); for trainers running under ``torch.autocast``.
         compute_stats: fill ``last_feature_stats`` (one extra reduction pass per layer).
         freeze_vae: call ``vae.requires_grad_(False)``.
+        checkpoint_granularity: with grad_ckpt, "module" checkpoints each resnet,
+            attention and upsampler of diffusers' UpDecoderBlock2D/UNetMidBlock2D (lower
+            backward peak; other block types fall back to whole blocks), "block" each
+            whole block as the reference does. Same values and gradients either way.
 
     ``get_loss(input, target)`` takes latents in diffusion space (what the UNet sees),
     (N, C_latent, h, w), and returns the per-sample loss (N,).
@@ -96,6 +101,7 @@ class LatentPerceptualLoss(nn.Module):
         decoder_fp32: bool = False,
         compute_stats: bool = True,
         freeze_vae: bool = True,
+        checkpoint_granularity: str = "module",
     ) -> None:
         super().__init__()
         decoder = getattr(vae, "decoder", None)
@@ -131,7 +137,10 @@ class LatentPerceptualLoss(nn.Module):
                              persistent=False)
 
         self.loss_type = loss_type
+        if checkpoint_granularity not in ("block", "module"):
+            raise ValueError(f"checkpoint_granularity: expected 'block' or 'module', got {checkpoint_granularity!r}")
         self.gradient_checkpointing = bool(grad_ckpt)
+        self.checkpoint_granularity = checkpoint_granularity
         self.pow_law = bool(pow_law)
         self.norm_type = norm_type.lower()
         self.n_blocks = num_mid_blocks
@@ -199,8 +208,34 @@ class LatentPerceptualLoss(nn.Module):
         up = list(self.decoder.up_blocks)
         return [self.decoder.mid_block] + (up if all_up_blocks else up[: self.n_blocks])
 
+    @staticmethod
+    def _block_steps(block: nn.Module) -> Optional[List[Callable[[torch.Tensor], torch.Tensor]]]:
+        """The sub-module sequence of a diffusers UpDecoderBlock2D / UNetMidBlock2D (the same
+        calls as their forward with temb=None), or None for any other block."""
+        kind = type(block).__name__
+        if kind == "UpDecoderBlock2D" and type(block).forward.__qualname__ == "UpDecoderBlock2D.forward":
+            steps = [functools.partial(r, temb=None) for r in block.resnets]
+            steps += list(block.upsamplers or [])
+            return steps
+        if kind == "UNetMidBlock2D" and type(block).forward.__qualname__ == "UNetMidBlock2D.forward":
+            steps = [functools.partial(block.resnets[0], temb=None)]
+            for attn, resnet in zip(block.attentions, block.resnets[1:]):
+                if attn is not None:
+                    steps.append(functools.partial(attn, temb=None))
+                steps.append(functools.partial(resnet, temb=None))
+            return steps
+        return None
+
     def _run_block(self, index: int, block: nn.Module, h: torch.Tensor, use_ckpt: bool) -> torch.Tensor:
-        if use_ckpt:
+        steps = self._block_steps(block) if (use_ckpt and self.checkpoint_granularity == "module") else None
+        if steps is not None:
+            # One checkpoint per resnet/attention/upsampler: backward recomputes one module
+            # at a time instead of a whole block (the saved activations of the three
+            # resnets of SDXL's last up block are ~5x its output size each).
+            out = h
+            for step in steps:
+                out = checkpoint(step, out, use_reentrant=False)
+        elif use_ckpt:
             out = checkpoint(block, h, None, use_reentrant=False)
         else:
             out = block(h, None)

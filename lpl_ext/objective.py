@@ -144,6 +144,7 @@ class LPLObjective(nn.Module):
         start_step: return 0 while ``global_step < start_step``.
         decoder_fp32: run the decoder in fp32 with autocast disabled (float32 VAE).
         reference_compat: reference arithmetic in the loss (see ``lpl_loss``).
+        checkpoint_granularity: "module" (default) or "block", see LatentPerceptualLoss.
 
     Call: ``lpl, logs = obj(model_pred, noisy_latents, latents, timesteps, *,
     prediction_type, alphas_cumprod=None, sigmas=None, global_step=0)`` with
@@ -171,6 +172,7 @@ class LPLObjective(nn.Module):
         start_step: int = 0,
         decoder_fp32: bool = True,
         reference_compat: bool = False,
+        checkpoint_granularity: str = "module",
     ) -> None:
         super().__init__()
         if scale and snr_gamma is None:
@@ -183,6 +185,7 @@ class LPLObjective(nn.Module):
             vae, loss_type=loss_type, grad_ckpt=grad_ckpt, pow_law=pow_law, norm_type=norm_type,
             num_mid_blocks=num_blocks, feature_type="feature", remove_outliers=remove_outliers,
             reference_compat=reference_compat, decoder_fp32=decoder_fp32,
+            checkpoint_granularity=checkpoint_granularity,
         )
         self.t_threshold = t_threshold
         self.snr_gamma = None if snr_gamma is None else float(snr_gamma)

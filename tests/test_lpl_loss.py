@@ -394,15 +394,34 @@ def test_gradients_reach_the_input_latents_through_every_layer(vaes):
     assert y.grad is None  # the target pass builds no graph
 
 
-@pytest.mark.parametrize("name", ["sdxl_like", "wide"])
-def test_checkpointing_on_off_same_loss_and_gradient(vaes, name):
+@pytest.mark.parametrize("name,granularity", [("sdxl_like", "module"), ("sdxl_like", "block"),
+                                              ("wide", "module")])
+def test_checkpointing_on_off_same_loss_and_gradient(vaes, name, granularity):
     vae = vaes[name]
     x, y = latents(vae)
-    on = LatentPerceptualLoss(vae, grad_ckpt=True, norm_type="shared", pow_law=True)
+    on = LatentPerceptualLoss(vae, grad_ckpt=True, norm_type="shared", pow_law=True,
+                              checkpoint_granularity=granularity)
     off = LatentPerceptualLoss(vae, grad_ckpt=False, norm_type="shared", pow_law=True)
     a, b = on.get_loss(x, y), off.get_loss(x, y)
     torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
     torch.testing.assert_close(grad_of(a, x), grad_of(b, x), rtol=1e-5, atol=1e-9)
+
+
+def test_module_granularity_covers_the_diffusers_blocks(vaes):
+    """Per-module checkpointing walks the same calls as the blocks' own forward."""
+    vae = vaes["wide"]
+    blocks = [vae.decoder.mid_block] + list(vae.decoder.up_blocks)
+    h = torch.randn(1, blocks[0].resnets[0].in_channels, 4, 4)
+    for block in blocks:
+        steps = LatentPerceptualLoss._block_steps(block)
+        assert steps is not None
+        want = block(h, None)
+        got = h
+        for step in steps:
+            got = step(got)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        h = want
+    assert LatentPerceptualLoss._block_steps(torch.nn.Identity()) is None
 
 
 def test_autocast_bf16_on_cpu(vaes):
@@ -432,6 +451,7 @@ def test_decoder_fp32_rejects_a_half_vae():
 @pytest.mark.parametrize("kwargs,arg", [
     (dict(loss_type="huber"), "loss_type"), (dict(norm_type="layer"), "norm_type"),
     (dict(num_mid_blocks=5), "num_mid_blocks"), (dict(feature_type="pixels"), "feature_type"),
+    (dict(checkpoint_granularity="layer"), "checkpoint_granularity"),
 ])
 def test_bad_options_name_the_argument(vaes, kwargs, arg):
     with pytest.raises(ValueError, match=arg):
