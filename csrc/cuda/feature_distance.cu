@@ -2,9 +2,10 @@
 // feature_distance_cpu.c: same per-element math (lpl_math.h), same outputs.
 //
 // Launch sequence on the caller's stream:
-//   1. plane_stats: kept count M[n, c] per plane (+ sum and M2 of y*keep for `batch`)
+//   1. kept_count (or a fill with H*W without a mask): M[n, c]; plane_moments: sum and
+//      M2 of y*keep per plane (`batch` only)
 //   2. channel_moments (`batch` only): per-channel mean and unbiased std (Chan's formula)
-//   3. main: one thread per pixel of one sample; loops over channels (coalesced across the
+//   3. main: one thread per pixel of one sample (n folded into grid.x); loops over channels (coalesced across the
 //      warp), computes e and the gradient, block-reduces e per channel in shared memory
 //      and adds one value per channel and block to the per-plane sums
 //   4. finalize: loss[n] = sum_c w / (C M[n, c]) * S[n, c]
@@ -15,24 +16,41 @@
 namespace {
 
 constexpr int kThreads = 256;
+constexpr int kMaxThreads = 256;
 
-template <typename T>
-__global__ void plane_stats_kernel(const T *__restrict__ y, const uint8_t *__restrict__ mask, int64_t hw,
-                                   int with_moments, double *__restrict__ kept,
-                                   double *__restrict__ plane_sum, double *__restrict__ plane_m2) {
+// Kept count per plane, each plane split over `blocks_per_plane` blocks. Counts are
+// integers, so the double atomics are exact and the result is deterministic. `kept` is
+// zeroed by the caller.
+__global__ void kept_count_kernel(const uint8_t *__restrict__ mask, int64_t hw, int64_t blocks_per_plane,
+                                  double *__restrict__ kept) {
     __shared__ double red[32];
+    const int64_t blk = blockIdx.x, plane = blk / blocks_per_plane, part = blk % blocks_per_plane;
+    const uint8_t *m = mask + plane * hw;
+    double count = 0.0;
+    for (int64_t i = part * blockDim.x + threadIdx.x; i < hw; i += blocks_per_plane * blockDim.x) count += m[i] != 0;
+    count = lpl_block_sum(count, red);
+    if (threadIdx.x == 0 && count != 0.0) atomicAdd(&kept[plane], count);
+}
+
+__global__ void fill_kernel(double *__restrict__ out, int64_t len, double value) {
+    const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < len) out[i] = value;
+}
+
+// Sum and M2 of y*keep per plane (`batch` only), one block per plane: two passes so the
+// moments keep their precision on large planes.
+template <typename T>
+__global__ void plane_moments_kernel(const T *__restrict__ y, const uint8_t *__restrict__ mask, int64_t hw,
+                                     double *__restrict__ plane_sum, double *__restrict__ plane_m2) {
+    __shared__ double red[32];
+    __shared__ double mean_shared;
     const int64_t plane = blockIdx.x;
     const int64_t off = plane * hw;
-    double count = 0.0, sum = 0.0;
+    double sum = 0.0;
     for (int64_t i = threadIdx.x; i < hw; i += blockDim.x) {
         const int k = mask ? mask[off + i] != 0 : 1;
-        count += k;
-        if (with_moments && k) sum += (double)lpl_io<T>::load(y, off + i);
+        if (k) sum += (double)lpl_io<T>::load(y, off + i);
     }
-    count = lpl_block_sum(count, red);
-    if (threadIdx.x == 0) kept[plane] = count;
-    if (!with_moments) return;
-    __shared__ double mean_shared;
     sum = lpl_block_sum(sum, red);
     if (threadIdx.x == 0) mean_shared = hw > 0 ? sum / (double)hw : 0.0;
     __syncthreads();
@@ -70,15 +88,16 @@ __global__ void channel_moments_kernel(const double *__restrict__ plane_sum, con
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kMaxThreads)
 main_kernel(const T *__restrict__ x, const T *__restrict__ y, const uint8_t *__restrict__ mask,
             T *__restrict__ grad, const double *__restrict__ kept, const double *__restrict__ chan_mean,
             const double *__restrict__ chan_std, int64_t channels, int64_t hw, int norm, int dist,
-            double weight, int use_shared_acc, double *__restrict__ sums) {
+            double weight, int use_shared_acc, int64_t blocks_per_sample, double *__restrict__ sums) {
     typedef typename lpl_io<T>::acc acc;
     extern __shared__ double chan_acc[];  // channels doubles when use_shared_acc
-    const int64_t n = blockIdx.y;
-    const int64_t pix = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    const int64_t blk = blockIdx.x;
+    const int64_t n = blk / blocks_per_sample;
+    const int64_t pix = (blk % blocks_per_sample) * blockDim.x + threadIdx.x;
     const bool active = pix < hw;
     if (use_shared_acc) {
         for (int64_t c = threadIdx.x; c < channels; c += blockDim.x) chan_acc[c] = 0.0;
@@ -99,11 +118,13 @@ main_kernel(const T *__restrict__ x, const T *__restrict__ y, const uint8_t *__r
             }
         }
         const double eps = norm == LPL_NORM_DEFAULT ? LPL_EPS_DEFAULT : LPL_EPS_SHARED;
+        // same float/double formulas as the CPU kernel (lpl_math.h)
         if (norm == LPL_NORM_DEFAULT) {
             nx = (acc)sqrt((double)sx);
-            sx = (acc)(1.0 / ((double)nx + eps));
+            sx = sizeof(acc) == sizeof(double) ? (acc)lpl_inv_norm_d((double)sx, eps)
+                                               : (acc)lpl_inv_norm_f((float)sx, eps);
         }
-        sy = (acc)(1.0 / (sqrt((double)sy) + eps));
+        sy = sizeof(acc) == sizeof(double) ? (acc)lpl_inv_norm_d((double)sy, eps) : (acc)lpl_inv_norm_f((float)sy, eps);
     }
 
     for (int64_t c = 0; c < channels; ++c) {
@@ -207,15 +228,28 @@ int run(const lpl_fd_params *p, cudaStream_t stream, char *err) {
     T *grad = (T *)p->grad;
     const int batch = p->norm == LPL_NORM_BATCH;
 
-    if (lpl_cuda_report(cudaMemsetAsync(sums, 0, sizeof(double) * (size_t)planes, stream), "cudaMemsetAsync", err))
+    if (planes > 2147483647LL) {
+        snprintf(err, LPL_ERR_LEN, "too many (sample, channel) planes for one launch");
+        return -1;
+    }
+    // sums and kept are adjacent: zero both
+    if (lpl_cuda_report(cudaMemsetAsync(sums, 0, 2 * sizeof(double) * (size_t)planes, stream), "cudaMemsetAsync", err))
         return -1;
     if (planes > 0) {
-        if (planes > 2147483647LL) {
-            snprintf(err, LPL_ERR_LEN, "too many (sample, channel) planes for one launch");
-            return -1;
+        if (p->mask) {
+            int64_t per_plane = (hw + 4 * kThreads - 1) / (4 * kThreads);  // ~1024 bytes per block
+            if (per_plane < 1) per_plane = 1;
+            if (per_plane > 2147483647LL / planes) per_plane = 2147483647LL / planes;
+            kept_count_kernel<<<(unsigned)(planes * per_plane), kThreads, 0, stream>>>(p->mask, hw, per_plane, kept);
+            if (lpl_cuda_report(cudaGetLastError(), "kept_count_kernel", err)) return -1;
+        } else {
+            fill_kernel<<<(unsigned)((planes + kThreads - 1) / kThreads), kThreads, 0, stream>>>(kept, planes, (double)hw);
+            if (lpl_cuda_report(cudaGetLastError(), "fill_kernel", err)) return -1;
         }
-        plane_stats_kernel<T><<<(unsigned)planes, kThreads, 0, stream>>>(y, p->mask, hw, batch, kept, plane_sum, plane_m2);
-        if (lpl_cuda_report(cudaGetLastError(), "plane_stats_kernel", err)) return -1;
+        if (batch) {
+            plane_moments_kernel<T><<<(unsigned)planes, kThreads, 0, stream>>>(y, p->mask, hw, plane_sum, plane_m2);
+            if (lpl_cuda_report(cudaGetLastError(), "plane_moments_kernel", err)) return -1;
+        }
     }
     if (batch && C > 0) {
         channel_moments_kernel<<<(unsigned)((C + 127) / 128), 128, 0, stream>>>(plane_sum, plane_m2, N, C, hw, chan_mean,
@@ -223,16 +257,22 @@ int run(const lpl_fd_params *p, cudaStream_t stream, char *err) {
         if (lpl_cuda_report(cudaGetLastError(), "channel_moments_kernel", err)) return -1;
     }
     if (hw > 0 && planes > 0) {
-        const int64_t blocks_x = (hw + kThreads - 1) / kThreads;
-        if (blocks_x > 2147483647LL || N > 65535) {
-            snprintf(err, LPL_ERR_LEN, "shape too large for one launch (N must be <= 65535)");
+        // Small planes: narrower blocks so that more SMs get work.
+        int sm_count = 0, dev = 0;
+        if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
+            sm_count = 0;
+        int threads = kThreads;
+        while (threads > 64 && N * ((hw + threads - 1) / threads) < 2 * (int64_t)sm_count) threads /= 2;
+        const int64_t blocks_per_sample = (hw + threads - 1) / threads;
+        if (blocks_per_sample > 2147483647LL / N) {
+            snprintf(err, LPL_ERR_LEN, "shape too large for one launch");
             return -1;
         }
         const int use_shared_acc = C <= 4096;
         const size_t smem = use_shared_acc ? sizeof(double) * (size_t)C : 0;
-        dim3 grid((unsigned)blocks_x, (unsigned)N);
-        main_kernel<T><<<grid, kThreads, smem, stream>>>(x, y, p->mask, grad, kept, chan_mean, chan_std, C, hw, p->norm,
-                                                         p->dist, p->weight, use_shared_acc, sums);
+        main_kernel<T><<<(unsigned)(N * blocks_per_sample), threads, smem, stream>>>(
+            x, y, p->mask, grad, kept, chan_mean, chan_std, C, hw, p->norm, p->dist, p->weight, use_shared_acc,
+            blocks_per_sample, sums);
         if (lpl_cuda_report(cudaGetLastError(), "main_kernel", err)) return -1;
     }
     if (N > 0) {
@@ -245,13 +285,18 @@ int run(const lpl_fd_params *p, cudaStream_t stream, char *err) {
 }  // namespace
 
 extern "C" int lpl_cuda_feature_distance(const lpl_fd_params *p, void *stream, char *err) {
-    if (lpl_cuda_report(cudaSetDevice(p->device), "cudaSetDevice", err)) return -1;
+    int prev = -1;
+    if (cudaGetDevice(&prev) != cudaSuccess) prev = -1;
+    if (prev != p->device && lpl_cuda_report(cudaSetDevice(p->device), "cudaSetDevice", err)) return -1;
     cudaStream_t s = (cudaStream_t)stream;
+    int rc;
     switch (p->dtype) {
-    case LPL_FLOAT32: return run<float>(p, s, err);
-    case LPL_FLOAT64: return run<double>(p, s, err);
-    case LPL_FLOAT16: return run<lpl_f16>(p, s, err);
-    case LPL_BFLOAT16: return run<lpl_bf16>(p, s, err);
-    default: snprintf(err, LPL_ERR_LEN, "unsupported dtype"); return -1;
+    case LPL_FLOAT32: rc = run<float>(p, s, err); break;
+    case LPL_FLOAT64: rc = run<double>(p, s, err); break;
+    case LPL_FLOAT16: rc = run<lpl_f16>(p, s, err); break;
+    case LPL_BFLOAT16: rc = run<lpl_bf16>(p, s, err); break;
+    default: snprintf(err, LPL_ERR_LEN, "unsupported dtype"); rc = -1; break;
     }
+    if (prev >= 0 && prev != p->device) cudaSetDevice(prev);  // leave the caller's device current
+    return rc;
 }

@@ -117,10 +117,10 @@ __global__ void moments_kernel(const T *__restrict__ y, int64_t len, int64_t nb,
     kmin = block_min_u64(kmin, redu);
     kmax = block_max_u64(kmax, redu);
     if (threadIdx.x == 0) {
-        ws.part_d[blockIdx.x * 4] = count;
-        ws.part_d[blockIdx.x * 4 + 1] = sum;
-        ws.part_u[blockIdx.x * 2] = kmin;
-        ws.part_u[blockIdx.x * 2 + 1] = kmax;
+        ws.part_d[(int64_t)blockIdx.x * 4] = count;
+        ws.part_d[(int64_t)blockIdx.x * 4 + 1] = sum;
+        ws.part_u[(int64_t)blockIdx.x * 2] = kmin;
+        ws.part_u[(int64_t)blockIdx.x * 2 + 1] = kmax;
     }
 }
 
@@ -172,8 +172,8 @@ __global__ void variance_kernel(const T *__restrict__ y, int64_t len, int64_t nb
     __syncthreads();
     sd = lpl_block_sum(sd, red);
     if (threadIdx.x == 0) {
-        ws.part_d[blockIdx.x * 4 + 2] = ss;
-        ws.part_d[blockIdx.x * 4 + 3] = sd;
+        ws.part_d[(int64_t)blockIdx.x * 4 + 2] = ss;
+        ws.part_d[(int64_t)blockIdx.x * 4 + 3] = sd;
     }
 }
 
@@ -332,9 +332,9 @@ __global__ void final_kernel(const T *__restrict__ y, uint8_t *__restrict__ keep
     __syncthreads();
     s2 = lpl_block_sum(s2, red);
     if (threadIdx.x == 0) {
-        ws.part_d[blockIdx.x * 4] = kept;
-        ws.part_d[blockIdx.x * 4 + 1] = s1;
-        ws.part_d[blockIdx.x * 4 + 2] = s2;
+        ws.part_d[(int64_t)blockIdx.x * 4] = kept;
+        ws.part_d[(int64_t)blockIdx.x * 4 + 1] = s1;
+        ws.part_d[(int64_t)blockIdx.x * 4 + 2] = s2;
     }
 }
 
@@ -373,7 +373,8 @@ __global__ void layer_stats_kernel(int64_t planes, int64_t len, om_ws ws, double
 unsigned grid_for(int64_t work, int64_t threads) {
     int64_t g = (work + threads - 1) / threads;
     if (g < 1) g = 1;
-    if (g > 65535LL * 64) g = 65535LL * 64;
+    // Kernels with one thread per plane do not loop over the grid: never cap below the work.
+    if (g > 2147483647LL) g = 2147483647LL;
     return (unsigned)g;
 }
 
