@@ -38,14 +38,14 @@ ALLOWED_ERRORS = (TypeError, ValueError, OverflowError, RuntimeError, MemoryErro
 
 # group -> (cases, minimum that must have run, minimum that must have been valid)
 GROUPS = {
-    "fd_valid": (400, 400, 400),
+    "fd_valid": (500, 500, 500),
     "fd_layouts": (400, 400, 25),
     "fd_args": (300, 300, 20),
     "fd_dlpack": (400, 400, 80),
     "fd_public": (250, 250, 200),
     "workspace_fd": (150, 150, 60),
     "workspace_om": (150, 150, 60),
-    "om_valid": (250, 250, 250),
+    "om_valid": (300, 300, 300),
     "om_bad": (300, 300, 5),
     "om_public": (150, 150, 120),
 }
@@ -116,7 +116,10 @@ def f64_to_bf16_bits(v: np.ndarray) -> np.ndarray:
     return torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
 
 
-def rand_shape(rng: np.random.Generator, zero_prob: float = 0.12) -> tuple:
+def rand_shape(rng: np.random.Generator, zero_prob: float = 0.12, big_prob: float = 0.08) -> tuple:
+    if rng.random() < big_prob:
+        # large enough for the multi-threaded paths (>= 2^16 values, several pixel tiles)
+        return (int(rng.integers(1, 4)), int(rng.integers(2, 9)), int(rng.integers(64, 140)), int(rng.integers(64, 140)))
     dims = [int(rng.integers(1, 4)), int(rng.integers(1, 6)), int(rng.integers(1, 10)), int(rng.integers(1, 10))]
     for i in range(4):
         if rng.random() < zero_prob:
@@ -686,9 +689,15 @@ def group_fd_dlpack(fz: Fuzz, ncases: int) -> None:
                 if arr.size == 0:
                     expect = "valid"  # no element is ever addressed
             elif flaw == "misaligned":
+                # the same values one byte into a larger buffer: byte_offset 1 is honest,
+                # so a 1-byte dtype is valid there and wider ones are misaligned
+                shifted = np.zeros(arr.nbytes + 1, np.uint8)
+                shifted[1:] = np.ascontiguousarray(arr).view(np.uint8).reshape(-1)
+                keep.append(shifted)
+                data = shifted.ctypes.data
                 kw["byte_offset"] = 1
                 if arr.itemsize == 1 or arr.size == 0:
-                    expect = "either"
+                    expect = "valid"
             elif flaw == "lanes":
                 kw["lanes"] = 2
             elif flaw == "int32":
@@ -877,9 +886,17 @@ def ref_om(y_t, quantile: float, margin_std: float, closing: int, opening: int) 
 
 
 def om_inputs(rng: np.random.Generator, dtype: str) -> dict:
-    shape = rand_shape(rng, 0.08)
-    shape = (shape[0], shape[1], int(rng.integers(0, 14)) if rng.random() < 0.5 else shape[2] + 2,
-             int(rng.integers(0, 14)) if rng.random() < 0.5 else shape[3] + 2)
+    r = rng.random()
+    if r < 0.06:
+        # one large plane: the whole OpenMP team on one plane (split by rows), histogram path
+        shape = (1, 1, int(rng.integers(128, 200)), int(rng.integers(128, 200)))
+    elif r < 0.12:
+        # several planes past the direct-select size (histogram + radix select)
+        shape = (int(rng.integers(1, 3)), int(rng.integers(2, 4)), int(rng.integers(65, 100)), int(rng.integers(65, 100)))
+    else:
+        shape = rand_shape(rng, 0.08, big_prob=0.0)
+        shape = (shape[0], shape[1], int(rng.integers(0, 14)) if rng.random() < 0.5 else shape[2] + 2,
+                 int(rng.integers(0, 14)) if rng.random() < 0.5 else shape[3] + 2)
     v = rand_values(rng, shape)
     if v.size and rng.random() < 0.4:
         # plant outliers
