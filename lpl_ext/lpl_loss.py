@@ -282,14 +282,10 @@ class LatentPerceptualLoss(nn.Module):
                              "outlier_ratio": raw.outlier_ratio.float()}
                 else:
                     keep = outlier_mask(y, closing=closing, opening=opening)
-            if self.compute_stats and stats is None:
-                if keep is None:
-                    std, mean = torch.std_mean(y)
-                    ratio = torch.zeros((), dtype=torch.float32, device=y.device)
-                else:
-                    std, mean = torch.std_mean(y * keep)
-                    ratio = 1.0 - torch.count_nonzero(keep).to(torch.float32) / keep.numel()
-                stats = {"mean": mean.float(), "std": std.float(), "outlier_ratio": ratio}
+            if self.compute_stats and keep is None:  # unmasked layer: plain statistics
+                std, mean = torch.std_mean(y)
+                stats = {"mean": mean.float(), "std": std.float(),
+                         "outlier_ratio": torch.zeros((), dtype=torch.float32, device=y.device)}
         return keep, stats
 
     # ------------------------------------------------------------------ loss

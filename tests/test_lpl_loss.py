@@ -471,3 +471,12 @@ def test_bad_inputs_name_the_argument(vaes):
 
 def test_exported_from_the_package():
     assert lpl_ext.LatentPerceptualLoss is LatentPerceptualLoss
+
+
+def test_compute_stats_off_gives_the_same_loss(vaes):
+    vae = vaes["sdxl_like"]
+    x, y = latents(vae)
+    on = LatentPerceptualLoss(vae, norm_type="shared")
+    off = LatentPerceptualLoss(vae, norm_type="shared", compute_stats=False)
+    torch.testing.assert_close(off.get_loss(x, y), on.get_loss(x, y), rtol=0, atol=0)
+    assert off.last_feature_stats == [] and len(on.last_feature_stats) == 5
