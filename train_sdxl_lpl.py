@@ -51,9 +51,9 @@ LOSS_PLOT = "loss_curves.png"
 # on 2 CPU cores. With real weights the usual SDXL defaults apply instead (see resolve_defaults).
 DEMO_DEFAULTS = dict(
     resolution=64,
-    max_train_steps=60,
+    max_train_steps=150,
     learning_rate=1e-3,
-    checkpointing_steps=20,
+    checkpointing_steps=50,
     checkpoints_total_limit=2,
     num_validation_inference_steps=10,
 )
@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--train_batch_size", type=int, default=4, help="Per-process batch size.")
     g.add_argument("--num_train_epochs", type=int, default=1, help="Used when --max_train_steps is unset.")
-    g.add_argument("--max_train_steps", type=int, default=None, help="Optimiser steps (demo default 60).")
+    g.add_argument("--max_train_steps", type=int, default=None, help="Optimiser steps (demo default 150).")
     g.add_argument("--gradient_accumulation_steps", type=int, default=1)
     g.add_argument("--gradient_checkpointing", action="store_true", help="UNet gradient checkpointing.")
     g.add_argument("--learning_rate", type=float, default=None, help="Demo 1e-3, else 1e-5.")
@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--allow_tf32", action="store_true")
 
     g = p.add_argument_group("checkpoints, validation, logging")
-    g.add_argument("--checkpointing_steps", type=int, default=None, help="Demo 20, else 500.")
+    g.add_argument("--checkpointing_steps", type=int, default=None, help="Demo 50, else 500.")
     g.add_argument("--checkpoints_total_limit", type=int, default=None, help="Demo 2, else unlimited.")
     g.add_argument("--resume_from_checkpoint", type=str, default=None,
                    help="A checkpoint folder, or 'latest' (newest complete checkpoint in --output_dir).")
@@ -787,8 +787,10 @@ def plot_loss_curves(csv_path: Path, png_path: Path) -> None:
     for name, values, color in (("total loss", col("loss"), "tab:blue"),
                                 ("diffusion loss", col("diffusion_loss"), "tab:green"),
                                 ("LPL loss (steps where applied)", lpl, "tab:red")):
-        ax.plot(steps, values, color=color, alpha=0.25, lw=1)
-        ax.plot(steps, smooth(values), color=color, lw=2, label=name)
+        # Raw values as faint dots (LPL has gaps on steps where no sample was below the threshold).
+        ax.plot(steps, values, color=color, alpha=0.3, marker=".", ms=3, lw=0)
+        if any(v == v for v in values):
+            ax.plot(steps, smooth(values), color=color, lw=2, label=name)
     ax.set_ylabel("loss")
     ax.set_yscale("log")
     ax.legend()

@@ -501,8 +501,13 @@ RUN_MATRIX = {
 @pytest.mark.parametrize("name", list(RUN_MATRIX))
 def test_prediction_types_and_lpl_settings(name, tmp_path, tiny_cache, accelerate_configs):
     out = tmp_path / "out"
-    launch(accelerate_configs, tiny_cache, [*FAST, "--output_dir", str(out), "--max_train_steps", "2",
-                                            "--num_validation_images", "1", *RUN_MATRIX[name]])
+    extra = []
+    if name.startswith("v_prediction"):
+        # The real-weights code path: an explicit local pipeline folder instead of the offline default.
+        extra = ["--pretrained_model_name_or_path", str(ts.ensure_tiny_sdxl(tiny_cache)), "--num_train_epochs", "1",
+                 "--num_synthetic_examples", "4"]
+    launch(accelerate_configs, tiny_cache, [*FAST, "--output_dir", str(out), "--num_validation_images", "1",
+                                            *RUN_MATRIX[name], *(extra or ["--max_train_steps", "2"])])
     rows = read_metrics(out)
     assert len(rows) == 2 and (out / "unet").is_dir()
     assert list((out / "validation").glob("*_grid.png"))
