@@ -39,14 +39,14 @@ ALLOWED_ERRORS = (TypeError, ValueError, OverflowError, RuntimeError, MemoryErro
 # group -> (cases, minimum that must have run, minimum that must have been valid)
 GROUPS = {
     "fd_valid": (500, 500, 500),
-    "fd_layouts": (400, 400, 25),
+    "fd_layouts": (400, 400, 15),
     "fd_args": (300, 300, 20),
     "fd_dlpack": (400, 400, 80),
     "fd_public": (250, 250, 200),
-    "workspace_fd": (150, 150, 60),
-    "workspace_om": (150, 150, 60),
+    "workspace_fd": (150, 150, 40),
+    "workspace_om": (150, 150, 30),
     "om_valid": (300, 300, 300),
-    "om_bad": (300, 300, 5),
+    "om_bad": (300, 300, 2),
     "om_public": (150, 150, 120),
 }
 # groups run by one child process each (one torch import per child, not per group)
