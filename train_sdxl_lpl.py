@@ -827,7 +827,13 @@ def generate_validation_images(components: dict, unet, prompts: list[str], num_i
     for p_idx, prompt in enumerate(prompts):
         generator = torch.Generator(device="cpu").manual_seed(seed + p_idx)
         if prediction_type != "flow_matching":
-            out = pipe(prompt, num_images_per_prompt=num_images, height=resolution, width=resolution,
+            # Embeddings are computed here and cast to the UNet's dtype: the text encoders may be in the
+            # mixed-precision dtype while the trained UNet and the VAE are fp32.
+            embeds = pipe.encode_prompt(prompt, device=device, num_images_per_prompt=num_images,
+                                        do_classifier_free_guidance=True)
+            embeds = [e.to(unet.dtype) for e in embeds]
+            out = pipe(prompt_embeds=embeds[0], negative_prompt_embeds=embeds[1], pooled_prompt_embeds=embeds[2],
+                       negative_pooled_prompt_embeds=embeds[3], height=resolution, width=resolution,
                        num_inference_steps=num_steps, generator=generator, output_type="pil")
             images.append((prompt, out.images))
             continue
@@ -915,7 +921,8 @@ def main(argv: list[str] | None = None) -> None:
 
         transformers.utils.logging.set_verbosity_error()
         diffusers.utils.logging.set_verbosity_error()
-    set_seed(args.seed)
+    # Different noise/timestep draws per process (data order is synchronised by accelerate separately).
+    set_seed(args.seed, device_specific=True)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     if accelerator.is_main_process:
@@ -1040,7 +1047,7 @@ def main(argv: list[str] | None = None) -> None:
     total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     log.info(f"examples={len(train_dataset)} epochs={num_epochs} steps={max_train_steps} "
              f"batch/process={args.train_batch_size} total batch={total_batch} processes={accelerator.num_processes} "
-             f"prediction_type={prediction_type} LPL={'on' if args.use_lpl else 'off'} "
+             f"mixed_precision={accelerator.mixed_precision} prediction_type={prediction_type} LPL={'on' if args.use_lpl else 'off'} "
              f"(weight {args.lpl_weight}, t < {args.lpl_t_threshold}, from step {args.lpl_start})",
              main_process_only=True)
 

@@ -489,9 +489,10 @@ RUN_MATRIX = {
     "epsilon-lpl_off-ema": ["--prediction_type", "epsilon", "--no_use_lpl", "--use_ema"],
     "v_prediction-snr-lpl_scale": ["--prediction_type", "v_prediction", "--snr_gamma", "5", "--lpl_scale",
                                    "--lpl_t_threshold", "600"],
-    "sample-lpl_start-snr-no_scale": ["--prediction_type", "sample", "--lpl_start", "1", "--lpl_t_threshold", "1000",
-                                      "--snr_gamma", "5", "--no_lpl_scale", "--lpl_num_blocks", "2",
-                                      "--no_lpl_grad_ckpt", "--gradient_checkpointing"],
+    "sample-lpl_start-snr-no_scale-bf16": ["--prediction_type", "sample", "--lpl_start", "1",
+                                           "--lpl_t_threshold", "1000", "--mixed_precision", "bf16",
+                                           "--snr_gamma", "5", "--no_lpl_scale", "--lpl_num_blocks", "2",
+                                           "--no_lpl_grad_ckpt", "--gradient_checkpointing"],
     "flow_matching-accum-cached": ["--prediction_type", "flow_matching", "--lpl_t_threshold", "1000",
                                    "--gradient_accumulation_steps", "2", "--cache_latents", "--random_flip",
                                    "--lpl_norm_type", "batch", "--lpl_loss_type", "l1"],
@@ -506,8 +507,9 @@ def test_prediction_types_and_lpl_settings(name, tmp_path, tiny_cache, accelerat
         # The real-weights code path: an explicit local pipeline folder instead of the offline default.
         extra = ["--pretrained_model_name_or_path", str(ts.ensure_tiny_sdxl(tiny_cache)), "--num_train_epochs", "1",
                  "--num_synthetic_examples", "4"]
-    launch(accelerate_configs, tiny_cache, [*FAST, "--output_dir", str(out), "--num_validation_images", "1",
-                                            *RUN_MATRIX[name], *(extra or ["--max_train_steps", "2"])])
+    proc = launch(accelerate_configs, tiny_cache, [*FAST, "--output_dir", str(out), "--num_validation_images", "1",
+                                                   *RUN_MATRIX[name], *(extra or ["--max_train_steps", "2"])])
+    assert f"mixed_precision={'bf16' if 'bf16' in name else 'no'} " in proc.stderr
     rows = read_metrics(out)
     assert len(rows) == 2 and (out / "unet").is_dir()
     assert list((out / "validation").glob("*_grid.png"))
