@@ -125,8 +125,9 @@ def _extension() -> Extension:
     macros = [("LPL_COMPILER", '"' + cc + '"')]
     if _sanitize():
         compile_args = [a for a in compile_args if a != "-O3"] + [
-            "-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined",
-            "-fno-sanitize-recover=undefined",
+            "-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined,float-cast-overflow",
+            # CPython's own flags carry -fwrapv, which hides signed overflow from UBSan
+            "-fno-wrapv", "-fno-sanitize-recover=all",
         ]
         link_args += ["-fsanitize=address,undefined"]
         macros.append(("LPL_SANITIZE", "1"))

@@ -92,6 +92,12 @@ int lpl_cpu_feature_distance(const lpl_fd_params *p, char *err) {
     size_t nplanes = (size_t)(planes > 0 ? planes : 1), nchan = (size_t)(C > 0 ? C : 1);
 
     if (N == 0) return 0;
+    if (hw == 0 || C == 0) {
+        /* No elements: every plane is empty and contributes 0. Returning before any
+         * O(N * C) scratch keeps (1, 2**31, 0, 1) from asking for gigabytes. */
+        for (int64_t n = 0; n < N; ++n) p->loss[n] = 0.0;
+        return 0;
+    }
     /* Waking a thread team costs more than a small layer's whole pass. */
     const int parallel = planes * hw >= LPL_FD_PARALLEL_MIN;
     coef = (double *)malloc(sizeof(double) * nplanes);

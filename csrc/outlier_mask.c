@@ -65,6 +65,13 @@ PyObject *lpl_py_outlier_mask(PyObject *self, PyObject *args, PyObject *kwargs) 
 
     if (lpl_tensor_from_object(y_obj, "y", 0, &y, &hold[0]) < 0) goto fail;
     if (lpl_check_nchw(&y, "y", 1) < 0) goto fail;
+    if (y.shape[2] * y.shape[3] > (int64_t)UINT32_MAX) {
+        /* the selection histograms count in 32 bits per plane */
+        PyErr_Format(PyExc_ValueError, "y: a plane of %lld x %lld values is larger than the "
+                     "2**32 - 1 supported per (sample, channel)", (long long)y.shape[2],
+                     (long long)y.shape[3]);
+        goto fail;
+    }
     if (lpl_tensor_from_object(keep_obj, "keep", 1, &keep, &hold[1]) < 0) goto fail;
     if (lpl_check_mask_dtype(&keep, "keep") < 0) goto fail;
     if (lpl_check_nchw(&keep, "keep", 0) < 0) goto fail;

@@ -36,7 +36,8 @@ def _check_options(norm: Any, distance: Any, weight: Any) -> float:
 def _native_contiguous(a: np.ndarray) -> np.ndarray:
     if not a.dtype.isnative:
         a = a.astype(a.dtype.newbyteorder("="))
-    return np.ascontiguousarray(a)
+    # a copy also realigns misaligned buffers (views into byte arrays)
+    return np.require(a, requirements=["C", "A"])
 
 
 def _forward_torch(
@@ -57,7 +58,9 @@ def _forward_torch(
     loss = torch.empty(x.shape[0], dtype=torch.float64, device=x.device)
     grad = torch.empty_like(x) if need_grad else None
     workspace = None
-    if x.is_cuda:
+    if x.is_cuda and x.numel() == 0:
+        loss.zero_()  # nothing to launch: every plane is empty
+    elif x.is_cuda:
         workspace = torch.empty(_C.feature_distance_workspace(x.shape[0], x.shape[1]), dtype=torch.float64,
                                 device=x.device)
         with torch.cuda.device(x.device):

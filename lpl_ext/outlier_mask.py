@@ -82,7 +82,8 @@ def _check_options(quantile: Any, margin_std: Any, closing: Any, opening: Any) -
 def _native_contiguous(a: np.ndarray) -> np.ndarray:
     if not a.dtype.isnative:
         a = a.astype(a.dtype.newbyteorder("="))
-    return np.ascontiguousarray(a)
+    # a copy also realigns misaligned buffers (views into byte arrays)
+    return np.require(a, requirements=["C", "A"])
 
 
 def outlier_mask(
