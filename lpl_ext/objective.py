@@ -9,7 +9,10 @@ scalar LPL term (the trainer adds ``lpl_weight * lpl`` to its diffusion loss) an
 
 Host syncs: exactly one per call that reaches the threshold test, the ``nonzero`` that
 selects the samples below ``t_threshold`` (its size decides the decoder's batch), skipped
-entirely before ``start_step``. Everything else, logs included, stays on the device.
+entirely before ``start_step``. Everything else, logs included, stays on the device
+(measured in tests/test_objective.py with a dispatch-mode counter of data-dependent ops).
+Pass ``timesteps`` and ``sigmas`` on the latents' device; a host ``alphas_cumprod`` is
+copied to the device once and cached (a copy per step would be a sync).
 
 Schedules:
     epsilon / v_prediction / sample: ``alphas_cumprod`` (T,) indexed by ``timesteps``
