@@ -22,7 +22,7 @@ Reproduced behaviour (LPL_SPEC.md section 6):
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
