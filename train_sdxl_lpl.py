@@ -369,10 +369,9 @@ class ImageCaptionSource:
         elif args.dataset_name is not None:
             self.kind = "hf"
             try:
-                import datasets  # noqa: F401
+                from datasets import load_dataset
             except ImportError as exc:
                 raise SystemExit("--dataset_name needs the `datasets` package: pip install datasets") from exc
-            from datasets import load_dataset
 
             ds = load_dataset(args.dataset_name, args.dataset_config_name, cache_dir=args.cache_dir)["train"]
             for col in (args.image_column, args.caption_column):
@@ -909,7 +908,8 @@ def main(argv: list[str] | None = None) -> None:
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
+        project_config=ProjectConfiguration(project_dir=str(output_dir),
+                                            logging_dir=str(output_dir / args.logging_dir)),
         # On a machine without GPUs, torchrun-launched processes must use gloo on CPU.
         cpu=not _has_accelerator_device(),
     )
@@ -1047,7 +1047,8 @@ def main(argv: list[str] | None = None) -> None:
     total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     log.info(f"examples={len(train_dataset)} epochs={num_epochs} steps={max_train_steps} "
              f"batch/process={args.train_batch_size} total batch={total_batch} processes={accelerator.num_processes} "
-             f"mixed_precision={accelerator.mixed_precision} prediction_type={prediction_type} LPL={'on' if args.use_lpl else 'off'} "
+             f"mixed_precision={accelerator.mixed_precision} prediction_type={prediction_type} "
+             f"LPL={'on' if args.use_lpl else 'off'} "
              f"(weight {args.lpl_weight}, t < {args.lpl_t_threshold}, from step {args.lpl_start})",
              main_process_only=True)
 
@@ -1163,7 +1164,8 @@ def main(argv: list[str] | None = None) -> None:
         if prediction_type == "flow_matching":
             from diffusers import FlowMatchEulerDiscreteScheduler
 
-            final_scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=scheduler_config["num_train_timesteps"])
+            final_scheduler = FlowMatchEulerDiscreteScheduler(
+                num_train_timesteps=scheduler_config["num_train_timesteps"])
         else:
             from diffusers import EulerDiscreteScheduler
 

@@ -372,7 +372,8 @@ def test_noisy_latents_and_targets_are_fp32_and_exact(prediction_type):
         assert out["sigmas"] is None and out["timesteps"].dtype == torch.long
         a = sched.alphas_cumprod.double()[out["timesteps"]].view(-1, 1, 1, 1)
         zt = a.sqrt() * z0d + (1 - a).sqrt() * epsd
-        target = {"epsilon": epsd, "sample": z0d, "v_prediction": a.sqrt() * epsd - (1 - a).sqrt() * z0d}[prediction_type]
+        v = a.sqrt() * epsd - (1 - a).sqrt() * z0d
+        target = {"epsilon": epsd, "sample": z0d, "v_prediction": v}[prediction_type]
     assert torch.allclose(out["noisy_latents"].double(), zt, atol=1e-5)
     assert torch.allclose(out["target"].double(), target, atol=1e-5)
 
