@@ -83,7 +83,9 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 
 @pytest.mark.slow
-def test_two_process_ddp_with_the_objective_in_the_loss(tmp_path):
+def test_two_process_ddp_with_the_objective_in_the_loss(tmp_path, monkeypatch):
+    # Idle OpenMP workers of two processes sharing two cores must not spin.
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     r0 = torch.load(tmp_path / "rank0.pt")
     r1 = torch.load(tmp_path / "rank1.pt")
