@@ -1,6 +1,13 @@
 """Shared pytest setup: tests import their plain-PyTorch oracles from this folder."""
 
+import os
 import sys
 from pathlib import Path
+
+# Idle OpenMP threads sleep instead of spinning. The suite runs multi-process tests
+# (accelerate launch, DDP) on a couple of cores, where spinning workers of one process
+# starve the others (10-50x slower). Set before torch or lpl_ext load their OpenMP
+# runtimes; child processes inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 sys.path.insert(0, str(Path(__file__).parent))
