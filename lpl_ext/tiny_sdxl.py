@@ -1,11 +1,13 @@
 """Offline tiny SDXL-architecture pipeline for demos and tests.
 
-Builds, from configs only (nothing is downloaded), a randomly initialised pipeline with every
+Builds, from configs only (nothing is downloaded), a (mostly) randomly initialised pipeline with every
 component the SDXL trainer uses:
 
 - ``unet``: ``UNet2DConditionModel`` with ``addition_embed_type="text_time"`` (SDXL micro-conditioning),
 - ``vae``: ``AutoencoderKL`` with 4 down / 4 up blocks (downsampling factor 8, like SDXL's VAE, so the
-  LPL features mid + up0..up3 exist),
+  LPL features mid + up0..up3 exist), loaded with the pretrained weights shipped in
+  ``lpl_ext/assets/tiny_vae.safetensors`` (trained on the synthetic shapes by
+  ``tools/pretrain_tiny_vae.py``) so decoded images and LPL decoder features are meaningful,
 - ``text_encoder`` (``CLIPTextModel``) and ``text_encoder_2`` (``CLIPTextModelWithProjection``),
 - ``tokenizer`` / ``tokenizer_2``: ``CLIPTokenizer`` loaded from a byte-level ``vocab.json`` /
   ``merges.txt`` written locally,
@@ -23,8 +25,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-# Bump when the architecture below changes so that stale caches are rebuilt, not silently reused.
-TINY_SDXL_VERSION = 1
+# Bump when the architecture below or the shipped VAE weights change so that stale caches are rebuilt,
+# not silently reused (v2: pretrained VAE from lpl_ext/assets).
+TINY_SDXL_VERSION = 2
 CACHE_ENV_VAR = "LPL_EXT_CACHE_DIR"
 _COMPLETE_MARKER = "tiny_sdxl_complete.json"
 
@@ -34,6 +37,12 @@ TEXT_HIDDEN_2 = 32
 TEXT_PROJECTION_2 = 32
 ADDITION_TIME_EMBED_DIM = 8
 MAX_TOKEN_LENGTH = 77
+
+# Pretrained tiny VAE shipped in the package (regenerate with tools/pretrain_tiny_vae.py, then bump
+# TINY_SDXL_VERSION). Its safetensors metadata holds the latent ``scaling_factor``.
+TINY_VAE_ASSET_NAME = "tiny_vae.safetensors"
+# Scaling factor of the randomly initialised VAE (SDXL's value; only used when no weights are shipped).
+_RANDOM_VAE_SCALING_FACTOR = 0.13025
 
 
 def default_cache_dir() -> Path:
@@ -102,14 +111,61 @@ def _caption_words() -> list[str]:
     return caption_vocabulary()
 
 
-def build_tiny_sdxl_components(seed: int = 0, tokenizer_folder: str | os.PathLike | None = None) -> dict:
+def tiny_vae_weights_path() -> Path:
+    """Path of the shipped pretrained tiny VAE weights (may not exist in a stripped install)."""
+    return Path(__file__).resolve().parent / "assets" / TINY_VAE_ASSET_NAME
+
+
+def build_tiny_vae(seed: int = 1, pretrained: bool = True):
+    """The tiny SDXL-shaped ``AutoencoderKL`` (4 down / 4 up blocks, factor 8, 4 latent channels, 64 px).
+
+    With ``pretrained`` and the shipped weights present (:func:`tiny_vae_weights_path`), loads them and their
+    ``scaling_factor`` (1 / std of the synthetic-shapes latents); otherwise it is randomly initialised from
+    ``seed`` with SDXL's scaling factor.
+    """
+    import torch
+    from diffusers import AutoencoderKL
+
+    weights = tiny_vae_weights_path()
+    use_weights = pretrained and weights.is_file()
+    scaling_factor = _RANDOM_VAE_SCALING_FACTOR
+    if use_weights:
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        with safe_open(str(weights), framework="pt") as f:
+            scaling_factor = float((f.metadata() or {})["scaling_factor"])
+        state = load_file(str(weights))
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(16, 32, 32, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+        scaling_factor=scaling_factor,
+    )
+    if use_weights:
+        vae.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    return vae
+
+
+def build_tiny_sdxl_components(seed: int = 0, tokenizer_folder: str | os.PathLike | None = None,
+                               pretrained_vae: bool = True) -> dict:
     """Build the tiny SDXL components (randomly initialised with ``seed``).
+
+    The VAE instead gets the shipped pretrained weights (same for every ``seed``) when ``pretrained_vae`` is
+    true and ``lpl_ext/assets/tiny_vae.safetensors`` exists; see :func:`build_tiny_vae`.
 
     Returns a dict with keys unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, scheduler,
     ready for ``StableDiffusionXLPipeline(**components)``.
     """
     import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     own_tmp = None
@@ -149,19 +205,7 @@ def build_tiny_sdxl_components(seed: int = 0, tokenizer_folder: str | os.PathLik
         projection_class_embeddings_input_dim=6 * ADDITION_TIME_EMBED_DIM + TEXT_PROJECTION_2,
         norm_num_groups=16,
     )
-    torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(16, 32, 32, 32),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=64,
-        scaling_factor=0.13025,
-    )
+    vae = build_tiny_vae(seed=seed + 1, pretrained=pretrained_vae)
     text_cfg = dict(
         vocab_size=vocab_size,
         intermediate_size=37,
