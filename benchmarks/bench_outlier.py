@@ -150,9 +150,13 @@ def worker(args: argparse.Namespace) -> int:
 
 def run(mode: str, device: str, variants: Sequence[str], bandwidth: Optional[float], env: Dict[str, Any],
         reps: int = 7, budget_s: float = 5.0, log: Callable[[str], None] = print,
-        inprocess: bool = False) -> List[Dict[str, Any]]:
-    """Every variant over the mode's grid, one fresh worker process per variant."""
-    grid = workloads(mode, device)
+        inprocess: bool = False, name_filter: Optional[str] = None) -> List[Dict[str, Any]]:
+    """Every variant over the mode's grid (names matching ``name_filter``, a regular
+    expression), one fresh worker process per variant."""
+    keep = set(common.filter_names([wl.name for wl in workloads(mode, device)], name_filter))
+    grid = [wl for wl in workloads(mode, device) if wl.name in keep]
+    if not grid:
+        return []
     by_name = {wl.name: wl for wl in grid}
     args = ["--mode", mode, "--device", device, "--reps", str(reps), "--budget", str(budget_s)]
     if bandwidth:

@@ -408,6 +408,16 @@ def merge_csv(path: Path, new_rows: Iterable[Dict[str, Any]]) -> List[Dict[str, 
     return rows
 
 
+def filter_names(names: Sequence[str], pattern: Optional[str]) -> List[str]:
+    """The names matching the regular expression ``pattern`` (all when None)."""
+    if not pattern:
+        return list(names)
+    import re
+
+    rx = re.compile(pattern)
+    return [n for n in names if rx.search(n)]
+
+
 def parse_list(text: Optional[str], allowed: Sequence[str], what: str) -> List[str]:
     """Comma-separated choice list; raises ValueError naming ``what`` on unknown items."""
     if not text:

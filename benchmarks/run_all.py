@@ -144,7 +144,7 @@ def _targets_table(rows: List[Dict[str, Any]], kind: str) -> List[str]:
 
 
 def write_results_md(path: Path, all_rows: List[Dict[str, Any]], command: str, wall_s: float,
-                     current_key: Optional[Tuple[str, ...]]) -> None:
+                     current_key: Optional[Tuple[str, ...]], subset: Optional[str] = None) -> None:
     keys = list(dict.fromkeys(_key(r) for r in all_rows))
     if current_key in keys:  # the run just made comes first
         keys.remove(current_key)
@@ -157,6 +157,8 @@ def write_results_md(path: Path, all_rows: List[Dict[str, Any]], command: str, w
         f" (this run: {wall_s / 60:.1f} min). Raw rows: [results.csv](results.csv); plot: [plot.png](plot.png);",
         "method and profiling notes: [docs/benchmarks.md](../docs/benchmarks.md).",
         "",
+        *([f"> **This file holds a subset of the grid** (run with {subset}); the plain command runs all of it.",
+           ""] if subset else []),
         "- Variants run side by side in the same run, each in a fresh worker process: **eager** (the LPL head"
         " written in plain PyTorch: kthvalue/std/max_pool2d outlier mask vectorized over planes, normalization,"
         " distance, reductions), **compile** (the same function under `torch.compile`, compiled before timing;"
@@ -277,6 +279,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--only", default=None, help=f"comma list of {BENCHES}")
     p.add_argument("--variants", default=None, help="head/outlier variants (eager,compile,lpl_ext)")
     p.add_argument("--budget", type=float, default=None, help="seconds of timed calls per row")
+    p.add_argument("--filter", default=None, help="regular expression: run only the workloads whose name "
+                   "matches (a labelled subset; RESULTS.md says so)")
     p.add_argument("--inprocess", action="store_true", help="run the variants in this process (faster smoke "
                    "runs; peak memory is then not isolated per variant)")
     args = p.parse_args(argv)
@@ -308,20 +312,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rows: List[Dict[str, Any]] = []
     if "head" in benches:
         rows += bench_head.run(mode, args.device, variants, bandwidth, env, reps, head_budget, log,
-                                 inprocess=args.inprocess)
+                                 inprocess=args.inprocess, name_filter=args.filter)
     if "outlier" in benches:
         rows += bench_outlier.run(mode, args.device, variants, bandwidth, env, reps, head_budget, log,
-                                 inprocess=args.inprocess)
+                                 inprocess=args.inprocess, name_filter=args.filter)
     if "decoder" in benches:
         rows += bench_decoder.run(mode, args.device, bench_decoder.VARIANTS, env, 3 if quick else 5, dec_budget,
-                                   log, inprocess=args.inprocess)
+                                   log, inprocess=args.inprocess, name_filter=args.filter)
 
     all_rows = common.merge_csv(out_dir / "results.csv", rows)
     command = "python benchmarks/run_all.py" + (" --device " + args.device if args.device != "cpu" else "")
     if quick:
         command += " --quick"
+    subset = f"`--filter '{args.filter}'`" if args.filter else None
     wall = time.time() - t_start
-    write_results_md(out_dir / "RESULTS.md", all_rows, command, wall, _key(rows[0]) if rows else None)
+    write_results_md(out_dir / "RESULTS.md", all_rows, command, wall, _key(rows[0]) if rows else None, subset)
     write_plot(out_dir / "plot.png", [r for r in all_rows if rows and _key(r) == _key(rows[0])])
     print(f"wrote {out_dir / 'results.csv'}, {out_dir / 'RESULTS.md'}, {out_dir / 'plot.png'} "
           f"in {wall / 60:.1f} min", flush=True)
