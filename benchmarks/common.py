@@ -335,31 +335,30 @@ def collect_variants(
     local_row: Callable[[str, str], Dict[str, Any]], log: Callable[[str], None],
 ) -> List[Dict[str, Any]]:
     """Run every variant over the workloads ``names``: one fresh worker process per
-    variant (``python -m module --worker --variant V *worker_args --workloads ...``), or,
+    (workload, variant) (``python -m module --worker --variant V *worker_args --workloads W``), or,
     with ``inprocess``, ``local_row(variant, name)`` here (faster; peak memory is then
     not per variant and rows say so). Workloads a crashed worker did not report get an
     error row carrying the reason."""
     rows: List[Dict[str, Any]] = []
-    for variant in variants:
-        log(f"[{bench}] {variant}: {len(names)} workloads")
-        if inprocess:
-            got, failure = [local_row(variant, n) for n in names], ""
-            for r in got:
-                if r["status"] == "ok":
-                    r["note"] = (r.get("note") or "") + "in-process run (memory not isolated)"
-        else:
-            got, failure = run_worker(module, ["--worker", "--variant", variant, *worker_args,
-                                               "--workloads", ",".join(names)])
-        done = {r["workload"] for r in got}
-        for n in names:
-            if n not in done:
+    # Workload-major order: the variants of one workload run back to back, so a load that
+    # drifts over the run (a shared machine) skews their ratios as little as possible.
+    for n in names:
+        log(f"[{bench}] {n}")
+        for variant in variants:
+            if inprocess:
+                got, failure = [local_row(variant, n)], ""
+                if got[0]["status"] == "ok":
+                    got[0]["note"] = (got[0].get("note") or "") + "in-process run (memory not isolated)"
+            else:
+                got, failure = run_worker(module, ["--worker", "--variant", variant, *worker_args, "--workloads", n])
+            if not any(r["workload"] == n for r in got):
                 r = base_row(env, bench, n, variant)
                 r.update(status="error", note=failure or "worker emitted no row", shape=shapes.get(n, ""))
                 got.append(r)
-        for r in got:
-            log(f"  {r['workload']:<40} {r['status']:<8} median {r.get('median_ms', '')} ms "
-                f"extra {r.get('extra_mem_mib', '')} MiB {r.get('note', '')}")
-        rows += got
+            for r in got:
+                log(f"  {variant:<10} {r['status']:<8} median {r.get('median_ms', '')} ms "
+                    f"extra {r.get('extra_mem_mib', '')} MiB {r.get('note', '')}")
+            rows += got
     return rows
 
 
@@ -392,12 +391,20 @@ def read_csv(path: Path) -> List[Dict[str, Any]]:
         return list(csv.DictReader(f))
 
 
-def merge_csv(path: Path, new_rows: Iterable[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """Write ``new_rows`` into the CSV at path, replacing the old rows of the same
-    (device, torch_version, lpl_ext_version) key and keeping the rest; returns all rows."""
+def merge_csv(path: Path, new_rows: Iterable[Dict[str, Any]], whole_key: bool = True) -> List[Dict[str, Any]]:
+    """Write ``new_rows`` into the CSV at path and return all rows. ``whole_key``: the old
+    rows of the same (device, torch_version, lpl_ext_version) key are all replaced (a full
+    run); otherwise only those of the same (key, bench, workload, variant) (a subset run
+    adds to the earlier rows of its key). Rows of other keys are always kept."""
     new_rows = list(new_rows)
-    keys = {tuple(str(r.get(k, "")) for k in KEY_FIELDS) for r in new_rows}
-    kept = [r for r in read_csv(path) if tuple(str(r.get(k, "")) for k in KEY_FIELDS) not in keys]
+
+    def ident(r: Dict[str, Any]) -> tuple:
+        base = tuple(str(r.get(k, "")) for k in KEY_FIELDS)
+        return base if whole_key else base + (str(r.get("bench", "")), str(r.get("workload", "")),
+                                              str(r.get("variant", "")))
+
+    replaced = {ident(r) for r in new_rows}
+    kept = [r for r in read_csv(path) if ident(r) not in replaced]
     rows = kept + new_rows
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:

@@ -157,8 +157,8 @@ def write_results_md(path: Path, all_rows: List[Dict[str, Any]], command: str, w
         f" (this run: {wall_s / 60:.1f} min). Raw rows: [results.csv](results.csv); plot: [plot.png](plot.png);",
         "method and profiling notes: [docs/benchmarks.md](../docs/benchmarks.md).",
         "",
-        *([f"> **This file holds a subset of the grid** (run with {subset}); the plain command runs all of it.",
-           ""] if subset else []),
+        *([f"> **Rows come from subset runs of the grid** (the last with {subset}); the plain command"
+           " runs all of it.", ""] if subset else []),
         "- Variants run side by side in the same run, each in a fresh worker process: **eager** (the LPL head"
         " written in plain PyTorch: kthvalue/std/max_pool2d outlier mask vectorized over planes, normalization,"
         " distance, reductions), **compile** (the same function under `torch.compile`, compiled before timing;"
@@ -185,7 +185,8 @@ def write_results_md(path: Path, all_rows: List[Dict[str, Any]], command: str, w
         out += [
             f"## {first['device']} — torch {first['torch_version']}, lpl_ext {first['lpl_ext_version']}",
             "",
-            f"{first.get('threads', '?')} threads; copy bandwidth {_fmt(bw, 1)} GB/s; measured "
+            f"{first.get('threads', '?')} threads; copy bandwidth {_fmt(bw, 1)} GB/s (each row's own run: "
+            "results.csv); measured "
             f"{min(r['timestamp'] for r in rows)[:16].replace('T', ' ')}.",
             "",
             "### Loss head (forward + backward), SDXL feature pyramid",
@@ -320,7 +321,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         rows += bench_decoder.run(mode, args.device, bench_decoder.VARIANTS, env, 3 if quick else 5, dec_budget,
                                    log, inprocess=args.inprocess, name_filter=args.filter)
 
-    all_rows = common.merge_csv(out_dir / "results.csv", rows)
+    # A --filter run adds to (replaces only its own rows of) the earlier rows of this key.
+    all_rows = common.merge_csv(out_dir / "results.csv", rows, whole_key=not args.filter)
     command = "python benchmarks/run_all.py" + (" --device " + args.device if args.device != "cpu" else "")
     if quick:
         command += " --quick"

@@ -111,8 +111,12 @@ def test_csv_merge_replaces_only_its_key(tmp_path: Path) -> None:
     env_b = dict(env_a, device="GPU B")
     common.merge_csv(path, [common.base_row(env_a, "head", "w", "eager"), common.base_row(env_b, "head", "w", "eager")])
     new = common.base_row(env_a, "head", "w2", "lpl_ext")
-    rows = common.merge_csv(path, [new])
+    rows = common.merge_csv(path, [new])  # a full run replaces its whole key
     assert sorted((r["device"], r["workload"]) for r in rows) == [("GPU B", "w"), ("cpu A", "w2")]
+    again = dict(common.base_row(env_a, "head", "w2", "lpl_ext"), note="re-measured")
+    rows = common.merge_csv(path, [again, common.base_row(env_a, "head", "w3", "eager")], whole_key=False)
+    assert sorted((r["device"], r["workload"], r["note"]) for r in rows) == [
+        ("GPU B", "w", ""), ("cpu A", "w2", "re-measured"), ("cpu A", "w3", "")]
 
 
 def test_timing_quantiles() -> None:
