@@ -23,6 +23,7 @@
 /* ---- one instantiation per storage dtype ------------------------------------------- */
 #define FD_T float
 #define FD_ACC float
+#define FD_UINT uint32_t
 #define FD_LOAD(v) (v)
 #define FD_STORE(v) (v)
 #define FD_SUFFIX f32
@@ -30,30 +31,35 @@
 #include "feature_distance_cpu_impl.h"
 #undef FD_T
 #undef FD_ACC
+#undef FD_UINT
 #undef FD_LOAD
 #undef FD_STORE
 #undef FD_SUFFIX
 
 #define FD_T uint16_t
 #define FD_ACC float
+#define FD_UINT uint32_t
 #define FD_LOAD(v) lpl_half_to_float(v)
 #define FD_STORE(v) lpl_float_to_half(v)
 #define FD_SUFFIX f16
 #include "feature_distance_cpu_impl.h"
 #undef FD_T
 #undef FD_ACC
+#undef FD_UINT
 #undef FD_LOAD
 #undef FD_STORE
 #undef FD_SUFFIX
 
 #define FD_T uint16_t
 #define FD_ACC float
+#define FD_UINT uint32_t
 #define FD_LOAD(v) lpl_bf16_to_float(v)
 #define FD_STORE(v) lpl_float_to_bf16(v)
 #define FD_SUFFIX bf16
 #include "feature_distance_cpu_impl.h"
 #undef FD_T
 #undef FD_ACC
+#undef FD_UINT
 #undef FD_LOAD
 #undef FD_STORE
 #undef FD_SUFFIX
@@ -61,6 +67,7 @@
 
 #define FD_T double
 #define FD_ACC double
+#define FD_UINT uint64_t
 #define FD_LOAD(v) (v)
 #define FD_STORE(v) (v)
 #define FD_SUFFIX f64
@@ -68,6 +75,7 @@
 #include "feature_distance_cpu_impl.h"
 #undef FD_T
 #undef FD_ACC
+#undef FD_UINT
 #undef FD_LOAD
 #undef FD_STORE
 #undef FD_SUFFIX

@@ -31,6 +31,89 @@ static void FD_FN(fd_plane_moments)(const FD_T *y, const uint8_t *m, int64_t hw,
     *m2 = q;
 }
 
+/* Row kernels. Each is always inlined into a switch that passes its flags as literal
+ * constants, so every combination compiles to its own branch-free loop that GCC
+ * vectorizes (a runtime ternary per element kept these loops scalar). y is loaded
+ * unconditionally and selected by the mask, never multiplied by it: a NaN under the mask
+ * must not leak into the loss. */
+#define FD_INLINE static inline __attribute__((always_inline))
+
+/* v where the mask byte is nonzero, else +0. Done with an integer AND on the bits, not a
+ * multiply (a NaN under the mask must not leak) nor a select (GCC 12 keeps loops with
+ * byte-conditioned float selects scalar). */
+FD_INLINE FD_ACC FD_FN(fd_keep_select)(FD_ACC v, uint8_t keep) {
+    FD_UINT bits;
+    memcpy(&bits, &v, sizeof(bits));
+    bits &= (FD_UINT)0 - (FD_UINT)(keep != 0);
+    memcpy(&v, &bits, sizeof(v));
+    return v;
+}
+
+/* shared / batch / none: d = (x - b) s - (y - b) s with s per pixel (shared) or per
+ * channel (batch, none); returns sum of keep * e, writes the gradient when has_grad. */
+FD_INLINE FD_ACC FD_FN(fd_row)(const FD_T *restrict xr, const FD_T *restrict yr,
+                               const uint8_t *restrict mr, FD_T *restrict gr,
+                               const FD_ACC *restrict scale_px, FD_ACC a, FD_ACC b, FD_ACC cf,
+                               int64_t len, const int has_mask, const int per_pixel,
+                               const int dist, const int has_grad) {
+    FD_ACC s = 0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = 0; i < len; ++i) {
+        const FD_ACC k = has_mask ? (FD_ACC)(mr[i] != 0) : (FD_ACC)1;
+        const FD_ACC yv = FD_FN(fd_keep_select)(FD_LOAD(yr[i]), has_mask ? mr[i] : 1);
+        const FD_ACC sc = per_pixel ? scale_px[i] : a;
+        const FD_ACC d = (FD_LOAD(xr[i]) - b) * sc - (yv - b) * sc;
+        s += k * FD_M(lpl_dist_value)(d, dist);
+        if (has_grad) gr[i] = FD_STORE(cf * k * FD_M(lpl_dist_deriv)(d, dist) * sc);
+    }
+    return s;
+}
+
+/* default, sweep 2: d = x rx - y ry; returns sum of keep * e, accumulates sum_c g_c x_c. */
+FD_INLINE FD_ACC FD_FN(fd_row_default)(const FD_T *restrict xr, const FD_T *restrict yr,
+                                       const uint8_t *restrict mr, const FD_ACC *restrict rx,
+                                       const FD_ACC *restrict ry, FD_ACC *restrict dot, FD_ACC cf,
+                                       int64_t len, const int has_mask, const int dist) {
+    FD_ACC s = 0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = 0; i < len; ++i) {
+        const FD_ACC k = has_mask ? (FD_ACC)(mr[i] != 0) : (FD_ACC)1;
+        const FD_ACC xv = FD_LOAD(xr[i]);
+        const FD_ACC yv = FD_FN(fd_keep_select)(FD_LOAD(yr[i]), has_mask ? mr[i] : 1);
+        const FD_ACC d = xv * rx[i] - yv * ry[i];
+        s += k * FD_M(lpl_dist_value)(d, dist);
+        dot[i] += cf * k * FD_M(lpl_dist_deriv)(d, dist) * xv;
+    }
+    return s;
+}
+
+/* default, sweep 3: the gradient through |x| (needs the whole column's dot). */
+FD_INLINE void FD_FN(fd_grad_default)(const FD_T *restrict xr, const FD_T *restrict yr,
+                                      const uint8_t *restrict mr, FD_T *restrict gr,
+                                      const FD_ACC *restrict rx, const FD_ACC *restrict ry,
+                                      const FD_ACC *restrict nx, const FD_ACC *restrict dot,
+                                      FD_ACC cf, int64_t len, const int has_mask, const int dist) {
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) {
+        const FD_ACC k = has_mask ? (FD_ACC)(mr[i] != 0) : (FD_ACC)1;
+        const FD_ACC xv = FD_LOAD(xr[i]);
+        const FD_ACC yv = FD_FN(fd_keep_select)(FD_LOAD(yr[i]), has_mask ? mr[i] : 1);
+        const FD_ACC d = xv * rx[i] - yv * ry[i];
+        const FD_ACC g = cf * k * FD_M(lpl_dist_deriv)(d, dist);
+        gr[i] = FD_STORE(FD_M(lpl_default_norm_grad)(g, xv, rx[i], nx[i], dot[i]));
+    }
+}
+
+/* channel-norm sweep: acc[i] += v^2 over one channel row (v = y*keep, or x). */
+FD_INLINE void FD_FN(fd_sumsq)(const FD_T *restrict vr, const uint8_t *restrict mr,
+                               FD_ACC *restrict acc, int64_t len, const int has_mask) {
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) {
+        const FD_ACC v = FD_FN(fd_keep_select)(FD_LOAD(vr[i]), has_mask ? mr[i] : 1);
+        acc[i] += v * v;
+    }
+}
+
 /* Per-tile work. scratch holds 5 * tile FD_ACC values owned by the calling thread;
  * sums[n * C + c] accumulates sum over the tile of keep * e. */
 static void FD_FN(fd_tile)(const lpl_fd_params *p, const double *coef, const FD_ACC *chan_scale,
@@ -41,9 +124,9 @@ static void FD_FN(fd_tile)(const lpl_fd_params *p, const double *coef, const FD_
     const FD_T *Y = (const FD_T *)p->y;
     FD_T *G = (FD_T *)p->grad;
     const uint8_t *Mk = p->mask;
-    const int norm = p->norm, dist = p->dist;
-    FD_ACC *sx = scratch;            /* default: sum x^2, then 1/(|x|+eps) */
-    FD_ACC *sy = scratch + tile;     /* sum y^2, then 1/(|y|+eps) */
+    const int norm = p->norm, dist = p->dist, has_mask = Mk != NULL;
+    FD_ACC *sx = scratch;             /* default: sum x^2, then 1/(|x|+eps) */
+    FD_ACC *sy = scratch + tile;      /* sum y^2, then 1/(|y|+eps) */
     FD_ACC *nxv = scratch + 2 * tile; /* default: |x| */
     FD_ACC *dot = scratch + 3 * tile; /* default: sum_c g_c x_c */
 
@@ -51,29 +134,11 @@ static void FD_FN(fd_tile)(const lpl_fd_params *p, const double *coef, const FD_
         for (int64_t i = 0; i < len; ++i) sx[i] = sy[i] = dot[i] = 0;
         for (int64_t c = 0; c < C; ++c) {
             const int64_t off = (n * C + c) * hw + p0;
-            const FD_T *xr = X + off;
-            const FD_T *yr = Y + off;
-            const uint8_t *mr = Mk ? Mk + off : NULL;
-            if (norm == LPL_NORM_DEFAULT) {
-#pragma omp simd
-                for (int64_t i = 0; i < len; ++i) {
-                    FD_ACC xv = FD_LOAD(xr[i]);
-                    sx[i] += xv * xv;
-                }
-            }
-            if (mr) {
-#pragma omp simd
-                for (int64_t i = 0; i < len; ++i) {
-                    FD_ACC yv = mr[i] ? FD_LOAD(yr[i]) : (FD_ACC)0;
-                    sy[i] += yv * yv;
-                }
-            } else {
-#pragma omp simd
-                for (int64_t i = 0; i < len; ++i) {
-                    FD_ACC yv = FD_LOAD(yr[i]);
-                    sy[i] += yv * yv;
-                }
-            }
+            if (norm == LPL_NORM_DEFAULT) FD_FN(fd_sumsq)(X + off, NULL, sx, len, 0);
+            if (has_mask)
+                FD_FN(fd_sumsq)(Y + off, Mk + off, sy, len, 1);
+            else
+                FD_FN(fd_sumsq)(Y + off, NULL, sy, len, 0);
         }
         const double eps = norm == LPL_NORM_DEFAULT ? LPL_EPS_DEFAULT : LPL_EPS_SHARED;
         for (int64_t i = 0; i < len; ++i) {
@@ -89,45 +154,44 @@ static void FD_FN(fd_tile)(const lpl_fd_params *p, const double *coef, const FD_
         const int64_t off = (n * C + c) * hw + p0;
         const FD_T *xr = X + off;
         const FD_T *yr = Y + off;
-        const uint8_t *mr = Mk ? Mk + off : NULL;
+        const uint8_t *mr = has_mask ? Mk + off : NULL;
         FD_T *gr = G ? G + off : NULL;
         const FD_ACC cf = (FD_ACC)coef[n * C + c];
         FD_ACC s = 0;
         if (norm == LPL_NORM_DEFAULT) {
-#pragma omp simd reduction(+ : s)
-            for (int64_t i = 0; i < len; ++i) {
-                FD_ACC k = mr ? (FD_ACC)(mr[i] != 0) : (FD_ACC)1;
-                FD_ACC xv = FD_LOAD(xr[i]);
-                FD_ACC yv = (mr && !mr[i]) ? (FD_ACC)0 : FD_LOAD(yr[i]);
-                FD_ACC d = xv * sx[i] - yv * sy[i];
-                s += k * FD_M(lpl_dist_value)(d, dist);
-                dot[i] += cf * k * FD_M(lpl_dist_deriv)(d, dist) * xv;
+#define FD_DEF(HM, DI) FD_FN(fd_row_default)(xr, yr, mr, sx, sy, dot, cf, len, HM, DI)
+            switch (has_mask << 1 | dist) {
+            case 0: s = FD_DEF(0, 0); break;
+            case 1: s = FD_DEF(0, 1); break;
+            case 2: s = FD_DEF(1, 0); break;
+            default: s = FD_DEF(1, 1); break;
             }
+#undef FD_DEF
         } else {
             /* shared: per-pixel scale; batch: per-channel scale and shift; none: 1, 0 */
             const FD_ACC a = norm == LPL_NORM_BATCH ? chan_scale[c] : (FD_ACC)1;
             const FD_ACC b = norm == LPL_NORM_BATCH ? chan_shift[c] : (FD_ACC)0;
             const int per_pixel = norm == LPL_NORM_SHARED;
-            if (gr) {
-#pragma omp simd reduction(+ : s)
-                for (int64_t i = 0; i < len; ++i) {
-                    FD_ACC k = mr ? (FD_ACC)(mr[i] != 0) : (FD_ACC)1;
-                    FD_ACC sc = per_pixel ? sy[i] : a;
-                    FD_ACC yv = (mr && !mr[i]) ? (FD_ACC)0 : FD_LOAD(yr[i]);
-                    FD_ACC d = (FD_LOAD(xr[i]) - b) * sc - (yv - b) * sc;
-                    s += k * FD_M(lpl_dist_value)(d, dist);
-                    gr[i] = FD_STORE(cf * k * FD_M(lpl_dist_deriv)(d, dist) * sc);
-                }
-            } else {
-#pragma omp simd reduction(+ : s)
-                for (int64_t i = 0; i < len; ++i) {
-                    FD_ACC k = mr ? (FD_ACC)(mr[i] != 0) : (FD_ACC)1;
-                    FD_ACC sc = per_pixel ? sy[i] : a;
-                    FD_ACC yv = (mr && !mr[i]) ? (FD_ACC)0 : FD_LOAD(yr[i]);
-                    FD_ACC d = (FD_LOAD(xr[i]) - b) * sc - (yv - b) * sc;
-                    s += k * FD_M(lpl_dist_value)(d, dist);
-                }
+#define FD_ROW(HM, PP, DI, HG) FD_FN(fd_row)(xr, yr, mr, gr, sy, a, b, cf, len, HM, PP, DI, HG)
+            switch (has_mask << 3 | per_pixel << 2 | dist << 1 | (gr != NULL)) {
+            case 0: s = FD_ROW(0, 0, 0, 0); break;
+            case 1: s = FD_ROW(0, 0, 0, 1); break;
+            case 2: s = FD_ROW(0, 0, 1, 0); break;
+            case 3: s = FD_ROW(0, 0, 1, 1); break;
+            case 4: s = FD_ROW(0, 1, 0, 0); break;
+            case 5: s = FD_ROW(0, 1, 0, 1); break;
+            case 6: s = FD_ROW(0, 1, 1, 0); break;
+            case 7: s = FD_ROW(0, 1, 1, 1); break;
+            case 8: s = FD_ROW(1, 0, 0, 0); break;
+            case 9: s = FD_ROW(1, 0, 0, 1); break;
+            case 10: s = FD_ROW(1, 0, 1, 0); break;
+            case 11: s = FD_ROW(1, 0, 1, 1); break;
+            case 12: s = FD_ROW(1, 1, 0, 0); break;
+            case 13: s = FD_ROW(1, 1, 0, 1); break;
+            case 14: s = FD_ROW(1, 1, 1, 0); break;
+            default: s = FD_ROW(1, 1, 1, 1); break;
             }
+#undef FD_ROW
         }
         sums[n * C + c] += (double)s;
     }
@@ -139,18 +203,17 @@ static void FD_FN(fd_tile)(const lpl_fd_params *p, const double *coef, const FD_
             const int64_t off = (n * C + c) * hw + p0;
             const FD_T *xr = X + off;
             const FD_T *yr = Y + off;
-            const uint8_t *mr = Mk ? Mk + off : NULL;
+            const uint8_t *mr = has_mask ? Mk + off : NULL;
             FD_T *gr = G + off;
             const FD_ACC cf = (FD_ACC)coef[n * C + c];
-#pragma omp simd
-            for (int64_t i = 0; i < len; ++i) {
-                FD_ACC k = mr ? (FD_ACC)(mr[i] != 0) : (FD_ACC)1;
-                FD_ACC xv = FD_LOAD(xr[i]);
-                FD_ACC yv = (mr && !mr[i]) ? (FD_ACC)0 : FD_LOAD(yr[i]);
-                FD_ACC d = xv * sx[i] - yv * sy[i];
-                FD_ACC g = cf * k * FD_M(lpl_dist_deriv)(d, dist);
-                gr[i] = FD_STORE(FD_M(lpl_default_norm_grad)(g, xv, sx[i], nxv[i], dot[i]));
+#define FD_GD(HM, DI) FD_FN(fd_grad_default)(xr, yr, mr, gr, sx, sy, nxv, dot, cf, len, HM, DI)
+            switch (has_mask << 1 | dist) {
+            case 0: FD_GD(0, 0); break;
+            case 1: FD_GD(0, 1); break;
+            case 2: FD_GD(1, 0); break;
+            default: FD_GD(1, 1); break;
             }
+#undef FD_GD
         }
     }
 }
@@ -244,5 +307,6 @@ fail:
 }
 
 #undef FD_FN
+#undef FD_INLINE
 #undef FD_CAT
 #undef FD_CAT2

@@ -111,12 +111,16 @@ LPL_HD double lpl_inv_norm_d(double sumsq, double eps) { return 1.0 / (sqrt(sums
  *   dL/dx_j = r g_j - (r^2 / ||x||) x_j sum_c g_c x_c.
  * At ||x|| == 0 the second term is taken as 0 (the subgradient torch's norm uses). */
 LPL_HD float lpl_default_norm_grad_f(float g, float x, float r, float norm, float dot) {
-    float second = norm > 0.0f ? (r * r / norm) * x * dot : 0.0f;
-    return r * g - second;
+    /* the division runs unconditionally on a safe denominator so that loops calling this
+     * stay branch-free (and vectorize) */
+    const float safe = norm > 0.0f ? norm : 1.0f;
+    const float second = (r * r / safe) * x * dot;
+    return r * g - (norm > 0.0f ? second : 0.0f);
 }
 LPL_HD double lpl_default_norm_grad_d(double g, double x, double r, double norm, double dot) {
-    double second = norm > 0.0 ? (r * r / norm) * x * dot : 0.0;
-    return r * g - second;
+    const double safe = norm > 0.0 ? norm : 1.0;
+    const double second = (r * r / safe) * x * dot;
+    return r * g - (norm > 0.0 ? second : 0.0);
 }
 
 /* Weight of one (n, c) plane in the per-sample loss: w / (C * M), 0 for an empty mask
