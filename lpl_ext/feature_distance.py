@@ -93,29 +93,37 @@ if torch is not None:
 
     class FeatureDistanceFunction(torch.autograd.Function):
         """Autograd wrapper: forward runs the fused kernel (loss and grad), backward
-        multiplies the kept gradient by grad_output[n]."""
+        multiplies the kept gradient by grad_output[n].
+
+        By default backward scales the kept gradient in place and hands it over: no second
+        x-sized allocation (on CPU its page faults cost as much as the kernel). The buffer
+        is then spent, and a second backward through the same graph raises torch's
+        "modified by an inplace operation" error. ``reentrant=True`` keeps it intact
+        (retain_graph, gradcheck) at the price of a scaled copy per backward."""
 
         @staticmethod
-        def forward(ctx, x, y, mask, norm, distance, weight):  # type: ignore[override]
+        def forward(ctx, x, y, mask, norm, distance, weight, reentrant=False):  # type: ignore[override]
             loss, grad = _forward_torch(x, y, mask, norm, distance, weight, need_grad=x.requires_grad)
             ctx.save_for_backward(grad if grad is not None else torch.empty(0))
             ctx.has_grad = grad is not None
+            ctx.reentrant = bool(reentrant)
             return loss
 
         @staticmethod
         @torch.autograd.function.once_differentiable
         def backward(ctx, grad_loss):  # type: ignore[override]
+            nones = (None,) * 6
             (grad,) = ctx.saved_tensors
             if not ctx.has_grad or not ctx.needs_input_grad[0]:
-                return None, None, None, None, None, None
+                return (None,) + nones
             if not grad.is_cuda and bool((grad_loss == 1).all()):
-                # d(loss.sum())/dx is the kept gradient itself: hand it over without a copy
-                # (a pass over the whole feature tensor). It is never modified afterwards, so
-                # a retained graph can run backward again. The check costs a host sync, so
-                # CUDA always rescales.
-                return grad, None, None, None, None, None
+                # d(loss.sum())/dx is the kept gradient itself: no pass at all. The check
+                # costs a host sync, so CUDA always rescales.
+                return (grad,) + nones
             scale = grad_loss.to(grad.dtype).view(-1, 1, 1, 1)
-            return grad * scale, None, None, None, None, None
+            if ctx.reentrant:
+                return (grad * scale,) + nones
+            return (grad.mul_(scale),) + nones
 
 else:  # pragma: no cover
     FeatureDistanceFunction = None  # type: ignore[assignment,misc]
@@ -129,6 +137,7 @@ def feature_distance(
     norm: str = "shared",
     distance: str = "mse",
     weight: float = 1.0,
+    reentrant: bool = False,
 ) -> Any:
     """Per-sample LPL distance of one layer.
 
@@ -142,6 +151,9 @@ def feature_distance(
             target's channel norm), "batch" (per-channel mean/std of the target) or "none".
         distance: "mse" or "l1".
         weight: layer weight w (e.g. 2**-min(i, 3) with pow_law).
+        reentrant: allow more than one backward through the same graph (retain_graph,
+            gradcheck); by default backward rescales the kept gradient in place, which
+            saves an x-sized allocation per layer.
 
     Returns:
         (N,) loss in x's dtype (a tensor or an array like x). Accumulation is fp32 for
@@ -152,6 +164,6 @@ def feature_distance(
     if isinstance(x, np.ndarray):
         return _forward_numpy(x, y, mask, norm, distance, weight)
     if x.requires_grad and torch.is_grad_enabled():
-        return FeatureDistanceFunction.apply(x, y, mask, norm, distance, weight)
+        return FeatureDistanceFunction.apply(x, y, mask, norm, distance, weight, reentrant)
     loss, _ = _forward_torch(x, y, mask, norm, distance, weight, need_grad=False)
     return loss

@@ -138,20 +138,41 @@ def test_fp16_eps_and_overflow_do_not_break():
 def test_gradcheck(norm, distance, masked, seed):
     x, y, mask = make_inputs((2, 3, 4, 5), masked=masked, seed=100 + seed)
     x.requires_grad_(True)
-    fn = lambda inp: lpl_ext.feature_distance(inp, y, mask, norm=norm, distance=distance, weight=0.75)  # noqa: E731
+    # gradcheck runs backward several times through one graph: reentrant=True
+    fn = lambda inp: lpl_ext.feature_distance(  # noqa: E731
+        inp, y, mask, norm=norm, distance=distance, weight=0.75, reentrant=True
+    )
     assert torch.autograd.gradcheck(fn, (x,), eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
 def test_gradient_computed_in_forward_and_rescaled():
-    """backward only multiplies the kept gradient: two backward calls with different
-    grad_outputs (retain_graph) give proportional gradients."""
+    """backward only multiplies the kept gradient: backward calls with different
+    grad_outputs through one (reentrant) graph give proportional gradients."""
     x, y, mask = make_inputs((2, 4, 6, 6), masked=True)
     x.requires_grad_(True)
-    loss = lpl_ext.feature_distance(x, y, mask, norm="default")
+    loss = lpl_ext.feature_distance(x, y, mask, norm="default", reentrant=True)
     (g1,) = torch.autograd.grad(loss, x, torch.tensor([1.0, 1.0], dtype=torch.float64), retain_graph=True)
-    (g2,) = torch.autograd.grad(loss, x, torch.tensor([3.0, -2.0], dtype=torch.float64))
+    (g2,) = torch.autograd.grad(loss, x, torch.tensor([3.0, -2.0], dtype=torch.float64), retain_graph=True)
+    (g3,) = torch.autograd.grad(loss, x, torch.tensor([1.0, 1.0], dtype=torch.float64))
     torch.testing.assert_close(g2[0], 3 * g1[0])
     torch.testing.assert_close(g2[1], -2 * g1[1])
+    torch.testing.assert_close(g3, g1, rtol=0, atol=0)
+
+
+def test_default_backward_scales_in_place_once():
+    """Without reentrant, backward scales the kept gradient in place (no second x-sized
+    allocation); a second backward through the same graph is refused by torch's own
+    in-place check instead of returning a wrong gradient."""
+    x, y, mask = make_inputs((2, 4, 6, 6), masked=True)
+    x.requires_grad_(True)
+    xr = x.detach().clone().requires_grad_(True)
+    (ref_grad,) = torch.autograd.grad((ref_feature_distance(xr, y, mask, "shared") * torch.tensor([0.5, -4.0], dtype=torch.float64)).sum(), xr)
+    loss = lpl_ext.feature_distance(x, y, mask, norm="shared")
+    go = torch.tensor([0.5, -4.0], dtype=torch.float64)
+    (g,) = torch.autograd.grad(loss, x, go, retain_graph=True)
+    torch.testing.assert_close(g, ref_grad, rtol=1e-9, atol=1e-12)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(loss, x, go)
 
 
 def test_no_grad_when_not_required():
@@ -321,5 +342,5 @@ class TestCUDA:
         x, y, mask = make_inputs((2, 3, 4, 5), masked=True, device="cuda")
         x.requires_grad_(True)
         for norm in NORMS:
-            fn = lambda inp: lpl_ext.feature_distance(inp, y, mask, norm=norm)  # noqa: E731
+            fn = lambda inp: lpl_ext.feature_distance(inp, y, mask, norm=norm, reentrant=True)  # noqa: E731
             assert torch.autograd.gradcheck(fn, (x,), eps=1e-6, atol=1e-7, rtol=1e-5)

@@ -1,6 +1,5 @@
-"""Executes every ```python block of the "Use it in your trainer" section: from README.md
-once it has the section (heading "## Use it in your trainer"), else from the fragment
-docs/use_in_trainer.md that is merged into it."""
+"""Executes every ```python block of the "Use it in your trainer" and "The kernels" sections
+of README.md."""
 
 from __future__ import annotations
 
@@ -13,16 +12,12 @@ ROOT = Path(__file__).resolve().parents[1]
 HEADING = "## Use it in your trainer"
 
 
-def trainer_section() -> tuple[str, str]:
-    """(source name, markdown text of the section)."""
-    readme = ROOT / "README.md"
-    text = readme.read_text(encoding="utf-8") if readme.exists() else ""
-    lines = text.splitlines()
-    if HEADING in (line.rstrip() for line in lines):
-        start = next(i for i, line in enumerate(lines) if line.rstrip() == HEADING)
-        end = next((j for j in range(start + 1, len(lines)) if re.match(r"^## (?!#)", lines[j])), len(lines))
-        return "README.md", "\n".join(lines[start:end])
-    return "docs/use_in_trainer.md", (ROOT / "docs" / "use_in_trainer.md").read_text(encoding="utf-8")
+def trainer_section(heading: str = HEADING) -> tuple[str, str]:
+    """(source name, markdown text of the README section under `heading`)."""
+    lines = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
+    start = next(i for i, line in enumerate(lines) if line.rstrip() == heading)
+    end = next((j for j in range(start + 1, len(lines)) if re.match(r"^## (?!#)", lines[j])), len(lines))
+    return "README.md", "\n".join(lines[start:end])
 
 
 def python_blocks(markdown: str) -> list[str]:
@@ -43,3 +38,12 @@ def test_section_has_the_trainer_snippets():
 def test_snippet_runs(index, capsys):
     namespace = {"__name__": f"readme_snippet_{index}"}
     exec(compile(BLOCKS[index], f"{SOURCE}[python block {index}]", "exec"), namespace)
+
+
+KERNEL_BLOCKS = python_blocks(trainer_section("## The kernels")[1])
+
+
+@pytest.mark.parametrize("index", range(len(KERNEL_BLOCKS)), ids=lambda i: f"kernels{i}")
+def test_kernel_snippet_runs(index):
+    assert KERNEL_BLOCKS, "README.md: 'The kernels' has no python block"
+    exec(compile(KERNEL_BLOCKS[index], f"README.md[kernels block {index}]", "exec"), {"__name__": "readme_kernels"})

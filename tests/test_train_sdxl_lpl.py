@@ -171,9 +171,9 @@ def test_objective_gets_the_lpl_flags(monkeypatch):
 
 
 def test_readme_main_command_parses():
-    """docs/trainer.md: first command is `accelerate launch train_sdxl_lpl.py`, has no comment after a line
+    """README.md: first command is `accelerate launch train_sdxl_lpl.py`, has no comment after a line
     continuation (the reference README's bug) and every shown command's flags parse."""
-    text = (ROOT / "docs" / "trainer.md").read_text()
+    text = (ROOT / "README.md").read_text()
     blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
     assert blocks
     first = blocks[0].strip().splitlines()
