@@ -153,8 +153,7 @@ int lpl_cpu_feature_distance(const lpl_fd_params *p, char *err) {
     }
 
     if (p->norm == LPL_NORM_BATCH) {
-        /* Per-channel mean and unbiased std of y*keep over (n, h, w); planes combined with
-         * Chan's parallel formula so large planes keep their precision. */
+        /* Per-channel mean and unbiased std of y*keep over (n, h, w). */
         plane_sum = (double *)malloc(sizeof(double) * nplanes);
         plane_m2 = (double *)malloc(sizeof(double) * nplanes);
         chan_mean = (double *)malloc(sizeof(double) * nchan);
@@ -165,22 +164,8 @@ int lpl_cpu_feature_distance(const lpl_fd_params *p, char *err) {
         }
 #pragma omp parallel for schedule(dynamic, 1) if (parallel)
         for (int64_t pl = 0; pl < planes; ++pl) plane_moments(p, pl, &plane_sum[pl], &plane_m2[pl]);
-        for (int64_t c = 0; c < C; ++c) {
-            double count = 0.0, mean = 0.0, m2 = 0.0;
-            for (int64_t n = 0; n < N; ++n) {
-                const double nb = (double)hw;
-                if (nb == 0.0) continue;
-                const double mb = plane_sum[n * C + c] / nb;
-                const double tot = count + nb;
-                const double delta = mb - mean;
-                mean += delta * nb / tot;
-                m2 += plane_m2[n * C + c] + delta * delta * count * nb / tot;
-                count = tot;
-            }
-            chan_mean[c] = mean;
-            /* torch.std semantics: divisor count - 1, NaN for a single value */
-            chan_std[c] = count > 1.0 ? sqrt(m2 / (count - 1.0)) : NAN;
-        }
+        for (int64_t c = 0; c < C; ++c)
+            lpl_channel_moments(plane_sum + c, plane_m2 + c, N, C, hw, &chan_mean[c], &chan_std[c]);
     }
 
     switch (p->dtype) {

@@ -123,6 +123,27 @@ LPL_HD double lpl_default_norm_grad_d(double g, double x, double r, double norm,
     return r * g - (norm > 0.0 ? second : 0.0);
 }
 
+/* Per-channel mean and unbiased std of the `batch` norm from per-plane sums and sums of
+ * squared deviations (each plane holds `plane_len` values; planes n * stride apart),
+ * merged with Chan's parallel formula so large planes keep their precision. torch.std
+ * semantics: divisor count - 1, NaN for a single value. */
+LPL_HD void lpl_channel_moments(const double *plane_sum, const double *plane_m2, int64_t n_planes,
+                                int64_t stride, int64_t plane_len, double *mean_out,
+                                double *std_out) {
+    double count = 0.0, mean = 0.0, m2 = 0.0;
+    const double nb = (double)plane_len;
+    for (int64_t n = 0; n < n_planes && nb > 0.0; ++n) {
+        const double mb = plane_sum[n * stride] / nb;
+        const double tot = count + nb;
+        const double delta = mb - mean;
+        mean += delta * nb / tot;
+        m2 += plane_m2[n * stride] + delta * delta * count * nb / tot;
+        count = tot;
+    }
+    *mean_out = mean;
+    *std_out = count > 1.0 ? sqrt(m2 / (count - 1.0)) : (double)NAN;
+}
+
 /* Weight of one (n, c) plane in the per-sample loss: w / (C * M), 0 for an empty mask
  * (spec section 4: a fully masked plane contributes 0, not 0/0). */
 LPL_HD double lpl_plane_coef(double weight, int64_t channels, double kept) {

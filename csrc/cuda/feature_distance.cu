@@ -73,18 +73,7 @@ __global__ void channel_moments_kernel(const double *__restrict__ plane_sum, con
                                        double *__restrict__ chan_mean, double *__restrict__ chan_std) {
     const int64_t c = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= channels) return;
-    double count = 0.0, mean = 0.0, m2 = 0.0;
-    const double nb = (double)hw;
-    for (int64_t n = 0; n < n_samples && nb > 0.0; ++n) {
-        const double mb = plane_sum[n * channels + c] / nb;
-        const double tot = count + nb;
-        const double delta = mb - mean;
-        mean += delta * nb / tot;
-        m2 += plane_m2[n * channels + c] + delta * delta * count * nb / tot;
-        count = tot;
-    }
-    chan_mean[c] = mean;
-    chan_std[c] = count > 1.0 ? sqrt(m2 / (count - 1.0)) : (double)NAN;
+    lpl_channel_moments(plane_sum + c, plane_m2 + c, n_samples, channels, hw, &chan_mean[c], &chan_std[c]);
 }
 
 template <typename T>
