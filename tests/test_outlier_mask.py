@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -127,7 +128,7 @@ SMALL_SHAPES = [(1, 1, 1, 1), (2, 3, 3, 5), (3, 2, 5, 3), (1, 2, 7, 7), (2, 1, 6
 def test_matches_reference_dtypes(shape, kind, dtype):
     """Every dtype, run by the reference in that dtype (kthvalue / std / arithmetic of
     torch in float16 and bfloat16 too), for the reference's two window pairs."""
-    y = make_features(shape, kind, seed=hash((shape, kind)) % 1000, dtype=dtype)
+    y = make_features(shape, kind, seed=zlib.crc32(repr((shape, kind)).encode()) % 1000, dtype=dtype)
     for closing, opening in [(3, 5), (1, 3)]:
         got = lpl_ext.outlier_mask(y, closing=closing, opening=opening)
         assert_same_mask(got, ref_outlier_mask(y, closing=closing, opening=opening))
