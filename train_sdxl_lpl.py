@@ -896,6 +896,67 @@ def _has_accelerator_device() -> bool:
     return bool(mps is not None and mps.is_available())
 
 
+RELAUNCH_ENV_VAR = "LPL_EXT_NO_CPU_RELAUNCH"
+
+
+def _requested_num_processes(launcher_argv: list[str], script: str) -> int | None:
+    """`--num_processes N` from an `accelerate launch` command line (only the launcher's own
+    options, i.e. the tokens before the training script), or None."""
+    script_name = os.path.basename(script)
+    end = next((i for i, tok in enumerate(launcher_argv) if os.path.basename(tok) == script_name),
+               len(launcher_argv))
+    opts = launcher_argv[:end]
+    for i, tok in enumerate(opts):
+        for flag in ("--num_processes", "--num-processes"):
+            value = None
+            if tok == flag and i + 1 < len(opts):
+                value = opts[i + 1]
+            elif tok.startswith(flag + "="):
+                value = tok.split("=", 1)[1]
+            if value is not None:
+                try:
+                    return int(value)
+                except ValueError:
+                    return None
+    return None
+
+
+def _relaunch_cpu_processes_if_requested(argv: list[str]) -> None:
+    """`accelerate launch --num_processes N` on a machine without GPUs runs ONE process
+    (accelerate picks its single-process launcher unless `--multi_gpu` is given) and says
+    nothing. Then restart this script under torchrun with N gloo processes, as
+    `accelerate launch --multi_gpu --num_processes N` would. Set LPL_EXT_NO_CPU_RELAUNCH=1
+    to keep accelerate's behaviour."""
+    if os.environ.get(RELAUNCH_ENV_VAR, "0") not in ("", "0"):
+        return
+    if "ACCELERATE_USE_CPU" not in os.environ:  # not started by accelerate's simple launcher
+        return
+    if any(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")) or _has_accelerator_device():
+        return
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as fh:
+            launcher_argv = [t.decode(errors="replace") for t in fh.read().split(b"\0") if t]
+    except OSError:
+        return
+    if "launch" not in launcher_argv and "accelerate.commands.launch" not in launcher_argv:
+        return
+    n = _requested_num_processes(launcher_argv, sys.argv[0])
+    if n is None or n < 2:
+        return
+    import socket
+
+    with socket.socket() as sock:  # a free rendezvous port on this machine
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n),
+           "--master_addr", "127.0.0.1", "--master_port", str(port), sys.argv[0], *argv]
+    print(f"train_sdxl_lpl: no GPU, and accelerate started 1 process for --num_processes {n}; "
+          f"restarting under torchrun with {n} CPU processes (gloo). Pass --multi_gpu to accelerate "
+          f"to skip this step, or set {RELAUNCH_ENV_VAR}=1 to keep one process.", file=sys.stderr, flush=True)
+    env = dict(os.environ, **{RELAUNCH_ENV_VAR: "1"})
+    os.execvpe(cmd[0], cmd, env)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
 
@@ -1179,4 +1240,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    _relaunch_cpu_processes_if_requested(sys.argv[1:])
     main(sys.argv[1:])

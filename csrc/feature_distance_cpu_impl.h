@@ -14,23 +14,6 @@
 #define FD_CAT(a, b) FD_CAT2(a, b)
 #define FD_FN(name) FD_CAT(name, FD_SUFFIX)
 
-/* Sum and sum of squared deviations of y*keep over one plane (batch norm statistics). */
-static void FD_FN(fd_plane_moments)(const FD_T *y, const uint8_t *m, int64_t hw, double *sum,
-                                    double *m2) {
-    double s = 0.0;
-#pragma omp simd reduction(+ : s)
-    for (int64_t i = 0; i < hw; ++i) s += (m == NULL || m[i]) ? (double)FD_LOAD(y[i]) : 0.0;
-    const double mean = hw > 0 ? s / (double)hw : 0.0;
-    double q = 0.0;
-#pragma omp simd reduction(+ : q)
-    for (int64_t i = 0; i < hw; ++i) {
-        double v = ((m == NULL || m[i]) ? (double)FD_LOAD(y[i]) : 0.0) - mean;
-        q += v * v;
-    }
-    *sum = s;
-    *m2 = q;
-}
-
 /* Row kernels. Each is always inlined into a switch that passes its flags as literal
  * constants, so every combination compiles to its own branch-free loop that GCC
  * vectorizes (a runtime ternary per element kept these loops scalar). y is loaded
@@ -41,12 +24,49 @@ static void FD_FN(fd_plane_moments)(const FD_T *y, const uint8_t *m, int64_t hw,
 /* v where the mask byte is nonzero, else +0. Done with an integer AND on the bits, not a
  * multiply (a NaN under the mask must not leak) nor a select (GCC 12 keeps loops with
  * byte-conditioned float selects scalar). */
+/* 1 where the mask byte is nonzero, else 0, by integer arithmetic only: written as
+ * `(float)(m != 0)` GCC 12 turns it into a branch in some row kernels, which then stay
+ * scalar ("control flow in loop"). (0 - m) has bit 31 set exactly when m != 0. */
+FD_INLINE uint32_t FD_FN(fd_keep_bit)(uint8_t m) { return (0u - (uint32_t)m) >> 31; }
+
 FD_INLINE FD_ACC FD_FN(fd_keep_select)(FD_ACC v, uint8_t keep) {
-    FD_UINT bits;
-    memcpy(&bits, &v, sizeof(bits));
-    bits &= (FD_UINT)0 - (FD_UINT)(keep != 0);
-    memcpy(&v, &bits, sizeof(v));
-    return v;
+    /* A union, not memcpy: memcpy takes the address of a local, which under `omp simd`
+     * becomes a per-lane array and keeps the whole loop scalar. C11 allows the pun. */
+    union {
+        FD_ACC f;
+        FD_UINT u;
+    } pun;
+    pun.f = v;
+    pun.u &= (FD_UINT)0 - (FD_UINT)FD_FN(fd_keep_bit)(keep);
+    return pun.f;
+}
+
+/* Sum and sum of squared deviations of y*keep over one plane (batch norm statistics),
+ * in double. Two branch-free loops, with and without a mask, like the row kernels. */
+FD_INLINE void FD_FN(fd_plane_moments_impl)(const FD_T *restrict y, const uint8_t *restrict m,
+                                            int64_t hw, double *sum, double *m2,
+                                            const int has_mask) {
+    double s = 0.0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = 0; i < hw; ++i)
+        s += (double)FD_FN(fd_keep_select)(FD_LOAD(y[i]), has_mask ? m[i] : 1);
+    const double mean = hw > 0 ? s / (double)hw : 0.0;
+    double q = 0.0;
+#pragma omp simd reduction(+ : q)
+    for (int64_t i = 0; i < hw; ++i) {
+        const double v = (double)FD_FN(fd_keep_select)(FD_LOAD(y[i]), has_mask ? m[i] : 1) - mean;
+        q += v * v;
+    }
+    *sum = s;
+    *m2 = q;
+}
+
+static void FD_FN(fd_plane_moments)(const FD_T *y, const uint8_t *m, int64_t hw, double *sum,
+                                    double *m2) {
+    if (m != NULL)
+        FD_FN(fd_plane_moments_impl)(y, m, hw, sum, m2, 1);
+    else
+        FD_FN(fd_plane_moments_impl)(y, NULL, hw, sum, m2, 0);
 }
 
 /* shared / batch / none: d = (x - b) s - (y - b) s with s per pixel (shared) or per
@@ -59,7 +79,7 @@ FD_INLINE FD_ACC FD_FN(fd_row)(const FD_T *restrict xr, const FD_T *restrict yr,
     FD_ACC s = 0;
 #pragma omp simd reduction(+ : s)
     for (int64_t i = 0; i < len; ++i) {
-        const FD_ACC k = has_mask ? (FD_ACC)(mr[i] != 0) : (FD_ACC)1;
+        const FD_ACC k = has_mask ? (FD_ACC)(int32_t)FD_FN(fd_keep_bit)(mr[i]) : (FD_ACC)1;
         const FD_ACC yv = FD_FN(fd_keep_select)(FD_LOAD(yr[i]), has_mask ? mr[i] : 1);
         const FD_ACC sc = per_pixel ? scale_px[i] : a;
         const FD_ACC d = (FD_LOAD(xr[i]) - b) * sc - (yv - b) * sc;
@@ -77,7 +97,7 @@ FD_INLINE FD_ACC FD_FN(fd_row_default)(const FD_T *restrict xr, const FD_T *rest
     FD_ACC s = 0;
 #pragma omp simd reduction(+ : s)
     for (int64_t i = 0; i < len; ++i) {
-        const FD_ACC k = has_mask ? (FD_ACC)(mr[i] != 0) : (FD_ACC)1;
+        const FD_ACC k = has_mask ? (FD_ACC)(int32_t)FD_FN(fd_keep_bit)(mr[i]) : (FD_ACC)1;
         const FD_ACC xv = FD_LOAD(xr[i]);
         const FD_ACC yv = FD_FN(fd_keep_select)(FD_LOAD(yr[i]), has_mask ? mr[i] : 1);
         const FD_ACC d = xv * rx[i] - yv * ry[i];
@@ -91,16 +111,16 @@ FD_INLINE FD_ACC FD_FN(fd_row_default)(const FD_T *restrict xr, const FD_T *rest
 FD_INLINE void FD_FN(fd_grad_default)(const FD_T *restrict xr, const FD_T *restrict yr,
                                       const uint8_t *restrict mr, FD_T *restrict gr,
                                       const FD_ACC *restrict rx, const FD_ACC *restrict ry,
-                                      const FD_ACC *restrict nx, const FD_ACC *restrict dot,
-                                      FD_ACC cf, int64_t len, const int has_mask, const int dist) {
+                                      const FD_ACC *restrict q, FD_ACC cf, int64_t len,
+                                      const int has_mask, const int dist) {
 #pragma omp simd
     for (int64_t i = 0; i < len; ++i) {
-        const FD_ACC k = has_mask ? (FD_ACC)(mr[i] != 0) : (FD_ACC)1;
+        const FD_ACC k = has_mask ? (FD_ACC)(int32_t)FD_FN(fd_keep_bit)(mr[i]) : (FD_ACC)1;
         const FD_ACC xv = FD_LOAD(xr[i]);
         const FD_ACC yv = FD_FN(fd_keep_select)(FD_LOAD(yr[i]), has_mask ? mr[i] : 1);
         const FD_ACC d = xv * rx[i] - yv * ry[i];
         const FD_ACC g = cf * k * FD_M(lpl_dist_deriv)(d, dist);
-        gr[i] = FD_STORE(FD_M(lpl_default_norm_grad)(g, xv, rx[i], nx[i], dot[i]));
+        gr[i] = FD_STORE(FD_M(lpl_default_norm_grad)(g, xv, rx[i], q[i]));
     }
 }
 
@@ -198,7 +218,9 @@ static void FD_FN(fd_tile)(const lpl_fd_params *p, const double *coef, const FD_
 
     if (norm == LPL_NORM_DEFAULT && G) {
         /* The gradient through |x| needs sum_c g_c x_c of the whole pixel column, so it is
-         * written in a third sweep over the (cached) tile. */
+         * written in a third sweep over the (cached) tile, after one per-pixel pass turns
+         * that sum into the coefficient q of x (in place of dot). */
+        for (int64_t i = 0; i < len; ++i) dot[i] = FD_M(lpl_default_norm_coef)(sx[i], nxv[i], dot[i]);
         for (int64_t c = 0; c < C; ++c) {
             const int64_t off = (n * C + c) * hw + p0;
             const FD_T *xr = X + off;
@@ -206,7 +228,7 @@ static void FD_FN(fd_tile)(const lpl_fd_params *p, const double *coef, const FD_
             const uint8_t *mr = has_mask ? Mk + off : NULL;
             FD_T *gr = G + off;
             const FD_ACC cf = (FD_ACC)coef[n * C + c];
-#define FD_GD(HM, DI) FD_FN(fd_grad_default)(xr, yr, mr, gr, sx, sy, nxv, dot, cf, len, HM, DI)
+#define FD_GD(HM, DI) FD_FN(fd_grad_default)(xr, yr, mr, gr, sx, sy, dot, cf, len, HM, DI)
             switch (has_mask << 1 | dist) {
             case 0: FD_GD(0, 0); break;
             case 1: FD_GD(0, 1); break;

@@ -108,20 +108,20 @@ LPL_HD float lpl_inv_norm_f(float sumsq, double eps) { return 1.0f / (sqrtf(sums
 LPL_HD double lpl_inv_norm_d(double sumsq, double eps) { return 1.0 / (sqrt(sumsq) + eps); }
 
 /* Gradient of L through x_n = x * r, r = 1 / (||x|| + eps), for one channel j:
- *   dL/dx_j = r g_j - (r^2 / ||x||) x_j sum_c g_c x_c.
- * At ||x|| == 0 the second term is taken as 0 (the subgradient torch's norm uses). */
-LPL_HD float lpl_default_norm_grad_f(float g, float x, float r, float norm, float dot) {
-    /* the division runs unconditionally on a safe denominator so that loops calling this
-     * stay branch-free (and vectorize) */
+ *   dL/dx_j = r g_j - q x_j,   q = (r^2 / ||x||) sum_c g_c x_c,
+ * with q computed once per pixel. At ||x|| == 0 q is taken as 0 (the subgradient torch's
+ * norm uses). Splitting q out keeps the per-channel loop free of the ||x|| == 0 test
+ * (GCC 12 left the combined form as a branch, and the loop scalar). */
+LPL_HD float lpl_default_norm_coef_f(float r, float norm, float dot) {
     const float safe = norm > 0.0f ? norm : 1.0f;
-    const float second = (r * r / safe) * x * dot;
-    return r * g - (norm > 0.0f ? second : 0.0f);
+    return norm > 0.0f ? (r * r / safe) * dot : 0.0f;
 }
-LPL_HD double lpl_default_norm_grad_d(double g, double x, double r, double norm, double dot) {
+LPL_HD double lpl_default_norm_coef_d(double r, double norm, double dot) {
     const double safe = norm > 0.0 ? norm : 1.0;
-    const double second = (r * r / safe) * x * dot;
-    return r * g - (norm > 0.0 ? second : 0.0);
+    return norm > 0.0 ? (r * r / safe) * dot : 0.0;
 }
+LPL_HD float lpl_default_norm_grad_f(float g, float x, float r, float coef) { return r * g - coef * x; }
+LPL_HD double lpl_default_norm_grad_d(double g, double x, double r, double coef) { return r * g - coef * x; }
 
 /* Per-channel mean and unbiased std of the `batch` norm from per-plane sums and sums of
  * squared deviations (each plane holds `plane_len` values; planes n * stride apart),

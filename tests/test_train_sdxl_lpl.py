@@ -557,6 +557,34 @@ def test_two_processes_train_with_gloo(tmp_path, tiny_cache, accelerate_configs)
     assert len(rows) == 2 and all(float(r["lpl_applied_ratio"]) == 1 for r in rows)
 
 
+@pytest.mark.parametrize("launcher, expected", [
+    (["python", "accelerate", "launch", "--num_processes", "2", "train_sdxl_lpl.py", "--num_processes", "9"], 2),
+    (["python", "-m", "accelerate.commands.launch", "--num-processes=3", "/x/train_sdxl_lpl.py"], 3),
+    (["accelerate", "launch", "train_sdxl_lpl.py", "--num_processes", "4"], None),  # the script's own args
+    (["accelerate", "launch", "--num_processes", "two", "train_sdxl_lpl.py"], None),
+])
+def test_requested_num_processes_reads_only_launcher_options(launcher, expected):
+    assert tr._requested_num_processes(launcher, "/repo/train_sdxl_lpl.py") == expected
+
+
+@pytest.mark.slow
+def test_plain_num_processes_two_runs_two_cpu_processes(tmp_path, tiny_cache):
+    """`accelerate launch --num_processes 2` with no config file and no GPU: accelerate alone
+    would start one process; the script restarts itself under torchrun with two."""
+    out = tmp_path / "out"
+    env = _env(tiny_cache)
+    env["HF_HOME"] = str(tmp_path / "hf_home")  # no default accelerate config file
+    env.pop(tr.RELAUNCH_ENV_VAR, None)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", SCRIPT,
+           *FAST, "--output_dir", str(out), "--max_train_steps", "2", "--checkpointing_steps", "2"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-8000:]
+    assert "restarting under torchrun with 2 CPU processes" in proc.stderr
+    assert "processes=2" in proc.stderr
+    ckpt = out / "checkpoint-2"
+    assert {p.name for p in ckpt.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
+
+
 @pytest.mark.slow
 def test_killed_run_resumes_and_finishes(tmp_path, tiny_cache, accelerate_configs):
     out = tmp_path / "out"

@@ -165,6 +165,9 @@ main_kernel(const T *__restrict__ x, const T *__restrict__ y, const uint8_t *__r
     }
 
     if (norm == LPL_NORM_DEFAULT && grad && active) {
+        const acc q = sizeof(acc) == sizeof(double)
+                          ? (acc)lpl_default_norm_coef_d((double)sx, (double)nx, (double)dot)
+                          : (acc)lpl_default_norm_coef_f((float)sx, (float)nx, (float)dot);
         for (int64_t c = 0; c < channels; ++c) {
             const int64_t i = base + c * hw;
             const bool keep = mask ? mask[i] != 0 : true;
@@ -176,10 +179,10 @@ main_kernel(const T *__restrict__ x, const T *__restrict__ y, const uint8_t *__r
             acc g, out;
             if (sizeof(acc) == sizeof(double)) {
                 g = cf * k * (acc)lpl_dist_deriv_d((double)d, dist);
-                out = (acc)lpl_default_norm_grad_d((double)g, (double)xv, (double)sx, (double)nx, (double)dot);
+                out = (acc)lpl_default_norm_grad_d((double)g, (double)xv, (double)sx, (double)q);
             } else {
                 g = cf * k * (acc)lpl_dist_deriv_f((float)d, dist);
-                out = (acc)lpl_default_norm_grad_f((float)g, (float)xv, (float)sx, (float)nx, (float)dot);
+                out = (acc)lpl_default_norm_grad_f((float)g, (float)xv, (float)sx, (float)q);
             }
             lpl_io<T>::store(grad, i, out);
         }
