@@ -783,13 +783,14 @@ def plot_loss_curves(csv_path: Path, png_path: Path) -> None:
     lpl = [v if r == r and r > 0 else float("nan") for v, r in zip(col("lpl_loss"), ratio)]
     fig, axes = plt.subplots(2, 1, figsize=(8, 7), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     ax = axes[0]
-    for name, values, color in (("total loss", col("loss"), "tab:blue"),
-                                ("diffusion loss", col("diffusion_loss"), "tab:green"),
-                                ("LPL loss (steps where applied)", lpl, "tab:red")):
+    # total is drawn last and dashed: with a small LPL term it lies on the diffusion curve
+    for name, values, color, style in (("diffusion loss", col("diffusion_loss"), "tab:green", "-"),
+                                       ("LPL loss (steps where applied)", lpl, "tab:red", "-"),
+                                       ("total loss", col("loss"), "tab:blue", "--")):
         # Raw values as faint dots (LPL has gaps on steps where no sample was below the threshold).
         ax.plot(steps, values, color=color, alpha=0.3, marker=".", ms=3, lw=0)
         if any(v == v for v in values):
-            ax.plot(steps, smooth(values), color=color, lw=2, label=name)
+            ax.plot(steps, smooth(values), color=color, lw=2 if style == "-" else 1.5, ls=style, label=name)
     ax.set_ylabel("loss")
     ax.set_yscale("log")
     ax.legend()

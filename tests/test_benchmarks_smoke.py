@@ -124,3 +124,21 @@ def test_timing_quantiles() -> None:
     assert math.isclose(t.median_ms, 3.0)
     assert math.isclose(t.quantile_ms(0.2), 1.8)
     assert math.isclose(t.quantile_ms(0.8), 4.2)
+
+
+@pytest.mark.parametrize("script, args, agree", [
+    ("bench_layer_quick.py", ["--shape", "2", "5", "9", "7", "--norm", "default", "--mask"], "max rel. difference"),
+    ("bench_outlier_quick.py", ["--shape", "1", "3", "20", "24"], "masks identical: True"),
+])
+def test_quick_single_layer_scripts(script: str, args: list, agree: str) -> None:
+    """The one-layer quick comparisons (the figures quoted for issues 2 and 3) run and
+    report agreement between the two formulations."""
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args, "--reps", "1"],
+                          cwd=str(REPO), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "speedup" in proc.stdout and agree in proc.stdout
+    if script == "bench_layer_quick.py":
+        diffs = proc.stdout.split("max rel. difference:")[1]
+        loss_err = float(diffs.split("loss")[1].split(",")[0])
+        grad_err = float(diffs.split("grad")[1].split()[0])
+        assert loss_err < 1e-5 and grad_err < 1e-5, proc.stdout
