@@ -27,7 +27,7 @@ from pathlib import Path
 
 # Bump when the architecture below or the shipped VAE weights change so that stale caches are rebuilt,
 # not silently reused (v2: pretrained VAE from lpl_ext/assets).
-TINY_SDXL_VERSION = 2
+TINY_SDXL_VERSION = 3
 CACHE_ENV_VAR = "LPL_EXT_CACHE_DIR"
 _COMPLETE_MARKER = "tiny_sdxl_complete.json"
 
