@@ -89,6 +89,11 @@ PyObject *lpl_py_feature_distance(PyObject *self, PyObject *args, PyObject *kwar
     p.dist = dist;
     p.weight = weight;
     p.device = x.device_id;
+    {
+        /* read here, with the GIL held: os.environ writes from other threads take it too */
+        const char *hugepages = getenv("LPL_EXT_HUGEPAGES");
+        p.advise_hugepages = hugepages != NULL && strcmp(hugepages, "1") == 0;
+    }
 
     if (x.device_type == LPL_CUDA) {
         if (!lpl_cuda_compiled()) {

@@ -100,11 +100,15 @@ static void plane_moments(const lpl_fd_params *p, int64_t plane, double *sum, do
     }
 }
 
-/* The gradient is usually a fresh, never-touched allocation as large as x. First-touch
- * page faults on 4 KiB pages cost as much as the kernel itself on some machines; where
- * transparent huge pages are in "madvise" mode, ask for 2 MiB pages on the whole-page
- * part of the buffer before it is written. Advice only: no effect on results, and any
- * failure is ignored. */
+/* The gradient is usually a fresh, never-touched allocation as large as x, and first-touch
+ * page faults on 4 KiB pages can cost as much as the kernel itself. With
+ * LPL_EXT_HUGEPAGES=1 in the environment (p->advise_hugepages) and transparent huge pages
+ * in "madvise" mode, the whole-page part of the buffer is advised to use 2 MiB pages
+ * before it is written.
+ * Opt-in because it is bimodal: measured on a 2x256x256x256 layer, 45-50 ms per call when
+ * the kernel has free huge pages, but 180-220 ms while it compacts memory to make them
+ * (defrag=madvise stalls the faulting thread), against a steady 70-90 ms without advice.
+ * Advice only: no effect on results; any failure is ignored. */
 static void advise_huge_pages(void *data, size_t bytes) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
     const uintptr_t huge = (uintptr_t)2 << 20;
@@ -133,7 +137,7 @@ int lpl_cpu_feature_distance(const lpl_fd_params *p, char *err) {
     }
     /* Waking a thread team costs more than a small layer's whole pass. */
     const int parallel = planes * hw >= LPL_FD_PARALLEL_MIN;
-    if (p->grad) advise_huge_pages(p->grad, (size_t)(planes * hw) * lpl_dtype_size((lpl_dtype)p->dtype));
+    if (p->grad && p->advise_hugepages) advise_huge_pages(p->grad, (size_t)(planes * hw) * lpl_dtype_size((lpl_dtype)p->dtype));
     coef = (double *)malloc(sizeof(double) * nplanes);
     if (!coef) {
         snprintf(err, LPL_ERR_LEN, "out of host memory");

@@ -30,6 +30,8 @@ typedef struct {
      * per-plane sums, kept counts, batch moments; per-channel mean and std */
     double *workspace;
     int device;
+    /* CPU only: advise 2 MiB pages for grad (LPL_EXT_HUGEPAGES=1, read with the GIL held) */
+    int advise_hugepages;
 } lpl_fd_params;
 
 /* Doubles of device scratch the CUDA feature-distance kernels need. */
