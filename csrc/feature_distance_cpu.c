@@ -101,14 +101,15 @@ static void plane_moments(const lpl_fd_params *p, int64_t plane, double *sum, do
 }
 
 /* The gradient is usually a fresh, never-touched allocation as large as x, and first-touch
- * page faults on 4 KiB pages can cost as much as the kernel itself. With
- * LPL_EXT_HUGEPAGES=1 in the environment (p->advise_hugepages) and transparent huge pages
- * in "madvise" mode, the whole-page part of the buffer is advised to use 2 MiB pages
- * before it is written.
- * Opt-in because it is bimodal: measured on a 2x256x256x256 layer, 45-50 ms per call when
- * the kernel has free huge pages, but 180-220 ms while it compacts memory to make them
- * (defrag=madvise stalls the faulting thread), against a steady 70-90 ms without advice.
- * Advice only: no effect on results; any failure is ignored. */
+ * faults on 4 KiB pages cost about 0.75 us each here: 100 ms of a 512px head's ~250. Where
+ * transparent huge pages are in "madvise" mode, the whole-page part of the buffer is
+ * advised to use 2 MiB pages before it is written (p->advise_hugepages; off with
+ * LPL_EXT_HUGEPAGES=0). Measured on a 2x256x256x256 layer, fwd + bwd: 40-50 ms per call
+ * once the kernel has free huge pages, against 59-83 ms without the advice; but the first
+ * 4-5 calls of a process took 165-240 ms while the kernel compacted memory to make them
+ * (defrag=madvise stalls the faulting thread). A one-time cost in a training run, where
+ * each step frees and re-faults the same sizes. Advice only: no effect on results; any
+ * failure is ignored. */
 static void advise_huge_pages(void *data, size_t bytes) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
     const uintptr_t huge = (uintptr_t)2 << 20;

@@ -353,3 +353,16 @@ class TestCUDA:
         for norm in NORMS:
             fn = lambda inp: lpl_ext.feature_distance(inp, y, mask, norm=norm, reentrant=True)  # noqa: E731
             assert torch.autograd.gradcheck(fn, (x,), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("setting", ["0", "1", "yes"])
+def test_hugepage_advice_switch_never_changes_results(monkeypatch, setting):
+    """LPL_EXT_HUGEPAGES only advises the OS about the gradient buffer (> 4 MiB here): the
+    loss and gradient are bit-identical whatever it says."""
+    x, y, mask = make_inputs((2, 4, 384, 512), dtype=torch.float32, masked=True, seed=5)
+    monkeypatch.delenv("LPL_EXT_HUGEPAGES", raising=False)
+    _, grad_default, _, _ = run_both(x, y, mask, "shared", "mse", 1.0, torch.ones(2))
+    monkeypatch.setenv("LPL_EXT_HUGEPAGES", setting)
+    xa = x.detach().clone().requires_grad_(True)
+    lpl_ext.feature_distance(xa, y, mask, norm="shared").sum().backward()
+    assert torch.equal(xa.grad, grad_default)
