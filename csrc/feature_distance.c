@@ -92,7 +92,7 @@ PyObject *lpl_py_feature_distance(PyObject *self, PyObject *args, PyObject *kwar
     {
         /* read here, with the GIL held: os.environ writes from other threads take it too */
         const char *hugepages = getenv("LPL_EXT_HUGEPAGES");
-        p.advise_hugepages = hugepages == NULL || strcmp(hugepages, "0") != 0;
+        p.advise_hugepages = hugepages != NULL && strcmp(hugepages, "1") == 0;
     }
 
     if (x.device_type == LPL_CUDA) {

@@ -101,15 +101,14 @@ static void plane_moments(const lpl_fd_params *p, int64_t plane, double *sum, do
 }
 
 /* The gradient is usually a fresh, never-touched allocation as large as x, and first-touch
- * faults on 4 KiB pages cost about 0.75 us each here: 100 ms of a 512px head's ~250. Where
- * transparent huge pages are in "madvise" mode, the whole-page part of the buffer is
- * advised to use 2 MiB pages before it is written (p->advise_hugepages; off with
- * LPL_EXT_HUGEPAGES=0). Measured on a 2x256x256x256 layer, fwd + bwd: 40-50 ms per call
- * once the kernel has free huge pages, against 59-83 ms without the advice; but the first
- * 4-5 calls of a process took 165-240 ms while the kernel compacted memory to make them
- * (defrag=madvise stalls the faulting thread). A one-time cost in a training run, where
- * each step frees and re-faults the same sizes. Advice only: no effect on results; any
- * failure is ignored. */
+ * faults on 4 KiB pages cost about 0.75 us each here. With LPL_EXT_HUGEPAGES=1
+ * (p->advise_hugepages) and transparent huge pages in "madvise" mode, the whole-page part
+ * of the buffer is advised to use 2 MiB pages before it is written. Opt-in, because it is
+ * bimodal: on a 2x256x256x256 layer, fwd + bwd, 40-50 ms per call when the kernel has free
+ * huge pages, 59-83 ms without the advice, but 165-290 ms whenever the kernel must compact
+ * memory to make them (defrag=madvise stalls the faulting thread) -- and with other large
+ * allocations between calls, as in a trainer, that happened every other call (median 169-201
+ * ms with the advice, 87-108 ms without). Advice only: no effect on results. */
 static void advise_huge_pages(void *data, size_t bytes) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
     const uintptr_t huge = (uintptr_t)2 << 20;

@@ -30,7 +30,7 @@ typedef struct {
      * per-plane sums, kept counts, batch moments; per-channel mean and std */
     double *workspace;
     int device;
-    /* CPU only: advise 2 MiB pages for grad (off with LPL_EXT_HUGEPAGES=0; read with the GIL held) */
+    /* CPU only: advise 2 MiB pages for grad (LPL_EXT_HUGEPAGES=1; read with the GIL held) */
     int advise_hugepages;
 } lpl_fd_params;
 
