@@ -132,7 +132,6 @@ def reference_outlier_keep(y: Any, closing: int, opening: int, quantile: float =
                            margin_std: float = 2.0) -> Any:
     """Spec section 2 vectorized over planes in plain PyTorch: keep mask (N, C, H, W) in
     y's dtype (1 keep, 0 drop). k is clamped into [1, L]."""
-    import torch
     import torch.nn.functional as F
 
     n, c, h, w = y.shape
@@ -302,13 +301,12 @@ def measure(variant: str, wl: HeadWorkload, device: str, env: Dict[str, Any], ba
 
 def worker(args: argparse.Namespace) -> int:
     env = common.env_info(args.device)
-    by_name = {wl.name: wl for wl in workloads(args.mode, args.device)}
-    for name in args.workloads.split(","):
-        wl = by_name[name]
-        common.emit(common.safe_row(env, BENCH, name, args.variant, wl.shape_text(),
-                                    lambda: measure(args.variant, wl, args.device, env, args.bandwidth,
-                                                    args.reps, args.budget)))
-    return 0
+
+    def measure_one(variant: str, wl: Any) -> Dict[str, Any]:
+        return measure(variant, wl, args.device, env, args.bandwidth, args.reps, args.budget)
+
+    return common.worker_rows(BENCH, workloads(args.mode, args.device), args.workloads.split(","), args.variant,
+                              env, measure_one)
 
 
 # ---------------------------------------------------------------------------- parent
@@ -318,23 +316,15 @@ def run(mode: str, device: str, variants: Sequence[str], bandwidth: Optional[flo
         inprocess: bool = False, name_filter: Optional[str] = None) -> List[Dict[str, Any]]:
     """Every variant over the mode's grid (names matching ``name_filter``, a regular
     expression), one fresh worker process per variant."""
-    keep = set(common.filter_names([wl.name for wl in workloads(mode, device)], name_filter))
-    grid = [wl for wl in workloads(mode, device) if wl.name in keep]
-    if not grid:
-        return []
-    by_name = {wl.name: wl for wl in grid}
     args = ["--mode", mode, "--device", device, "--reps", str(reps), "--budget", str(budget_s)]
     if bandwidth:
         args += ["--bandwidth", repr(bandwidth)]
 
-    def local_row(variant: str, name: str) -> Dict[str, Any]:
-        wl = by_name[name]
-        return common.safe_row(env, BENCH, name, variant, wl.shape_text(),
-                               lambda: measure(variant, wl, device, env, bandwidth, reps, budget_s))
+    def measure_one(variant: str, wl: Any) -> Dict[str, Any]:
+        return measure(variant, wl, device, env, bandwidth, reps, budget_s)
 
-    shapes = {n: w.shape_text() for n, w in by_name.items()}
-    return common.collect_variants(BENCH, "benchmarks.bench_head", list(by_name), shapes, variants, env, args,
-                                   inprocess, local_row, log)
+    return common.run_grid(BENCH, "benchmarks.bench_head", workloads(mode, device), name_filter, variants, env, args,
+                           inprocess, measure_one, log)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -20,7 +20,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
@@ -137,15 +137,16 @@ def time_call(
     every call (e.g. dropping .grad); ``on_measure_start`` runs once after the warm-up
     (e.g. resetting the peak-memory counter). The first warm-up call is reported apart
     (it includes torch.compile's compilation)."""
-    warm: List[float] = []
-    for _ in range(max(warmup, 0)):
+    def timed_call() -> float:
         if between:
             between()
         sync(device)
         t0 = time.perf_counter()
         fn()
         sync(device)
-        warm.append(time.perf_counter() - t0)
+        return time.perf_counter() - t0
+
+    warm = [timed_call() for _ in range(max(warmup, 0))]
     first = warm[0] if warm else 0.0
     est = warm[-1] if warm else 0.0  # the last warm-up call estimates the steady state
     n = reps
@@ -153,16 +154,7 @@ def time_call(
         n = max(min_reps, min(reps, int(budget_s / est)))
     if on_measure_start:
         on_measure_start()
-    samples = []
-    for _ in range(n):
-        if between:
-            between()
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        samples.append(time.perf_counter() - t0)
-    return Timing(samples, first)
+    return Timing([timed_call() for _ in range(n)], first)
 
 
 # ---------------------------------------------------------------------------- memory
@@ -360,6 +352,39 @@ def collect_variants(
                     f"extra {r.get('extra_mem_mib', '')} MiB {r.get('note', '')}")
             rows += got
     return rows
+
+
+def run_grid(
+    bench: str, module: str, grid: Sequence[Any], name_filter: Optional[str], variants: Sequence[str],
+    env: Dict[str, Any], worker_args: Sequence[str], inprocess: bool,
+    measure_one: Callable[[str, Any], Dict[str, Any]], log: Callable[[str], None],
+) -> List[Dict[str, Any]]:
+    """Parent side of a bench: every variant over the workloads of ``grid`` whose names
+    match ``name_filter`` (a regular expression), through :func:`collect_variants`.
+    ``measure_one(variant, workload)`` measures one row (in-process runs only)."""
+    keep = set(filter_names([wl.name for wl in grid], name_filter))
+    by_name = {wl.name: wl for wl in grid if wl.name in keep}
+    if not by_name:
+        return []
+
+    def local_row(variant: str, name: str) -> Dict[str, Any]:
+        wl = by_name[name]
+        return safe_row(env, bench, name, variant, wl.shape_text(), lambda: measure_one(variant, wl))
+
+    shapes = {n: wl.shape_text() for n, wl in by_name.items()}
+    return collect_variants(bench, module, list(by_name), shapes, variants, env, worker_args, inprocess,
+                            local_row, log)
+
+
+def worker_rows(bench: str, grid: Sequence[Any], names: Sequence[str], variant: str, env: Dict[str, Any],
+                measure_one: Callable[[str, Any], Dict[str, Any]]) -> int:
+    """Worker side of a bench: measure ``variant`` on the named workloads of ``grid`` and
+    emit one row each (an error row for a workload that raises)."""
+    by_name = {wl.name: wl for wl in grid}
+    for name in names:
+        wl = by_name[name]
+        emit(safe_row(env, bench, name, variant, wl.shape_text(), lambda: measure_one(variant, wl)))
+    return 0
 
 
 def safe_row(env: Dict[str, Any], bench: str, name: str, variant: str, shape: str,

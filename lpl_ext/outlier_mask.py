@@ -31,7 +31,7 @@ from typing import Any, NamedTuple, Tuple, Union
 import numpy as np
 
 from . import _C
-from ._backend import as_c_arg, check_kind, is_tensor, stream_of, torch
+from ._backend import as_c_arg, check_kind, stream_of, torch
 
 
 class OutlierStats(NamedTuple):

@@ -21,7 +21,6 @@ Reproduced behaviour (LPL_SPEC.md section 6):
 
 from __future__ import annotations
 
-import math
 from typing import Dict, List, Tuple
 
 import torch
@@ -29,21 +28,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-
-def reference_windows(down_factor: int) -> Tuple[int, int]:
-    """(closing, opening) sizes used by the reference for a down factor."""
-    opening = int(math.ceil(5 / down_factor))
-    closing = int(math.ceil(3 / down_factor))
-    if opening == 2:
-        opening = 3
-    if closing == 2:
-        closing = 1
-    return closing, opening
+from reference import outlier_windows  # the reference's (closing, opening) per down factor
 
 
 def reference_remove_outliers(feat: torch.Tensor, down_factor: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """(mask bool, feat * mask) as the reference computes them; raises for planes < 50 values."""
-    closing, opening = reference_windows(down_factor)
+    closing, opening = outlier_windows(down_factor)
     planes = feat.flatten(-2, -1)
     length = planes.shape[-1]
     lo_k, hi_k = int(length * 0.02), int(length * (1 - 0.02))

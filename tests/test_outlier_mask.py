@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 import zlib
 from pathlib import Path
 
@@ -58,35 +57,6 @@ def make_features(shape, kind: str, seed: int = 0, dtype=torch.float32) -> torch
     else:
         raise ValueError(kind)
     return y.to(dtype)
-
-
-def welford_ref_mask(y, quantile=0.02, margin_std=2.0, closing=3, opening=5):
-    """ref_outlier_mask, but with the std taken by torch's batched (Welford) reduction, as
-    the reference implementation does it (``feat_flat.std(-1)`` over many planes). It
-    differs from ref_outlier_mask only where torch's 1-D all-reduce std of a constant
-    float32/float64 plane is not exactly 0 (its float-accumulated mean is off by one ulp),
-    which keeps a constant plane entirely; lpl_ext and the batched std give exactly 0."""
-    n, c, h, w = y.shape
-    flat = y.reshape(n * c, h * w)
-    keep = torch.zeros(n * c, h * w, dtype=torch.bool)
-    for i in range(n * c):
-        p = flat[i]
-        finite = torch.isfinite(p)
-        vals = p[finite]
-        cnt = vals.numel()
-        if cnt == 0:
-            continue
-        k1 = min(max(int(math.floor(cnt * quantile)), 1), cnt)
-        k2 = min(max(int(math.floor(cnt * (1 - quantile))), 1), cnt)
-        q1 = vals.kthvalue(k1).values
-        q2 = vals.kthvalue(k2).values
-        std = torch.stack([vals, vals]).std(dim=1)[0]  # two rows: the Welford path
-        m = margin_std * std
-        keep[i] = finite & (q1 - m < p) & (p < q2 + m)
-    keep = keep.view(n, c, h, w).float()
-    keep = F.max_pool2d(keep, closing, stride=1, padding=(closing - 1) // 2)
-    keep = -F.max_pool2d(-keep, opening, stride=1, padding=(opening - 1) // 2)
-    return keep.bool() & torch.isfinite(y)
 
 
 def assert_same_mask(got: torch.Tensor, want: torch.Tensor) -> None:
@@ -206,19 +176,13 @@ def test_constant_planes_keep_nothing(dtype):
         y = p.to(dtype)
         got = lpl_ext.outlier_mask(y)
         assert not got.any()
-        assert_same_mask(got, welford_ref_mask(y))
+        assert_same_mask(got, ref_outlier_mask(y))
     # mixed with ordinary planes in one batch, against the batched std of torch
     y = torch.cat([torch.full((1, 2, 9, 9), 0.1), make_features((1, 2, 9, 9), "normal", seed=1)], 1).to(dtype)
     got = lpl_ext.outlier_mask(y)
     assert not got[0, :2].any()
-    assert_same_mask(got, welford_ref_mask(y))
+    assert_same_mask(got, ref_outlier_mask(y))
     assert_same_mask(got[:, 2:], ref_outlier_mask(y[:, 2:]))
-
-
-def test_welford_oracle_agrees_on_non_constant_data():
-    """The two oracles only differ on constant planes."""
-    y = make_features((2, 3, 17, 19), "heavy", seed=9)
-    assert_same_mask(welford_ref_mask(y), ref_outlier_mask(y))
 
 
 def test_tiny_planes():
