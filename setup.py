@@ -1,20 +1,28 @@
 """Build lpl_ext._C with plain setuptools: C11 sources against the CPython and NumPy C
-APIs, plus CUDA sources compiled by nvcc when it is available.
+APIs. CUDA needs no toolkit at build time: the module launches kernels through the
+driver API (libcuda, opened at run time) from a cubin shipped with the package, or one
+that NVRTC compiles from the shipped kernel sources at first use (docs/cuda.md).
 
 Environment switches:
-  LPL_EXT_CUDA=auto|0|1     build the CUDA kernels: when nvcc is found (default), never,
-                            or always (fails when nvcc is missing).
-  LPL_EXT_CUDA_ARCHS="80;86;89;90"   SM architectures; PTX of the highest is embedded too.
+  LPL_EXT_CUDA=auto|0|1     ship cubins built by nvcc: when nvcc is found (default), never,
+                            or always (fails when nvcc is missing). With 0 the kernel
+                            sources are left out too, so CUDA tensors are refused.
+  LPL_EXT_CUDA_ARCHS="80;86;89;90;100;120"   cubin architectures (those the nvcc at hand
+                            does not know are skipped, with a message).
   LPL_EXT_SANITIZE=1        AddressSanitizer + UndefinedBehaviorSanitizer for the C sources.
   CUDA_HOME / CUDA_PATH     CUDA toolkit root (else found from nvcc on PATH, then /usr/local/cuda).
 """
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy
@@ -23,25 +31,31 @@ from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc"
-DEFAULT_ARCHS = "80;86;89;90"
+DEFAULT_ARCHS = "80;86;89;90;100;120"
+
+
+def _kernel_sources_module():
+    """lpl_ext/_kernel_sources.py, loaded alone (the package cannot import before _C)."""
+    spec = importlib.util.spec_from_file_location("_lpl_kernel_sources", ROOT / "lpl_ext" / "_kernel_sources.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def _log(msg: str) -> None:
     print(f"[lpl_ext build] {msg}", file=sys.stderr, flush=True)
 
 
-def _find_cuda() -> tuple[str, Path] | None:
-    """(nvcc, toolkit root) or None. The root is where include/cuda_runtime.h and the
-    static runtime live; an nvcc on PATH may be a wrapper script outside the toolkit."""
+def _find_nvcc() -> str | None:
     homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
     on_path = shutil.which("nvcc")
     if on_path:
-        homes.append(str(Path(on_path).resolve().parent.parent))
+        return on_path
     homes.append("/usr/local/cuda")
     for home in filter(None, homes):
-        root = Path(home)
-        if (root / "bin" / "nvcc").exists() and (root / "include" / "cuda_runtime.h").exists():
-            return str(root / "bin" / "nvcc"), root
+        nvcc = Path(home) / "bin" / "nvcc"
+        if nvcc.exists():
+            return str(nvcc)
     return None
 
 
@@ -57,8 +71,10 @@ def _cuda_archs() -> list[str]:
     archs = [a.strip().replace(".", "").replace("sm_", "") for a in raw.replace(",", ";").split(";")]
     archs = [a for a in archs if a]
     for a in archs:
-        if not a.rstrip("a").isdigit():
+        if not a.rstrip("af").isdigit():
             raise SystemExit(f"LPL_EXT_CUDA_ARCHS: bad architecture {a!r} in {raw!r}")
+    if not archs:
+        raise SystemExit(f"LPL_EXT_CUDA_ARCHS: no architecture in {raw!r}")
     return archs
 
 
@@ -67,61 +83,106 @@ def _sanitize() -> bool:
 
 
 class BuildExt(build_ext):
-    """Compiles csrc/cuda/*.cu with nvcc into objects linked into the extension."""
+    """Builds _C, then puts the CUDA kernel sources (for NVRTC) and, with nvcc, one
+    cubin per architecture into lpl_ext/_kernels/ next to the built module."""
 
     def build_extension(self, ext: Extension) -> None:
-        mode = _cuda_mode()
-        cuda = _find_cuda() if mode != "0" else None
-        if mode == "1" and cuda is None:
-            raise SystemExit("LPL_EXT_CUDA=1 but no CUDA toolkit (nvcc + headers) was found; set CUDA_HOME")
-        if cuda is not None:
-            self._add_cuda(ext, *cuda)
-        else:
-            _log("building without CUDA" + (" (LPL_EXT_CUDA=0)" if mode == "0" else " (nvcc not found)"))
         super().build_extension(ext)
+        mode = _cuda_mode()
+        kernel_dir = Path(self.get_ext_fullpath(ext.name)).parent / "_kernels"
+        self._previous = {}
+        if (kernel_dir / "manifest.json").is_file():  # cubins of the same sources are reused (nvcc is slow)
+            self._previous = json.loads((kernel_dir / "manifest.json").read_text())
+            self._previous["cubins"] = {a: (kernel_dir / n).read_bytes() for a, n in self._previous["archs"].items()
+                                        if (kernel_dir / n).is_file()}
+        if kernel_dir.exists():
+            shutil.rmtree(kernel_dir)  # nothing stale: a cubin of other sources must not ship
+        if mode == "0":
+            _log("LPL_EXT_CUDA=0: no CUDA kernels (CUDA tensors will be refused)")
+            return
+        ks = _kernel_sources_module()
+        try:
+            sources = ks.read_sources(CSRC, ks.REPO_LAYOUT)
+        except FileNotFoundError as exc:
+            raise SystemExit(f"lpl_ext build: {exc} (an incomplete source tree or sdist); "
+                             "set LPL_EXT_CUDA=0 to build without CUDA") from None
+        kernel_dir.mkdir(parents=True)
+        for name, data in sources.items():
+            (kernel_dir / name).write_bytes(data)
+        manifest = {"source_sha256": ks.source_hash(sources), "toolkit": None, "archs": {}}
+        nvcc = _find_nvcc()
+        if nvcc is None:
+            if mode == "1":
+                raise SystemExit("LPL_EXT_CUDA=1 but nvcc was not found; set CUDA_HOME or put nvcc on PATH")
+            _log("nvcc not found: no cubins shipped; CUDA kernels will be compiled by NVRTC at first use")
+        else:
+            manifest["toolkit"], manifest["archs"] = self._build_cubins(nvcc, ks, kernel_dir)
+        (kernel_dir / ks.MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
 
-    def _add_cuda(self, ext: Extension, nvcc: str, cuda_home: Path) -> None:
-        archs = _cuda_archs()
-        gencode: list[str] = []
-        for a in archs:
-            gencode += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
-        gencode += ["-gencode", f"arch=compute_{archs[-1]},code=compute_{archs[-1]}"]
-        build_dir = Path(self.build_temp) / "cuda"
-        build_dir.mkdir(parents=True, exist_ok=True)
-        objects = []
-        for src in sorted((CSRC / "cuda").glob("*.cu")):
-            obj = build_dir / (src.stem + ".o")
-            deps = [src, *CSRC.glob("*.h"), *(CSRC / "cuda").glob("*.cuh")]
-            if obj.exists() and obj.stat().st_mtime > max(d.stat().st_mtime for d in deps):
-                objects.append(str(obj))  # up to date: nvcc is slow
-                continue
-            cmd = [
-                nvcc, "-c", str(src), "-o", str(obj), "-O3", "-std=c++17",
-                "-Xcompiler", "-fPIC", "-I", str(CSRC), "--expt-relaxed-constexpr",
-                "-DLPL_WITH_CUDA", *gencode,
-            ]
+    def _kernel_dirs(self) -> list[tuple[Path, Path]]:
+        """(built, in-place) _kernels folders of each extension."""
+        build_py = self.get_finalized_command("build_py")
+        pairs = []
+        for ext in self.extensions:
+            inplace_file, regular_file = self._get_inplace_equivalent(build_py, ext)
+            pairs.append((Path(regular_file).parent / "_kernels", Path(inplace_file).parent / "_kernels"))
+        return pairs
+
+    def copy_extensions_to_source(self) -> None:
+        # in-place and editable builds: the kernels go where the module goes
+        super().copy_extensions_to_source()
+        for built, inplace in self._kernel_dirs():
+            if inplace.exists():
+                shutil.rmtree(inplace)
+            if built.exists():
+                shutil.copytree(built, inplace)
+
+    def _get_output_mapping(self):
+        yield from super()._get_output_mapping()
+        if self.inplace:
+            for built, inplace in self._kernel_dirs():
+                for f in sorted(built.glob("*")) if built.exists() else []:
+                    yield str(f), str(inplace / f.name)
+
+    def _build_cubins(self, nvcc: str, ks, kernel_dir: Path) -> tuple[str, dict]:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=True).stdout
+        m = re.search(r"release (\d+\.\d+)", out)
+        toolkit = m.group(1) if m else "unknown"
+        listed = subprocess.run([nvcc, "--list-gpu-code"], capture_output=True, text=True)
+        known = set(re.findall(r"sm_(\w+)", listed.stdout)) if listed.returncode == 0 else None
+        archs = []
+        for a in _cuda_archs():
+            if known is not None and a not in known:
+                _log(f"nvcc {toolkit} does not know sm_{a}: skipped (NVRTC covers it at run time)")
+            else:
+                archs.append(a)
+
+        prev = self._previous
+        reuse = prev.get("cubins", {}) if (prev.get("source_sha256") == ks.source_hash(
+            ks.read_sources(CSRC, ks.REPO_LAYOUT)) and prev.get("toolkit") == toolkit) else {}
+
+        def build(arch: str) -> tuple[str, str]:
+            name = ks.cubin_name(arch)
+            if arch in reuse:
+                (kernel_dir / name).write_bytes(reuse[arch])
+                return arch, name
+            cmd = [nvcc, "-cubin", f"-arch=sm_{arch}", "-O3", *ks.COMMON_OPTIONS, "-I", str(CSRC),
+                   "-I", str(CSRC / "cuda"), str(CSRC / ks.REPO_LAYOUT[ks.MAIN]), "-o", str(kernel_dir / name)]
             _log(" ".join(cmd))
             subprocess.check_call(cmd)
-            objects.append(str(obj))
-        ext.extra_objects = list(ext.extra_objects or []) + objects
-        lib_dirs = [d for d in (cuda_home / "lib64", cuda_home / "lib", cuda_home / "targets" / "x86_64-linux" / "lib") if d.exists()]
-        ext.library_dirs = list(ext.library_dirs or []) + [str(d) for d in lib_dirs]
-        # The runtime is linked statically: the module imports on machines without a CUDA
-        # toolkit, and without a driver it still runs its CPU paths (the driver is only
-        # loaded when a CUDA kernel is first launched).
-        ext.libraries = list(ext.libraries or []) + ["cudart_static", "dl", "pthread", "rt", "stdc++"]
-        ext.define_macros = list(ext.define_macros or []) + [
-            ("LPL_WITH_CUDA", "1"),
-            ("LPL_CUDA_ARCHS", '"' + ";".join(archs) + '"'),
-        ]
-        _log(f"building with CUDA from {cuda_home}, archs {';'.join(archs)} + PTX")
+            return arch, name
+
+        with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+            built = dict(pool.map(build, archs))
+        _log(f"building with CUDA: cubins for {', '.join('sm_' + a for a in archs)} from nvcc {toolkit}")
+        return toolkit, built
 
 
 def _extension() -> Extension:
     sources = sorted(str(p.relative_to(ROOT)) for p in CSRC.glob("*.c"))
     cc = os.environ.get("CC", "cc")
     compile_args = ["-std=c11", "-O3", "-fopenmp", "-Wall", "-Wextra", "-ffp-contract=off", "-fno-math-errno"]
-    link_args = ["-fopenmp"]
+    link_args = ["-fopenmp", "-ldl"]
     macros = [("LPL_COMPILER", '"' + cc + '"')]
     if _sanitize():
         compile_args = [a for a in compile_args if a != "-O3"] + [
@@ -138,7 +199,7 @@ def _extension() -> Extension:
         define_macros=macros,
         extra_compile_args=compile_args,
         extra_link_args=link_args,
-        depends=[str(p.relative_to(ROOT)) for p in CSRC.rglob("*.h")],
+        depends=[str(p.relative_to(ROOT)) for p in CSRC.rglob("*") if p.suffix in (".h", ".cuh", ".cu")],
     )
 
 

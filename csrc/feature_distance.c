@@ -3,6 +3,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include "lpl_cuda_driver.h"
 #include "lpl_interop.h"
 #include "lpl_math.h"
 #include "lpl_ops.h"
@@ -13,11 +14,10 @@ static const char *const dist_choices[] = {"mse", "l1", NULL};
 PyObject *lpl_py_feature_distance(PyObject *self, PyObject *args, PyObject *kwargs) {
     (void)self;
     static char *kwlist[] = {"x", "y", "mask", "loss", "grad", "norm", "distance",
-                             "weight", "stream", "workspace", NULL};
+                             "weight", "stream", "workspace", "kernels", NULL};
     PyObject *x_obj, *y_obj, *mask_obj, *loss_obj, *grad_obj, *norm_obj, *dist_obj;
-    PyObject *ws_obj = Py_None;
+    PyObject *ws_obj = Py_None, *stream_obj = Py_None, *kernels_obj = Py_None;
     double weight;
-    unsigned long long stream = 0;
     PyObject *keep[6] = {NULL, NULL, NULL, NULL, NULL, NULL};
     PyObject *result = NULL;
     lpl_tensor x, y, mask, loss, grad, ws;
@@ -25,9 +25,9 @@ PyObject *lpl_py_feature_distance(PyObject *self, PyObject *args, PyObject *kwar
     char err[LPL_ERR_LEN] = {0};
     int rc;
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOOd|KO", kwlist, &x_obj, &y_obj,
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOOd|OOO", kwlist, &x_obj, &y_obj,
                                      &mask_obj, &loss_obj, &grad_obj, &norm_obj, &dist_obj,
-                                     &weight, &stream, &ws_obj))
+                                     &weight, &stream_obj, &ws_obj, &kernels_obj))
         return NULL;
 
     int norm = lpl_parse_choice(norm_obj, "norm", norm_choices);
@@ -88,7 +88,6 @@ PyObject *lpl_py_feature_distance(PyObject *self, PyObject *args, PyObject *kwar
     p.norm = norm;
     p.dist = dist;
     p.weight = weight;
-    p.device = x.device_id;
     {
         /* read here, with the GIL held: os.environ writes from other threads take it too */
         const char *hugepages = getenv("LPL_EXT_HUGEPAGES");
@@ -96,12 +95,10 @@ PyObject *lpl_py_feature_distance(PyObject *self, PyObject *args, PyObject *kwar
     }
 
     if (x.device_type == LPL_CUDA) {
-        if (!lpl_cuda_compiled()) {
-            PyErr_SetString(PyExc_RuntimeError,
-                            "x: is a CUDA tensor but lpl_ext was built without CUDA "
-                            "(reinstall with nvcc on PATH, or LPL_EXT_CUDA=1)");
-            goto fail;
-        }
+        const lpl_cuda_kernels *kernels;
+        void *stream;
+        if (lpl_kernels_from_object(kernels_obj, x.device_id, &kernels) < 0) goto fail;
+        if (lpl_stream_from_object(stream_obj, &stream) < 0) goto fail;
         if (ws_obj == Py_None) {
             PyErr_SetString(PyExc_ValueError, "workspace: required for CUDA tensors");
             goto fail;
@@ -112,7 +109,7 @@ PyObject *lpl_py_feature_distance(PyObject *self, PyObject *args, PyObject *kwar
         if (lpl_check_same_device(&ws, "workspace", &x, "x") < 0) goto fail;
         p.workspace = (double *)ws.data;
         Py_BEGIN_ALLOW_THREADS
-        rc = lpl_cuda_feature_distance(&p, (void *)(uintptr_t)stream, err);
+        rc = lpl_cuda_feature_distance(kernels, &p, stream, err);
         Py_END_ALLOW_THREADS
     } else {
         Py_BEGIN_ALLOW_THREADS

@@ -5,9 +5,31 @@
 #ifndef LPL_MATH_H
 #define LPL_MATH_H
 
+#ifdef __CUDACC_RTC__
+/* NVRTC compiles the kernels at first use without any system header: the fixed-width
+ * types and the few macros used here are spelled out (LP64, as on every CUDA host). */
+typedef signed char int8_t;
+typedef unsigned char uint8_t;
+typedef unsigned short uint16_t;
+typedef int int32_t;
+typedef unsigned int uint32_t;
+typedef long long int64_t;
+typedef unsigned long long uint64_t;
+#define INT64_MAX 9223372036854775807LL
+#define UINT64_MAX 18446744073709551615ULL
+#define NAN __longlong_as_double(0x7ff8000000000000LL)
+/* bit casts go through memcpy, which NVRTC does not declare; fixed-size byte copies
+ * compile to register moves */
+__device__ __forceinline__ void *lpl_rtc_memcpy(void *dst, const void *src, unsigned long long n) {
+    for (unsigned long long i = 0; i < n; ++i) ((char *)dst)[i] = ((const char *)src)[i];
+    return dst;
+}
+#define memcpy lpl_rtc_memcpy
+#else
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#endif
 
 #ifdef __CUDACC__
 #define LPL_HD __host__ __device__ __forceinline__
@@ -204,7 +226,7 @@ LPL_HD int lpl_keep_value_d(double p, double lo, double hi) {
     return lpl_isfinite_d(p) && lo < p && p < hi;
 }
 
-/* ==== outlier mask helpers (issue 3; owned by the outlier-mask kernels) ============ */
+/* ==== outlier mask helpers ========================================================= */
 
 /* Arithmetic that must round exactly once per operation, as torch's CPU kernels do:
  * nvcc would otherwise contract a*b+c into an FMA (the C build uses -ffp-contract=off). */

@@ -8,6 +8,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "lpl_kernel_abi.h"
+
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -29,7 +31,6 @@ typedef struct {
     /* CUDA only: device scratch of lpl_feature_distance_workspace(n, c) doubles:
      * per-plane sums, kept counts, batch moments; per-channel mean and std */
     double *workspace;
-    int device;
     /* CPU only: advise 2 MiB pages for grad (LPL_EXT_HUGEPAGES=1; read with the GIL held) */
     int advise_hugepages;
 } lpl_fd_params;
@@ -40,7 +41,9 @@ static inline int64_t lpl_feature_distance_workspace(int64_t n, int64_t c) {
 }
 
 int lpl_cpu_feature_distance(const lpl_fd_params *p, char *err);
-int lpl_cuda_feature_distance(const lpl_fd_params *p, void *stream, char *err);
+/* kernels: the device's loaded module (lpl_cuda_driver.h); stream: the caller's. */
+struct lpl_cuda_kernels;
+int lpl_cuda_feature_distance(const struct lpl_cuda_kernels *k, const lpl_fd_params *p, void *stream, char *err);
 
 /* ---- outlier mask (spec section 2) ------------------------------------------------- */
 typedef struct {
@@ -55,7 +58,6 @@ typedef struct {
     int opening;       /* odd window of the min filter */
     /* CUDA only: device scratch of lpl_outlier_mask_workspace_bytes(...) bytes */
     void *workspace;
-    int device;
 } lpl_om_params;
 
 /* CUDA workspace layout (bytes, each region 256-byte aligned), shared by the size query
@@ -67,8 +69,6 @@ typedef struct {
  *   plane_u P*4 uint64      per-plane radix-select state (two prefixes, two ranks)
  *   hist    P*2*256 uint32  per-plane digit histograms of the two selections
  *   tmp     P*L bytes       intermediate mask of the separable filters */
-#define LPL_OM_CUDA_THREADS 256
-#define LPL_OM_PLANE_D 16
 
 static inline int64_t lpl_om_blocks_per_plane(int64_t plane_len) {
     if (plane_len > INT64_MAX / 2) return 64;
@@ -115,12 +115,8 @@ static inline lpl_om_layout lpl_om_workspace_layout(int64_t n, int64_t c, int64_
 }
 
 int lpl_cpu_outlier_mask(const lpl_om_params *p, char *err);
-int lpl_cuda_outlier_mask(const lpl_om_params *p, void *stream, char *err);
+int lpl_cuda_outlier_mask(const struct lpl_cuda_kernels *k, const lpl_om_params *p, void *stream, char *err);
 int64_t lpl_outlier_mask_workspace_bytes(int64_t n, int64_t c, int64_t h, int64_t w);
-
-/* ---- CUDA runtime facts (stubs answer 0 / "" when built without CUDA) -------------- */
-int lpl_cuda_compiled(void);
-int lpl_cuda_runtime_version(void);
 
 #ifdef __cplusplus
 }

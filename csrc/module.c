@@ -1,5 +1,6 @@
 /* lpl_ext._C: flat entry points over the fused LPL kernels. Outputs are allocated by
- * the Python caller and passed down; CUDA work runs on the stream the caller passes. */
+ * the Python caller and passed down; CUDA work runs on the stream the caller passes,
+ * with kernels loaded through the driver API (lpl_cuda_driver.h). */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
@@ -11,11 +12,9 @@
 #include <omp.h>
 #endif
 
+#include "lpl_cuda_driver.h"
 #include "lpl_ops.h"
 
-#ifndef LPL_CUDA_ARCHS
-#define LPL_CUDA_ARCHS ""
-#endif
 #ifndef LPL_COMPILER
 #define LPL_COMPILER "unknown"
 #endif
@@ -36,12 +35,11 @@ static PyObject *py_build_info(PyObject *self, PyObject *unused) {
 #ifdef LPL_SANITIZE
     sanitize = 1;
 #endif
-    return Py_BuildValue("{s:O,s:i,s:s,s:i,s:i,s:O,s:s,s:i}", "cuda",
-                         lpl_cuda_compiled() ? Py_True : Py_False, "cuda_runtime_version",
-                         lpl_cuda_runtime_version(), "cuda_archs", LPL_CUDA_ARCHS, "openmp",
-                         openmp, "omp_max_threads", max_threads, "sanitize",
+    return Py_BuildValue("{s:s,s:i,s:i,s:O,s:s,s:i,s:i}", "cuda_launcher", "driver-api",
+                         "openmp", openmp, "omp_max_threads", max_threads, "sanitize",
                          sanitize ? Py_True : Py_False, "compiler", LPL_COMPILER,
-                         "numpy_abi_version", (int)NPY_ABI_VERSION);
+                         "numpy_abi_version", (int)NPY_ABI_VERSION, "cuda_kernel_count",
+                         LPL_KERNEL_COUNT);
 }
 
 static PyObject *py_fd_workspace(PyObject *self, PyObject *args) {
@@ -65,17 +63,27 @@ static PyMethodDef lpl_methods[] = {
      "build_info() -> dict: how this module was compiled (CUDA, OpenMP, sanitizers)."},
     {"feature_distance", (PyCFunction)(void (*)(void))lpl_py_feature_distance,
      METH_VARARGS | METH_KEYWORDS,
-     "feature_distance(x, y, mask, loss, grad, norm, distance, weight, stream=0, "
-     "workspace=None)\n\nPer-sample LPL layer loss into loss (N,) float64 and, when grad is "
+     "feature_distance(x, y, mask, loss, grad, norm, distance, weight, stream=None, "
+     "workspace=None, kernels=None)\n\nPer-sample LPL layer loss into loss (N,) float64 and, when grad is "
      "not None, d(sum loss)/dx into grad (x's shape and dtype)."},
     {"feature_distance_workspace", py_fd_workspace, METH_VARARGS,
      "feature_distance_workspace(n, c) -> number of float64 scratch values the CUDA "
      "kernels need."},
     {"outlier_mask", (PyCFunction)(void (*)(void))lpl_py_outlier_mask,
      METH_VARARGS | METH_KEYWORDS,
-     "outlier_mask(y, keep, stats, quantile, margin_std, closing, opening, stream=0, "
-     "workspace=None)\n\nKeep-mask of the target features y into keep (bool/uint8, y's "
+     "outlier_mask(y, keep, stats, quantile, margin_std, closing, opening, stream=None, "
+     "workspace=None, kernels=None)\n\nKeep-mask of the target features y into keep (bool/uint8, y's "
      "shape); stats (3,) float64 receives mean, std and outlier ratio."},
+    {"cuda_driver_open", lpl_py_cuda_driver_open, METH_VARARGS,
+     "cuda_driver_open(path) -> capsule: dlopen the CUDA driver library (libcuda.so.1) and "
+     "cuInit it."},
+    {"cuda_device_attributes", lpl_py_cuda_device_attributes, METH_VARARGS,
+     "cuda_device_attributes(driver, ordinal) -> dict(driver_version, major, minor, sm_count)."},
+    {"cuda_load_kernels", lpl_py_cuda_load_kernels, METH_VARARGS,
+     "cuda_load_kernels(driver, ordinal, image) -> capsule: load a cubin / PTX image holding "
+     "every kernel into the device's primary context."},
+    {"cuda_kernel_names", lpl_py_cuda_kernel_names, METH_NOARGS,
+     "cuda_kernel_names() -> tuple of the kernel symbols a kernel image must export."},
     {"outlier_mask_workspace_bytes", lpl_py_outlier_mask_workspace_bytes, METH_VARARGS,
      "outlier_mask_workspace_bytes(n, c, h, w) -> bytes of CUDA scratch outlier_mask needs."},
     {NULL, NULL, 0, NULL}};

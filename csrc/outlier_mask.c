@@ -1,4 +1,4 @@
-/* Python entry point of the outlier keep-mask (LPL_SPEC.md section 2): argument checks,
+/* Python entry point of the outlier keep-mask (docs/spec.md, "Outlier mask"): argument checks,
  * then the CPU or CUDA implementation with the GIL released. Also the CUDA workspace
  * size query, compiled in every build. */
 #define PY_SSIZE_T_CLEAN
@@ -6,6 +6,7 @@
 
 #include <stdio.h>
 
+#include "lpl_cuda_driver.h"
 #include "lpl_interop.h"
 #include "lpl_math.h"
 #include "lpl_ops.h"
@@ -44,12 +45,11 @@ static int check_options(double quantile, double margin_std, int closing, int op
 PyObject *lpl_py_outlier_mask(PyObject *self, PyObject *args, PyObject *kwargs) {
     (void)self;
     static char *kwlist[] = {"y",       "keep",    "stats",  "quantile",  "margin_std",
-                             "closing", "opening", "stream", "workspace", NULL};
+                             "closing", "opening", "stream", "workspace", "kernels", NULL};
     PyObject *y_obj, *keep_obj, *stats_obj;
-    PyObject *ws_obj = Py_None;
+    PyObject *ws_obj = Py_None, *stream_obj = Py_None, *kernels_obj = Py_None;
     double quantile, margin_std;
     int closing, opening;
-    unsigned long long stream = 0;
     PyObject *hold[4] = {NULL, NULL, NULL, NULL};
     PyObject *result = NULL;
     lpl_tensor y, keep, stats, ws;
@@ -57,9 +57,9 @@ PyObject *lpl_py_outlier_mask(PyObject *self, PyObject *args, PyObject *kwargs) 
     char err[LPL_ERR_LEN] = {0};
     int rc;
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOddii|KO", kwlist, &y_obj, &keep_obj,
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOddii|OOO", kwlist, &y_obj, &keep_obj,
                                      &stats_obj, &quantile, &margin_std, &closing, &opening,
-                                     &stream, &ws_obj))
+                                     &stream_obj, &ws_obj, &kernels_obj))
         return NULL;
     if (check_options(quantile, margin_std, closing, opening) < 0) goto fail;
 
@@ -98,15 +98,12 @@ PyObject *lpl_py_outlier_mask(PyObject *self, PyObject *args, PyObject *kwargs) 
     p.margin_std = margin_std;
     p.closing = closing;
     p.opening = opening;
-    p.device = y.device_id;
 
     if (y.device_type == LPL_CUDA) {
-        if (!lpl_cuda_compiled()) {
-            PyErr_SetString(PyExc_RuntimeError,
-                            "y: is a CUDA tensor but lpl_ext was built without CUDA "
-                            "(reinstall with nvcc on PATH, or LPL_EXT_CUDA=1)");
-            goto fail;
-        }
+        const lpl_cuda_kernels *kernels;
+        void *stream;
+        if (lpl_kernels_from_object(kernels_obj, y.device_id, &kernels) < 0) goto fail;
+        if (lpl_stream_from_object(stream_obj, &stream) < 0) goto fail;
         if (ws_obj == Py_None) {
             PyErr_SetString(PyExc_ValueError, "workspace: required for CUDA tensors");
             goto fail;
@@ -122,7 +119,7 @@ PyObject *lpl_py_outlier_mask(PyObject *self, PyObject *args, PyObject *kwargs) 
         if (lpl_check_same_device(&ws, "workspace", &y, "y") < 0) goto fail;
         p.workspace = ws.data;
         Py_BEGIN_ALLOW_THREADS
-        rc = lpl_cuda_outlier_mask(&p, (void *)(uintptr_t)stream, err);
+        rc = lpl_cuda_outlier_mask(kernels, &p, stream, err);
         Py_END_ALLOW_THREADS
     } else {
         Py_BEGIN_ALLOW_THREADS

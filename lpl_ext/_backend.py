@@ -50,11 +50,26 @@ def check_kind(name: str, obj: Any) -> None:
         raise TypeError(f"{name}: expected a torch.Tensor or numpy.ndarray, got {type(obj).__name__}")
 
 
-def build_info() -> dict:
-    """How the extension was compiled: CUDA (and archs), OpenMP, sanitizers.
+def cuda_kernels(device: Any) -> Any:
+    """The loaded CUDA kernels for a torch CUDA device (``_C`` takes them as ``kernels=``);
+    RuntimeError naming what is missing when no kernel image can be had (docs/cuda.md)."""
+    from . import _cuda
 
-    ``cuda_available`` says whether CUDA kernels can run now (built with CUDA, torch sees
-    a GPU)."""
+    return _cuda.kernels_for(device)
+
+
+def build_info() -> dict:
+    """How the extension was built and which CUDA paths exist.
+
+    Keys: ``cuda`` (CUDA kernels can be had: shipped cubins, or NVRTC found and the kernel
+    sources installed), ``cuda_cubin_archs`` / ``cuda_cubin_toolkit`` (shipped cubins and
+    the nvcc that built them), ``nvrtc`` / ``nvrtc_path`` (the NVRTC found, or None),
+    ``cuda_available`` (torch sees a GPU and ``cuda``), ``cuda_driver`` (the driver
+    version, when torch sees a GPU), plus the C build's ``openmp``, ``sanitize``, ..."""
+    from . import _cuda
+
     info = dict(_C.build_info())
-    info["cuda_available"] = bool(info["cuda"] and torch is not None and torch.cuda.is_available())
+    gpu = torch is not None and torch.cuda.is_available()
+    info.update(_cuda.status(probe_driver=gpu))
+    info["cuda_available"] = bool(info["cuda"] and gpu)
     return info

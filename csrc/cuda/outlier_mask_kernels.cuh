@@ -1,9 +1,9 @@
-// CUDA implementation of the outlier keep-mask (LPL_SPEC.md section 2), the GPU twin of
+// CUDA kernels of the outlier keep-mask (docs/spec.md, "Outlier mask"), the GPU twin of
 // outlier_mask_cpu.c: same order statistics (exact, by radix select on the same
 // order-preserving keys), same std formula and thresholds (lpl_math.h), same separable
 // max / min filters with max-pool borders, same layer statistics.
 //
-// Launch sequence on the caller's stream (no host sync anywhere; B blocks per plane,
+// Launch sequence (csrc/outlier_mask_cuda.c) on the caller's stream (no host sync anywhere; B blocks per plane,
 // per-block partials combined in a fixed order, so results are deterministic):
 //   1. moments        finite count, sum, min/max key per block
 //   2. setup          per plane: count, mean, ranks k1, k2; clears the digit histograms
@@ -17,37 +17,31 @@
 //   8. row_and        row min filter (opening) keep -> tmp
 //   9. final          column min filter (opening) tmp, AND finite -> keep; kept moments
 //  10. plane_stats / layer_stats   statistics into stats (3,) float64
-#include "lpl_cuda_common.cuh"
+#include "lpl_device.cuh"
 
-namespace {
-
-constexpr int kThreads = LPL_OM_CUDA_THREADS;
+#define kThreads LPL_OM_CUDA_THREADS
 
 template <typename T> struct om_traits;
 template <> struct om_traits<float> {
     static constexpr int kKeyBits = 32;
-    static constexpr int kDtype = LPL_FLOAT32;
     static __device__ __forceinline__ int finite(float r) { return lpl_isfinite_f(r); }
     static __device__ __forceinline__ uint64_t key(float r) { return (uint64_t)lpl_float_sort_key(r); }
     static __device__ __forceinline__ float load(float r) { return r; }
 };
 template <> struct om_traits<double> {
     static constexpr int kKeyBits = 64;
-    static constexpr int kDtype = LPL_FLOAT64;
     static __device__ __forceinline__ int finite(double r) { return lpl_isfinite_d(r); }
     static __device__ __forceinline__ uint64_t key(double r) { return lpl_double_sort_key(r); }
     static __device__ __forceinline__ double load(double r) { return r; }
 };
 template <> struct om_traits<lpl_f16> {
     static constexpr int kKeyBits = 16;
-    static constexpr int kDtype = LPL_FLOAT16;
     static __device__ __forceinline__ int finite(lpl_f16 r) { return lpl_om_isfinite_f16(r.bits); }
     static __device__ __forceinline__ uint64_t key(lpl_f16 r) { return (uint64_t)lpl_om_key16(r.bits); }
     static __device__ __forceinline__ float load(lpl_f16 r) { return lpl_half_to_float(r.bits); }
 };
 template <> struct om_traits<lpl_bf16> {
     static constexpr int kKeyBits = 16;
-    static constexpr int kDtype = LPL_BFLOAT16;
     static __device__ __forceinline__ int finite(lpl_bf16 r) { return lpl_om_isfinite_bf16(r.bits); }
     static __device__ __forceinline__ uint64_t key(lpl_bf16 r) { return (uint64_t)lpl_om_key16(r.bits); }
     static __device__ __forceinline__ float load(lpl_bf16 r) { return lpl_bf16_to_float(r.bits); }
@@ -58,14 +52,7 @@ enum { PD_COUNT = 0, PD_MEAN, PD_CONST, PD_LO, PD_HI, PD_PMEAN, PD_PM2, PD_KEPT 
 // plane_u slots (4 uint64 per plane)
 enum { PU_PREFIX1 = 0, PU_PREFIX2, PU_RANK1, PU_RANK2 };
 
-struct om_ws {
-    double *part_d;
-    uint64_t *part_u;
-    double *plane_d;
-    uint64_t *plane_u;
-    unsigned int *hist;
-    uint8_t *tmp;
-};
+typedef lpl_om_ws om_ws;  // scratch regions (lpl_kernel_abi.h)
 
 __device__ __forceinline__ uint64_t block_min_u64(uint64_t v, uint64_t *shared) {
     shared[threadIdx.x] = v;
@@ -95,7 +82,7 @@ __device__ __forceinline__ uint64_t block_max_u64(uint64_t v, uint64_t *shared) 
 
 // 1. Block (plane, j) of B handles the plane's values j*T + t, stepping B*T (coalesced).
 template <typename T>
-__global__ void moments_kernel(const T *__restrict__ y, int64_t len, int64_t nb, om_ws ws) {
+__device__ __forceinline__ void moments_kernel(const T *__restrict__ y, int64_t len, int64_t nb, om_ws ws) {
     __shared__ double red[32];
     __shared__ uint64_t redu[kThreads];
     const int64_t plane = blockIdx.x / nb, j = blockIdx.x % nb;
@@ -125,8 +112,7 @@ __global__ void moments_kernel(const T *__restrict__ y, int64_t len, int64_t nb,
 }
 
 // 2. One thread per plane.
-template <typename T>
-__global__ void setup_kernel(int64_t planes, int64_t nb, double quantile, om_ws ws) {
+extern "C" __global__ void lpl_om_setup(int64_t planes, int64_t nb, double quantile, int dtype, om_ws ws) {
     const int64_t plane = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (plane >= planes) return;
     double count = 0.0, sum = 0.0;
@@ -142,20 +128,20 @@ __global__ void setup_kernel(int64_t planes, int64_t nb, double quantile, om_ws 
     uint64_t *pu = ws.plane_u + plane * 4;
     const int is_const = count > 0.0 && kmin == kmax;
     pd[PD_COUNT] = count;
-    pd[PD_MEAN] = count > 0.0 ? (is_const ? lpl_om_key_to_double(kmin, om_traits<T>::kDtype) : sum / count) : 0.0;
+    pd[PD_MEAN] = count > 0.0 ? (is_const ? lpl_om_key_to_double(kmin, dtype) : sum / count) : 0.0;
     pd[PD_CONST] = (double)is_const;
     const int64_t cnt = (int64_t)count;
     pu[PU_PREFIX1] = 0;
     pu[PU_PREFIX2] = 0;
     pu[PU_RANK1] = cnt > 0 ? (uint64_t)lpl_quantile_rank(cnt, quantile) : 1;
     pu[PU_RANK2] = cnt > 0 ? (uint64_t)lpl_quantile_rank(cnt, 1.0 - quantile) : 1;
-    unsigned int *h = ws.hist + plane * 512;
+    uint32_t *h = ws.hist + plane * 512;
     for (int i = 0; i < 512; ++i) h[i] = 0;
 }
 
 // 3. Two-pass variance partials.
 template <typename T>
-__global__ void variance_kernel(const T *__restrict__ y, int64_t len, int64_t nb, om_ws ws) {
+__device__ __forceinline__ void variance_kernel(const T *__restrict__ y, int64_t len, int64_t nb, om_ws ws) {
     __shared__ double red[32];
     const int64_t plane = blockIdx.x / nb, j = blockIdx.x % nb;
     const T *yp = y + plane * len;
@@ -184,8 +170,8 @@ __device__ __forceinline__ int prefix_matches(uint64_t key, uint64_t prefix, int
 
 // 4a. Digit histogram (bits shift .. shift+7) of the finite keys matching each prefix.
 template <typename T>
-__global__ void radix_hist_kernel(const T *__restrict__ y, int64_t len, int64_t nb, int shift, om_ws ws) {
-    __shared__ unsigned int h[512];
+__device__ __forceinline__ void radix_hist_kernel(const T *__restrict__ y, int64_t len, int64_t nb, int shift, om_ws ws) {
+    __shared__ uint32_t h[512];
     const int64_t plane = blockIdx.x / nb, j = blockIdx.x % nb;
     for (int i = threadIdx.x; i < 512; i += blockDim.x) h[i] = 0;
     __syncthreads();
@@ -200,18 +186,18 @@ __global__ void radix_hist_kernel(const T *__restrict__ y, int64_t len, int64_t 
         if (prefix_matches(k, p2, shift)) atomicAdd(&h[256 + d], 1u);
     }
     __syncthreads();
-    unsigned int *g = ws.hist + plane * 512;
+    uint32_t *g = ws.hist + plane * 512;
     for (int i = threadIdx.x; i < 512; i += blockDim.x)
         if (h[i]) atomicAdd(&g[i], h[i]);
 }
 
 // 4b. One thread per (plane, selection): pick the digit holding the rank, clear the bins.
-__global__ void radix_select_kernel(int64_t planes, int shift, om_ws ws) {
+extern "C" __global__ void lpl_om_radix_select(int64_t planes, int shift, om_ws ws) {
     const int64_t t = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (t >= planes * 2) return;
     const int64_t plane = t >> 1;
     const int s = (int)(t & 1);
-    unsigned int *h = ws.hist + plane * 512 + s * 256;
+    uint32_t *h = ws.hist + plane * 512 + s * 256;
     uint64_t *pu = ws.plane_u + plane * 4;
     uint64_t rank = pu[PU_RANK1 + s];
     uint64_t before = 0;
@@ -227,8 +213,7 @@ __global__ void radix_select_kernel(int64_t planes, int shift, om_ws ws) {
 }
 
 // 5. One thread per plane: std, order statistics, thresholds (lpl_math.h).
-template <typename T>
-__global__ void thresholds_kernel(int64_t planes, int64_t nb, double margin_std, om_ws ws) {
+extern "C" __global__ void lpl_om_thresholds(int64_t planes, int64_t nb, double margin_std, int dtype, om_ws ws) {
     const int64_t plane = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (plane >= planes) return;
     double *pd = ws.plane_d + plane * LPL_OM_PLANE_D;
@@ -244,17 +229,17 @@ __global__ void thresholds_kernel(int64_t planes, int64_t nb, double margin_std,
         sd += ws.part_d[(plane * nb + j) * 4 + 3];
     }
     const double std_d = lpl_om_sample_std(count, ss, sd, pd[PD_CONST] != 0.0);
-    const double q1 = lpl_om_key_to_double(pu[PU_PREFIX1], om_traits<T>::kDtype);
-    const double q2 = lpl_om_key_to_double(pu[PU_PREFIX2], om_traits<T>::kDtype);
+    const double q1 = lpl_om_key_to_double(pu[PU_PREFIX1], dtype);
+    const double q2 = lpl_om_key_to_double(pu[PU_PREFIX2], dtype);
     double lo, hi;
-    lpl_om_thresholds(om_traits<T>::kDtype, q1, q2, std_d, margin_std, &lo, &hi);
+    lpl_om_thresholds(dtype, q1, q2, std_d, margin_std, &lo, &hi);
     pd[PD_LO] = lo;
     pd[PD_HI] = hi;
 }
 
 // 6. keep0 and the row max filter of the closing, one thread per pixel.
 template <typename T>
-__global__ void keep_rowor_kernel(const T *__restrict__ y, int64_t total, int64_t len, int64_t w, int64_t r,
+__device__ __forceinline__ void keep_rowor_kernel(const T *__restrict__ y, int64_t total, int64_t len, int64_t w, int64_t r,
                                   om_ws ws) {
     for (int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
          idx += (int64_t)gridDim.x * blockDim.x) {
@@ -274,7 +259,7 @@ __global__ void keep_rowor_kernel(const T *__restrict__ y, int64_t total, int64_
 }
 
 // 7. Column max filter (closing): tmp -> keep.
-__global__ void col_or_kernel(const uint8_t *__restrict__ src, uint8_t *__restrict__ dst, int64_t total, int64_t len,
+extern "C" __global__ void lpl_om_col_or(const uint8_t *__restrict__ src, uint8_t *__restrict__ dst, int64_t total, int64_t len,
                               int64_t h, int64_t w, int64_t r) {
     for (int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
          idx += (int64_t)gridDim.x * blockDim.x) {
@@ -287,7 +272,7 @@ __global__ void col_or_kernel(const uint8_t *__restrict__ src, uint8_t *__restri
 }
 
 // 8. Row min filter (opening): keep -> tmp.
-__global__ void row_and_kernel(const uint8_t *__restrict__ src, uint8_t *__restrict__ dst, int64_t total, int64_t w,
+extern "C" __global__ void lpl_om_row_and(const uint8_t *__restrict__ src, uint8_t *__restrict__ dst, int64_t total, int64_t w,
                                int64_t r) {
     for (int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
          idx += (int64_t)gridDim.x * blockDim.x) {
@@ -302,7 +287,7 @@ __global__ void row_and_kernel(const uint8_t *__restrict__ src, uint8_t *__restr
 // 9. Column min filter (opening) AND finite -> keep, with the kept-value moments per
 // block (same block layout as moments_kernel, so the partials are deterministic).
 template <typename T>
-__global__ void final_kernel(const T *__restrict__ y, uint8_t *__restrict__ keep, int64_t len, int64_t h, int64_t w,
+__device__ __forceinline__ void final_kernel(const T *__restrict__ y, uint8_t *__restrict__ keep, int64_t len, int64_t h, int64_t w,
                              int64_t r, int64_t nb, om_ws ws) {
     __shared__ double red[32];
     const int64_t plane = blockIdx.x / nb, j = blockIdx.x % nb;
@@ -339,7 +324,7 @@ __global__ void final_kernel(const T *__restrict__ y, uint8_t *__restrict__ keep
 }
 
 // 10a. Per-plane moments of where(keep, y, 0) (masked values count as 0).
-__global__ void plane_stats_kernel(int64_t planes, int64_t nb, int64_t len, om_ws ws) {
+extern "C" __global__ void lpl_om_plane_stats(int64_t planes, int64_t nb, int64_t len, om_ws ws) {
     const int64_t plane = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (plane >= planes) return;
     double *pd = ws.plane_d + plane * LPL_OM_PLANE_D;
@@ -359,7 +344,7 @@ __global__ void plane_stats_kernel(int64_t planes, int64_t nb, int64_t len, om_w
 }
 
 // 10b. Single thread: planes merged in order (as the CPU does).
-__global__ void layer_stats_kernel(int64_t planes, int64_t len, om_ws ws, double *stats) {
+extern "C" __global__ void lpl_om_layer_stats(int64_t planes, int64_t len, om_ws ws, double *stats) {
     if (blockIdx.x != 0 || threadIdx.x != 0) return;
     double n = 0.0, mean = 0.0, m2 = 0.0, kept = 0.0;
     for (int64_t pl = 0; pl < planes && len > 0; ++pl) {
@@ -370,86 +355,24 @@ __global__ void layer_stats_kernel(int64_t planes, int64_t len, om_ws ws, double
     lpl_om_finish_stats(n, mean, m2, kept, stats);
 }
 
-unsigned grid_for(int64_t work, int64_t threads) {
-    int64_t g = (work + threads - 1) / threads;
-    if (g < 1) g = 1;
-    // Kernels with one thread per plane do not loop over the grid: never cap below the work.
-    if (g > 2147483647LL) g = 2147483647LL;
-    return (unsigned)g;
-}
-
-#define OM_CHECK(name)                                                          \
-    do {                                                                        \
-        if (lpl_cuda_report(cudaGetLastError(), name, err)) return -1;          \
-    } while (0)
-
-template <typename T>
-int run(const lpl_om_params *p, cudaStream_t stream, char *err) {
-    const int64_t planes = p->n * p->c, h = p->h, w = p->w, len = h * w, total = planes * len;
-    const lpl_om_layout layout = lpl_om_workspace_layout(p->n, p->c, p->h, p->w);
-    const int64_t nb = lpl_om_blocks_per_plane(len);
-    uint8_t *base = (uint8_t *)p->workspace;
-    om_ws ws;
-    ws.part_d = (double *)(base + layout.part_d);
-    ws.part_u = (uint64_t *)(base + layout.part_u);
-    ws.plane_d = (double *)(base + layout.plane_d);
-    ws.plane_u = (uint64_t *)(base + layout.plane_u);
-    ws.hist = (unsigned int *)(base + layout.hist);
-    ws.tmp = base + layout.tmp;
-    const T *y = (const T *)p->y;
-
-    if (planes > 0 && len > 0) {
-        if (planes * nb > 2147483647LL) {
-            snprintf(err, LPL_ERR_LEN, "too many (sample, channel) planes for one launch");
-            return -1;
-        }
-        const unsigned plane_blocks = (unsigned)(planes * nb);
-        const unsigned per_plane_grid = grid_for(planes, 128);
-        moments_kernel<T><<<plane_blocks, kThreads, 0, stream>>>(y, len, nb, ws);
-        OM_CHECK("moments_kernel");
-        setup_kernel<T><<<per_plane_grid, 128, 0, stream>>>(planes, nb, p->quantile, ws);
-        OM_CHECK("setup_kernel");
-        variance_kernel<T><<<plane_blocks, kThreads, 0, stream>>>(y, len, nb, ws);
-        OM_CHECK("variance_kernel");
-        for (int shift = om_traits<T>::kKeyBits - 8; shift >= 0; shift -= 8) {
-            radix_hist_kernel<T><<<plane_blocks, kThreads, 0, stream>>>(y, len, nb, shift, ws);
-            OM_CHECK("radix_hist_kernel");
-            radix_select_kernel<<<grid_for(planes * 2, 128), 128, 0, stream>>>(planes, shift, ws);
-            OM_CHECK("radix_select_kernel");
-        }
-        thresholds_kernel<T><<<per_plane_grid, 128, 0, stream>>>(planes, nb, p->margin_std, ws);
-        OM_CHECK("thresholds_kernel");
-        const unsigned pix_grid = grid_for(total, kThreads);
-        keep_rowor_kernel<T><<<pix_grid, kThreads, 0, stream>>>(y, total, len, w, (p->closing - 1) / 2, ws);
-        OM_CHECK("keep_rowor_kernel");
-        col_or_kernel<<<pix_grid, kThreads, 0, stream>>>(ws.tmp, p->keep, total, len, h, w, (p->closing - 1) / 2);
-        OM_CHECK("col_or_kernel");
-        row_and_kernel<<<pix_grid, kThreads, 0, stream>>>(p->keep, ws.tmp, total, w, (p->opening - 1) / 2);
-        OM_CHECK("row_and_kernel");
-        final_kernel<T><<<plane_blocks, kThreads, 0, stream>>>(y, p->keep, len, h, w, (p->opening - 1) / 2, nb, ws);
-        OM_CHECK("final_kernel");
-        if (p->stats) {
-            plane_stats_kernel<<<per_plane_grid, 128, 0, stream>>>(planes, nb, len, ws);
-            OM_CHECK("plane_stats_kernel");
-        }
+#define LPL_OM_ENTRY_POINTS(sfx, T)                                                                                  \
+    extern "C" __global__ void lpl_om_moments_##sfx(const T *__restrict__ y, int64_t len, int64_t nb, om_ws ws) {    \
+        moments_kernel<T>(y, len, nb, ws);                                                                           \
+    }                                                                                                                \
+    extern "C" __global__ void lpl_om_variance_##sfx(const T *__restrict__ y, int64_t len, int64_t nb, om_ws ws) {   \
+        variance_kernel<T>(y, len, nb, ws);                                                                          \
+    }                                                                                                                \
+    extern "C" __global__ void lpl_om_radix_hist_##sfx(const T *__restrict__ y, int64_t len, int64_t nb, int shift,  \
+                                                       om_ws ws) {                                                   \
+        radix_hist_kernel<T>(y, len, nb, shift, ws);                                                                 \
+    }                                                                                                                \
+    extern "C" __global__ void lpl_om_keep_rowor_##sfx(const T *__restrict__ y, int64_t total, int64_t len,          \
+                                                       int64_t w, int64_t r, om_ws ws) {                             \
+        keep_rowor_kernel<T>(y, total, len, w, r, ws);                                                               \
+    }                                                                                                                \
+    extern "C" __global__ void lpl_om_final_##sfx(const T *__restrict__ y, uint8_t *__restrict__ keep, int64_t len,  \
+                                                  int64_t h, int64_t w, int64_t r, int64_t nb, om_ws ws) {           \
+        final_kernel<T>(y, keep, len, h, w, r, nb, ws);                                                              \
     }
-    if (p->stats) {
-        layer_stats_kernel<<<1, 32, 0, stream>>>(planes, len, ws, p->stats);
-        OM_CHECK("layer_stats_kernel");
-    }
-    return 0;
-}
-
-}  // namespace
-
-extern "C" int lpl_cuda_outlier_mask(const lpl_om_params *p, void *stream, char *err) {
-    if (lpl_cuda_report(cudaSetDevice(p->device), "cudaSetDevice", err)) return -1;
-    cudaStream_t s = (cudaStream_t)stream;
-    switch (p->dtype) {
-    case LPL_FLOAT32: return run<float>(p, s, err);
-    case LPL_FLOAT64: return run<double>(p, s, err);
-    case LPL_FLOAT16: return run<lpl_f16>(p, s, err);
-    case LPL_BFLOAT16: return run<lpl_bf16>(p, s, err);
-    default: snprintf(err, LPL_ERR_LEN, "unsupported dtype"); return -1;
-    }
-}
+LPL_FOR_EACH_DTYPE(LPL_OM_ENTRY_POINTS)
+#undef LPL_OM_ENTRY_POINTS

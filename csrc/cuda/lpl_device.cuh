@@ -1,0 +1,81 @@
+// Device helpers shared by the CUDA kernels: dtype loads/stores through lpl_math.h and
+// block reductions. Device code only, no CUDA runtime header: the same text compiles
+// with nvcc (-cubin, at build time) and with NVRTC (at first use). Host launches go
+// through the driver API (csrc/cuda_driver.c).
+#ifndef LPL_DEVICE_CUH
+#define LPL_DEVICE_CUH
+
+#include "lpl_kernel_abi.h"
+#include "lpl_math.h"
+
+// lpl_dtype codes (lpl_tensor.h, a host header)
+enum { LPL_FLOAT32 = 0, LPL_FLOAT64 = 1, LPL_FLOAT16 = 2, LPL_BFLOAT16 = 3 };
+
+// Storage of 16-bit floats as raw bits; conversions are the shared lpl_math.h ones, so
+// the GPU rounds exactly as the CPU does.
+struct lpl_f16 { uint16_t bits; };
+struct lpl_bf16 { uint16_t bits; };
+
+template <typename T> struct lpl_io;
+template <> struct lpl_io<float> {
+    typedef float acc;
+    static __device__ __forceinline__ float load(const float *p, int64_t i) { return p[i]; }
+    static __device__ __forceinline__ void store(float *p, int64_t i, float v) { p[i] = v; }
+};
+template <> struct lpl_io<double> {
+    typedef double acc;
+    static __device__ __forceinline__ double load(const double *p, int64_t i) { return p[i]; }
+    static __device__ __forceinline__ void store(double *p, int64_t i, double v) { p[i] = v; }
+};
+template <> struct lpl_io<lpl_f16> {
+    typedef float acc;
+    static __device__ __forceinline__ float load(const lpl_f16 *p, int64_t i) { return lpl_half_to_float(p[i].bits); }
+    static __device__ __forceinline__ void store(lpl_f16 *p, int64_t i, float v) { p[i].bits = lpl_float_to_half(v); }
+};
+template <> struct lpl_io<lpl_bf16> {
+    typedef float acc;
+    static __device__ __forceinline__ float load(const lpl_bf16 *p, int64_t i) { return lpl_bf16_to_float(p[i].bits); }
+    static __device__ __forceinline__ void store(lpl_bf16 *p, int64_t i, float v) { p[i].bits = lpl_float_to_bf16(v); }
+};
+
+// Overloads of the lpl_math.h formulas on the accumulation type (float for 32- and
+// 16-bit storage, double for float64), so templated kernels pick the CPU's formula.
+__device__ __forceinline__ float lpl_dist_value(float d, int dist) { return lpl_dist_value_f(d, dist); }
+__device__ __forceinline__ double lpl_dist_value(double d, int dist) { return lpl_dist_value_d(d, dist); }
+__device__ __forceinline__ float lpl_dist_deriv(float d, int dist) { return lpl_dist_deriv_f(d, dist); }
+__device__ __forceinline__ double lpl_dist_deriv(double d, int dist) { return lpl_dist_deriv_d(d, dist); }
+__device__ __forceinline__ float lpl_inv_norm(float sumsq, double eps) { return lpl_inv_norm_f(sumsq, eps); }
+__device__ __forceinline__ double lpl_inv_norm(double sumsq, double eps) { return lpl_inv_norm_d(sumsq, eps); }
+__device__ __forceinline__ float lpl_default_norm_coef(float r, float norm, float dot) {
+    return lpl_default_norm_coef_f(r, norm, dot);
+}
+__device__ __forceinline__ double lpl_default_norm_coef(double r, double norm, double dot) {
+    return lpl_default_norm_coef_d(r, norm, dot);
+}
+__device__ __forceinline__ float lpl_default_norm_grad(float g, float x, float r, float coef) {
+    return lpl_default_norm_grad_f(g, x, r, coef);
+}
+__device__ __forceinline__ double lpl_default_norm_grad(double g, double x, double r, double coef) {
+    return lpl_default_norm_grad_d(g, x, r, coef);
+}
+
+// Sum of v over the block (blockDim.x a multiple of 32, at most 1024); result valid in
+// thread 0. `shared` holds 32 doubles.
+__device__ __forceinline__ double lpl_block_sum(double v, double *shared) {
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    __syncthreads();
+    if (lane == 0) shared[warp] = v;
+    __syncthreads();
+    const int nwarps = (blockDim.x + 31) >> 5;
+    v = (threadIdx.x < (unsigned)nwarps) ? shared[lane] : 0.0;
+    if (warp == 0)
+        for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+    return v;
+}
+
+// Per-dtype kernel entry points with C linkage (names in LPL_KERNEL_LIST): M(suffix, T)
+// is expanded once per storage type, in lpl_dtype order.
+#define LPL_FOR_EACH_DTYPE(M) M(f32, float) M(f64, double) M(f16, lpl_f16) M(bf16, lpl_bf16)
+
+#endif  // LPL_DEVICE_CUH
