@@ -13,9 +13,13 @@ With no ``--pretrained_model_name_or_path`` a tiny SDXL-architecture pipeline is
 set of captioned coloured shapes is used. The LPL objective itself is ``lpl_ext.LPLObjective``; this
 script owns the UNet, the VAE, the data, the optimiser and the bookkeeping around it.
 
-Outputs in ``--output_dir``: the fine-tuned pipeline (``save_pretrained``), ``checkpoint-<step>``
-folders (written atomically), ``metrics.csv`` (one row per optimiser step), ``loss_curves.png`` and
-``validation/*.png``.
+With ``--rank N`` only LoRA adapters (peft) on the UNet's attention projections are trained (optionally
+also on both text encoders, ``--train_text_encoder``); the LPL objective is the same either way.
+
+Outputs in ``--output_dir``: the fine-tuned pipeline (``save_pretrained``; with ``--rank`` the adapters as
+``pytorch_lora_weights.safetensors`` instead), ``checkpoint-<step>`` folders (written atomically, with the
+diffusers layout: ``unet/``, ``unet_ema/`` or the LoRA weights, plus the accelerate state),
+``metrics.csv`` (one row per optimiser step), ``loss_curves.png`` and ``validation/*.png``.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +51,19 @@ CHECKPOINT_PREFIX = "checkpoint-"
 CHECKPOINT_STATE_FILE = "trainer_state.json"
 METRICS_CSV = "metrics.csv"
 LOSS_PLOT = "loss_curves.png"
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+# LoRA targets of diffusers' train_text_to_image_lora_sdxl.py: the attention projections of the UNet and,
+# with --train_text_encoder, of both CLIP text encoders.
+UNET_LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
+TEXT_ENCODER_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+TIMESTEP_BIAS_STRATEGIES = ("earlier", "later", "range", "none")
+SAVE_PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Files never uploaded by --push_to_hub: training state (optimizer, RNG), not the model.
+HUB_IGNORE_PATTERNS = [f"{CHECKPOINT_PREFIX}*", f".tmp-{CHECKPOINT_PREFIX}*", f".old-{CHECKPOINT_PREFIX}*",
+                       "step_*", "epoch_*"]
+# Set to a file path to record, per micro-batch, which dataset examples each process trained on (one JSON
+# line each, in "<path>.rank<k>"): a reproducibility check for resumed runs.
+SAMPLE_TRACE_ENV_VAR = "LPL_EXT_SAMPLE_TRACE"
 
 # Defaults of the offline demo (no --pretrained_model_name_or_path): sized to finish in a few minutes
 # on 2 CPU cores. With real weights the usual SDXL defaults apply instead (see resolve_defaults).
@@ -117,7 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Imagefolder: images plus metadata.jsonl with 'file_name' and the caption column.")
     g.add_argument("--image_column", type=str, default="image")
     g.add_argument("--caption_column", type=str, default="text")
-    g.add_argument("--max_train_samples", type=int, default=None)
+    g.add_argument("--max_train_samples", type=int, default=None,
+                   help="Train on N examples drawn by a shuffle seeded with --seed (not the first N).")
+    g.add_argument("--proportion_empty_prompts", type=float, default=0.0,
+                   help="Probability of replacing a caption with '' (classifier-free guidance dropout), drawn "
+                        "anew for every example in every epoch.")
     g.add_argument("--num_synthetic_examples", type=int, default=64,
                    help="Size of the built-in shapes set used when no dataset is given.")
     g.add_argument("--resolution", type=int, default=None, help="Training resolution (demo 64, else 1024).")
@@ -126,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cache_latents", action="store_true",
                    help="Encode every image once before training; crop coordinates are stored with the latents.")
     g.add_argument("--dataloader_num_workers", type=int, default=0)
+    g.add_argument("--local_rank", type=int, default=-1,
+                   help="For distributed launchers that pass it; $LOCAL_RANK overrides it (accelerate sets "
+                        "the device itself).")
 
     g = p.add_argument_group("training")
     g.add_argument("--output_dir", type=str, default="sdxl-lpl-output")
@@ -151,11 +176,37 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prediction_type", type=str, default=None, choices=PREDICTION_TYPES,
                    help="Unset: the scheduler's. flow_matching: rectified-flow target eps - z0.")
     g.add_argument("--noise_offset", type=float, default=0.0)
+    g.add_argument("--timestep_bias_strategy", type=str, default="none", choices=TIMESTEP_BIAS_STRATEGIES,
+                   help="Sample some training timesteps more often: 'earlier' / 'later' weight the first / last "
+                        "--timestep_bias_portion of the timesteps by --timestep_bias_multiplier, 'range' weights "
+                        "[--timestep_bias_begin, --timestep_bias_end).")
+    g.add_argument("--timestep_bias_multiplier", type=float, default=1.0,
+                   help="Weight of the biased timesteps relative to the others (> 0; 1.0 = no bias).")
+    g.add_argument("--timestep_bias_begin", type=int, default=0, help="'range': first biased timestep.")
+    g.add_argument("--timestep_bias_end", type=int, default=1000,
+                   help="'range': end of the biased timesteps (exclusive, as the slice in diffusers' script).")
+    g.add_argument("--timestep_bias_portion", type=float, default=0.25,
+                   help="'earlier' / 'later': fraction of the timesteps that is biased, in (0, 1].")
     g.add_argument("--use_ema", action="store_true")
     g.add_argument("--ema_decay", type=float, default=0.9999)
     g.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
                    help="Overrides the accelerate config.")
     g.add_argument("--allow_tf32", action="store_true")
+    g.add_argument("--use_8bit_adam", action="store_true",
+                   help="bitsandbytes' 8-bit AdamW (needs bitsandbytes and a device it supports).")
+    g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
+                   help="xformers attention in the UNet (needs xformers and a CUDA GPU).")
+    g.add_argument("--save_precision", type=str, default="fp32", choices=list(SAVE_PRECISIONS),
+                   help="dtype of the saved UNet, text encoders and LoRA weights (the VAE is always saved in "
+                        "fp32). Default fp32: the trained fp32 weights, bit for bit.")
+
+    g = p.add_argument_group("LoRA (train adapters instead of the whole UNet)")
+    g.add_argument("--rank", type=int, default=None,
+                   help="Train LoRA adapters of this rank on the UNet's attention projections (to_q, to_k, "
+                        "to_v, to_out.0) with the base weights frozen. Unset: full fine-tune.")
+    g.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha (scale alpha/rank). Default: rank.")
+    g.add_argument("--train_text_encoder", action="store_true",
+                   help="With --rank: also LoRA adapters on both text encoders (q/k/v/out projections).")
 
     g = p.add_argument_group("checkpoints, validation, logging")
     g.add_argument("--checkpointing_steps", type=int, default=None, help="Demo 50, else 500.")
@@ -167,9 +218,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num_validation_images", type=int, default=4)
     g.add_argument("--validation_steps", type=int, default=None,
                    help="Also validate every N steps (always at the end).")
+    g.add_argument("--validation_epochs", type=int, default=None,
+                   help="Also validate after every epoch whose 0-based index is a multiple of N (diffusers' "
+                        "schedule: the 1st, (N+1)th, ... epoch).")
     g.add_argument("--num_validation_inference_steps", type=int, default=None, help="Demo 10, else 25.")
     g.add_argument("--report_to", type=str, default="none",
                    help="accelerate tracker: none, tensorboard, wandb, all (CSV + PNG are always written).")
+    g.add_argument("--push_to_hub", action="store_true",
+                   help="Upload --output_dir (without checkpoints) to the Hugging Face Hub as the run's last step.")
+    g.add_argument("--hub_model_id", type=str, default=None,
+                   help="Hub repository for --push_to_hub (default: the name of --output_dir).")
+    g.add_argument("--hub_token", type=str, default=None,
+                   help="Hub token for --push_to_hub (default: $HF_TOKEN or the `hf auth login` token).")
 
     g = p.add_argument_group("LPL (seed document; the defaults are its recommended settings)")
     _bool_flag(g, "use_lpl", True, "Add LPL to the diffusion loss.")
@@ -181,8 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
     _bool_flag(g, "lpl_pow_law", True, "Layer weights 2^-min(i,3).")
     g.add_argument("--lpl_num_blocks", type=int, default=4, help="Decoder up blocks used (0-4).")
     _bool_flag(g, "lpl_remove_outliers", True, "Mask outliers of the target features (2%%/98%% quantiles).")
-    _bool_flag(g, "lpl_scale", None,
-               "Weight LPL by min(SNR, gamma)/SNR. Needs --snr_gamma; default: on iff --snr_gamma is set.")
+    _bool_flag(g, "lpl_scale", False,
+               "Weight LPL by min(SNR, gamma)/SNR (epsilon) or min(SNR, gamma)/(SNR+1) (v). Needs --snr_gamma. "
+               "Off by default, as in the reference: with gamma 5 on SDXL's schedule it weights epsilon LPL by "
+               "0.004 at t=0 rising to 1 at t>=147 (0.58 on average over t < 200).")
     g.add_argument("--lpl_start", type=int, default=0, help="First optimiser step that applies LPL.")
     _bool_flag(g, "lpl_grad_ckpt", True,
                "Gradient-checkpoint the VAE decoder blocks inside LPL (independent of --gradient_checkpointing).")
@@ -205,8 +267,8 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
         args.validation_prompts = [args.validation_prompt]
     else:
         args.validation_prompts = []
-    if args.lpl_scale is None:
-        args.lpl_scale = args.snr_gamma is not None
+    if args.lora_alpha is None and args.rank is not None:
+        args.lora_alpha = float(args.rank)
     return args
 
 
@@ -259,6 +321,128 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         if path is None:
             parser.error(f"--resume_from_checkpoint {args.resume_from_checkpoint!r} is not a complete "
                          f"checkpoint (no {CHECKPOINT_STATE_FILE}); use a checkpoint-<step> folder or 'latest'")
+    if not 0.0 <= args.proportion_empty_prompts <= 1.0:
+        parser.error(f"--proportion_empty_prompts must be in [0, 1], got {args.proportion_empty_prompts}")
+    if args.validation_epochs is not None and args.validation_epochs < 1:
+        parser.error(f"--validation_epochs must be >= 1, got {args.validation_epochs}")
+    _validate_timestep_bias(parser, args)
+    _validate_lora(parser, args)
+    # Environment checks: a flag that cannot work here fails now, before any model is loaded.
+    if args.use_8bit_adam:
+        reason = check_8bit_adam_usable(_probe_device())
+        if reason:
+            parser.error(f"--use_8bit_adam cannot be used: {reason}")
+    if args.enable_xformers_memory_efficient_attention:
+        reason = check_xformers_usable()
+        if reason:
+            parser.error(f"--enable_xformers_memory_efficient_attention cannot be used: {reason}")
+    for name in ("hub_model_id", "hub_token"):
+        if getattr(args, name) is not None and not args.push_to_hub:
+            parser.error(f"--{name} only has an effect with --push_to_hub")
+    if args.push_to_hub:
+        if args.hub_token is not None and args.report_to in ("wandb", "all"):
+            # As diffusers' scripts: the tracker would store the token with the run's config.
+            parser.error("--hub_token cannot be combined with --report_to wandb/all (the token would be logged "
+                         "with the run config); log in with `hf auth login` or set HF_TOKEN instead")
+        reason = check_hub_push(args.hub_token)
+        if reason:
+            parser.error(f"--push_to_hub cannot be used: {reason}")
+
+
+def _validate_timestep_bias(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.timestep_bias_strategy == "none":
+        return
+    m = args.timestep_bias_multiplier
+    if not (math.isfinite(m) and m > 0):
+        # diffusers' script returns (instead of raising) this error and then crashes later.
+        parser.error(f"--timestep_bias_multiplier must be a positive number, got {m} (to disable the bias use "
+                     f"--timestep_bias_strategy none)")
+    if args.timestep_bias_strategy in ("earlier", "later"):
+        if not 0.0 < args.timestep_bias_portion <= 1.0:
+            parser.error(f"--timestep_bias_portion must be in (0, 1], got {args.timestep_bias_portion}")
+    else:
+        begin, end = args.timestep_bias_begin, args.timestep_bias_end
+        if begin < 0:
+            parser.error(f"--timestep_bias_begin must be >= 0, got {begin}")
+        if end <= begin:
+            parser.error(f"--timestep_bias_end must be > --timestep_bias_begin ({begin}), got {end}")
+
+
+def _validate_lora(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.rank is None:
+        if args.lora_alpha is not None:
+            parser.error("--lora_alpha needs --rank (LoRA training)")
+        if args.train_text_encoder:
+            parser.error("--train_text_encoder trains LoRA adapters on the text encoders and needs --rank "
+                         "(full fine-tuning of the text encoders is not supported)")
+        return
+    if args.rank < 1:
+        parser.error(f"--rank must be >= 1, got {args.rank}")
+    if not (math.isfinite(args.lora_alpha) and args.lora_alpha > 0):
+        parser.error(f"--lora_alpha must be a positive number, got {args.lora_alpha}")
+    if args.use_ema:
+        parser.error("--use_ema is not supported with --rank (LoRA): it averages the full UNet's weights")
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        parser.error("--rank (LoRA) needs the peft package: pip install peft")
+
+
+def _probe_device() -> str:
+    """The device this process will train on, as far as it is known before accelerate starts."""
+    if torch.cuda.is_available():
+        return f"cuda:{max(0, int(os.environ.get('LOCAL_RANK', 0)))}"
+    return "cpu"
+
+
+def check_8bit_adam_usable(device: str) -> str | None:
+    """None if bitsandbytes' ``AdamW8bit`` runs one step on ``device``, else the reason it cannot.
+
+    One real step on a 4096-value parameter (the smallest size bitsandbytes keeps in 8 bits), so a
+    library that imports but has no kernels for this device is caught here, not after the models load.
+    """
+    try:
+        import bitsandbytes as bnb
+    except Exception as exc:  # ImportError, or a broken install that raises at import
+        return f"bitsandbytes is not importable ({type(exc).__name__}: {exc}); pip install bitsandbytes"
+    try:
+        param = torch.nn.Parameter(torch.zeros(4096, device=device))
+        opt = bnb.optim.AdamW8bit([param], lr=1e-3)
+        param.grad = torch.ones_like(param)
+        opt.step()
+    except Exception as exc:
+        return (f"bitsandbytes {getattr(bnb, '__version__', '?')} cannot run AdamW8bit on {device} "
+                f"({type(exc).__name__}: {exc})")
+    return None
+
+
+def check_xformers_usable() -> str | None:
+    """None if xformers is installed and a CUDA GPU is visible, else the reason."""
+    from diffusers.utils.import_utils import is_xformers_available
+
+    if not is_xformers_available():
+        return "xformers is not installed (pip install xformers, built for your torch)"
+    if not torch.cuda.is_available():
+        return "xformers attention runs on CUDA GPUs only and none is visible"
+    return None
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def check_hub_push(hub_token: str | None) -> str | None:
+    """None if an upload can be attempted (huggingface_hub importable, online, a token), else the reason.
+    Whether the Hub is reachable is checked when the repository is created, still before any model loads."""
+    if _env_flag("HF_HUB_OFFLINE"):
+        return "HF_HUB_OFFLINE is set, so the Hub cannot be reached"
+    try:
+        from huggingface_hub import get_token
+    except ImportError:
+        return "huggingface_hub is not installed (pip install huggingface_hub)"
+    if not (hub_token or get_token()):
+        return "no Hub token: pass --hub_token, set HF_TOKEN or run `hf auth login`"
+    return None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -267,6 +451,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     env_rank = int(os.environ.get("LOCAL_RANK", -1))
     args.env_local_rank = env_rank
+    if env_rank != -1 and env_rank != args.local_rank:  # as diffusers: the launcher's value wins
+        args.local_rank = env_rank
     resolve_defaults(args)
     validate_args(parser, args)
     return args
@@ -384,12 +570,16 @@ class ImageCaptionSource:
             from lpl_ext.synthetic_data import SyntheticShapes
 
             self.synthetic = SyntheticShapes(args.num_synthetic_examples)
-        n = len(self._raw_len())
-        if args.max_train_samples is not None:
-            n = min(n, args.max_train_samples)
-        self.length = n
-        if n == 0:
+        raw = len(self._raw_len())
+        if raw == 0:
             raise SystemExit("the training data is empty")
+        # Indices into the raw data. --max_train_samples keeps N examples of a permutation seeded with --seed
+        # (as diffusers' dataset.shuffle(seed).select(range(N))), not the first N (often one class or folder).
+        self.indices = list(range(raw))
+        if args.max_train_samples is not None and args.max_train_samples < raw:
+            perm = torch.randperm(raw, generator=torch.Generator().manual_seed(args.seed))
+            self.indices = perm[: args.max_train_samples].tolist()
+        self.length = len(self.indices)
 
     def _raw_len(self):
         if self.kind == "imagefolder":
@@ -418,20 +608,41 @@ class ImageCaptionSource:
     def __len__(self) -> int:
         return self.length
 
-    def __getitem__(self, index: int):
+    def raw_index(self, index: int) -> int:
+        """Index of example ``index`` in the full data (stable under --max_train_samples)."""
+        return self.indices[index]
+
+    def __getitem__(self, index: int, rng: random.Random | None = None):
+        """(RGB PIL image, caption); a list of captions gives one drawn with ``rng``."""
         from PIL import Image
 
+        raw = self.indices[index]
         if self.kind == "imagefolder":
-            path, caption = self.records[index]
+            path, caption = self.records[raw]
             image = Image.open(path)
         elif self.kind == "hf":
-            row = self.hf[index]
+            row = self.hf[raw]
             image, caption = row[self.image_column], row[self.caption_column]
         else:
-            image, caption = self.synthetic[index]
+            image, caption = self.synthetic[raw]
         if isinstance(caption, (list, tuple)):
-            caption = random.choice(caption)
+            caption = (rng or random).choice(caption)
         return image.convert("RGB"), str(caption)
+
+    def get(self, index: int, rng: random.Random | None = None):
+        return self.__getitem__(index, rng)
+
+
+def example_rng(seed: int, epoch: int | str, index: int, stream: str = "data") -> random.Random:
+    """Random stream of one example in one epoch: the same draws whatever the process count, the data loader
+    workers, the prefetching or a resume (the global RNGs are advanced differently by each of these).
+    ``random.Random`` seeded with a str hashes it with SHA-512, independent of PYTHONHASHSEED."""
+    return random.Random(f"{seed}:{epoch}:{index}:{stream}")
+
+
+def drop_caption(seed: int, epoch: int, index: int, proportion: float) -> bool:
+    """Whether example ``index`` trains with an empty caption in ``epoch`` (probability ``proportion``)."""
+    return proportion > 0 and example_rng(seed, epoch, index, "caption_dropout").random() < proportion
 
 
 def preprocess_image(image, resolution: int, center_crop: bool, random_flip: bool,
@@ -445,7 +656,7 @@ def preprocess_image(image, resolution: int, center_crop: bool, random_flip: boo
     import numpy as np
     from PIL import Image
 
-    rng = rng or random
+    rng = rng or random.Random()
     original_size = (image.height, image.width)
     scale = resolution / min(image.height, image.width)
     new_w, new_h = max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale))
@@ -463,65 +674,122 @@ def preprocess_image(image, resolution: int, center_crop: bool, random_flip: boo
 
 
 class TrainDataset(torch.utils.data.Dataset):
-    """Preprocessed examples: dict(pixel_values, original_size, crop_top_left, caption)."""
+    """Preprocessed examples: dict(pixel_values, original_size, crop_top_left, caption, index).
 
-    def __init__(self, source: ImageCaptionSource, resolution: int, center_crop: bool, random_flip: bool):
+    Random crops, flips, the choice among several captions and caption dropout are drawn from
+    ``example_rng(seed, epoch, index)``: call ``set_epoch`` before each epoch. ``index`` is the example's
+    index in the full data.
+    """
+
+    def __init__(self, source, resolution: int, center_crop: bool, random_flip: bool, *, seed: int = 0,
+                 proportion_empty_prompts: float = 0.0):
         self.source, self.resolution = source, resolution
         self.center_crop, self.random_flip = center_crop, random_flip
+        self.seed, self.proportion_empty_prompts = seed, proportion_empty_prompts
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.source)
 
+    def _raw_index(self, index: int) -> int:
+        return self.source.raw_index(index) if hasattr(self.source, "raw_index") else index
+
+    def example(self, index: int, epoch: int | str) -> dict:
+        """Example ``index`` as drawn in ``epoch`` (no caption dropout)."""
+        raw = self._raw_index(index)
+        rng = example_rng(self.seed, epoch, raw)
+        image, caption = self.source.get(index, rng) if hasattr(self.source, "get") else self.source[index]
+        pixels, original_size, crop = preprocess_image(image, self.resolution, self.center_crop, self.random_flip,
+                                                       rng)
+        return {"pixel_values": pixels, "original_size": original_size, "crop_top_left": crop, "caption": caption,
+                "index": raw}
+
     def __getitem__(self, index: int) -> dict:
-        image, caption = self.source[index]
-        pixels, original_size, crop = preprocess_image(image, self.resolution, self.center_crop, self.random_flip)
-        return {"pixel_values": pixels, "original_size": original_size, "crop_top_left": crop, "caption": caption}
+        item = self.example(index, self.epoch)
+        if drop_caption(self.seed, self.epoch, item["index"], self.proportion_empty_prompts):
+            item["caption"] = ""
+        return item
 
 
 class CachedLatentDataset(torch.utils.data.Dataset):
     """Latents encoded once, each stored with the crop/size conditioning of the pixels it was encoded from.
 
     (The reference re-draws crop coordinates every epoch while reusing cached latents, so the UNet is
-    told a crop that the latents do not show.)
+    told a crop that the latents do not show.) Caption dropout is still drawn per epoch.
     """
 
-    def __init__(self, items: list[dict]):
+    def __init__(self, items: list[dict], *, seed: int = 0, proportion_empty_prompts: float = 0.0):
         self.items = items
+        self.seed, self.proportion_empty_prompts = seed, proportion_empty_prompts
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int) -> dict:
-        return self.items[index]
+        item = self.items[index]
+        if drop_caption(self.seed, self.epoch, item["index"], self.proportion_empty_prompts):
+            item = {**item, "caption": ""}
+        return item
+
+
+def seeded_generator(*key) -> torch.Generator:
+    """CPU generator seeded from ``key`` (SHA-512 of its text, 63 bits)."""
+    return torch.Generator().manual_seed(random.Random(":".join(map(str, key))).getrandbits(63))
 
 
 @torch.no_grad()
-def encode_latents(vae, pixel_values: torch.Tensor) -> torch.Tensor:
-    """(N, 3, R, R) pixels -> (N, 4, R/8, R/8) fp32 diffusion-space latents (VAE in fp32, no autocast)."""
+def encode_latents(vae, pixel_values: torch.Tensor,
+                   generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
+    """(N, 3, R, R) pixels -> (N, 4, R/8, R/8) fp32 diffusion-space latents (VAE in fp32, no autocast).
+    The posterior sample is drawn with ``generator`` (one CPU generator, or one per image)."""
     pixel_values = pixel_values.to(device=vae.device, dtype=torch.float32)
     with torch.autocast(device_type=pixel_values.device.type, enabled=False):
-        z = vae.encode(pixel_values).latent_dist.sample()
+        z = vae.encode(pixel_values).latent_dist.sample(generator=generator)
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     return ((z - shift) * vae.config.scaling_factor).float()
 
 
-def build_cached_latents(dataset: TrainDataset, vae, batch_size: int = 8) -> CachedLatentDataset:
-    """Encode every example once; keep latents, original_size, crop_top_left and caption together."""
+CACHE_EPOCH = "cache"  # example_rng epoch key of the augmentation that --cache_latents freezes
+
+
+def build_cached_latents(dataset: TrainDataset, vae, batch_size: int = 8, *, process_index: int = 0,
+                         num_processes: int = 1, gather=None) -> CachedLatentDataset:
+    """Encode every example once; keep latents, original_size, crop_top_left, caption and index together.
+
+    With several processes each encodes every ``num_processes``-th example and ``gather`` (accelerate's
+    ``gather_object``) shares the results, so the dataset is encoded once in total, not once per process.
+    Crops and posterior samples are drawn per example, so the cache is the same for any process count.
+    """
+    mine = list(range(process_index, len(dataset), num_processes))
     items = []
-    for start in range(0, len(dataset), batch_size):
-        batch = [dataset[i] for i in range(start, min(len(dataset), start + batch_size))]
-        latents = encode_latents(vae, torch.stack([b["pixel_values"] for b in batch])).cpu()
-        for b, z in zip(batch, latents):
-            items.append({"latents": z, "original_size": b["original_size"],
-                          "crop_top_left": b["crop_top_left"], "caption": b["caption"]})
-    return CachedLatentDataset(items)
+    for start in range(0, len(mine), batch_size):
+        batch = [dataset.example(i, CACHE_EPOCH) for i in mine[start:start + batch_size]]
+        gens = [seeded_generator(dataset.seed, CACHE_EPOCH, b["index"], "posterior") for b in batch]
+        latents = encode_latents(vae, torch.stack([b["pixel_values"] for b in batch]), gens).cpu()
+        for pos, b, z in zip(mine[start:start + batch_size], batch, latents):
+            items.append((pos, {"latents": z, "original_size": b["original_size"],
+                                "crop_top_left": b["crop_top_left"], "caption": b["caption"], "index": b["index"]}))
+    if num_processes > 1:
+        items = gather(items)
+    items.sort(key=lambda pair: pair[0])
+    assert [pos for pos, _ in items] == list(range(len(dataset))), "cached latents: missing examples"
+    return CachedLatentDataset([item for _, item in items], seed=dataset.seed,
+                               proportion_empty_prompts=dataset.proportion_empty_prompts)
 
 
 def make_collate(tokenizers, resolution: int):
-    """Collate dicts into tensors: pixels or latents, add_time_ids (N, 6), input ids of both tokenizers."""
+    """Collate dicts into tensors: pixels or latents, add_time_ids (N, 6), input ids of both tokenizers,
+    and the examples' dataset indices (N,) int64."""
 
     def collate(examples: list[dict]) -> dict:
-        out = {}
+        out = {"indices": torch.tensor([e.get("index", -1) for e in examples], dtype=torch.long)}
         if "latents" in examples[0]:
             out["latents"] = torch.stack([e["latents"] for e in examples])
         else:
@@ -544,37 +812,79 @@ def make_collate(tokenizers, resolution: int):
 # ----------------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def encode_prompts(text_encoders, input_ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_prompts(text_encoders, input_ids: list[torch.Tensor], *, train: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """SDXL prompt embeddings: penultimate hidden states of both encoders concatenated (N, 77, D1+D2),
-    and the second encoder's pooled projection (N, P)."""
-    embeds, pooled = [], None
-    for encoder, ids in zip(text_encoders, input_ids):
-        out = encoder(ids.to(encoder.device), output_hidden_states=True)
-        pooled = out[0]
-        embeds.append(out.hidden_states[-2])
-    return torch.cat(embeds, dim=-1), pooled
+    and the second encoder's pooled projection (N, P). Without gradients unless ``train`` (text-encoder
+    LoRA)."""
+    with torch.set_grad_enabled(train):
+        embeds, pooled = [], None
+        for encoder, ids in zip(text_encoders, input_ids):
+            out = encoder(ids.to(encoder.device), output_hidden_states=True)
+            pooled = out[0]
+            embeds.append(out.hidden_states[-2])
+        return torch.cat(embeds, dim=-1), pooled
+
+
+def timestep_weights(strategy: str, num_timesteps: int, *, multiplier: float = 1.0, portion: float = 0.25,
+                     begin: int = 0, end: int = 1000) -> torch.Tensor | None:
+    """Sampling probabilities (num_timesteps,) float32 of the training timesteps, or None for uniform.
+
+    diffusers' ``generate_timestep_weights``: weight 1 everywhere, ``multiplier`` on the biased timesteps,
+    normalised: 'earlier' biases the first ``int(portion * T)`` timesteps, 'later' the last ones, 'range'
+    ``[begin, end)``. So P(biased) = m k / (m k + T - k) for k biased timesteps.
+    """
+    if strategy == "none":
+        return None
+    if not (math.isfinite(multiplier) and multiplier > 0):
+        raise ValueError(f"timestep_bias_multiplier: must be positive, got {multiplier}")
+    weights = torch.ones(num_timesteps, dtype=torch.float32)
+    if strategy in ("earlier", "later"):
+        k = int(portion * num_timesteps)
+        if not 0 < portion <= 1 or k < 1:
+            raise ValueError(f"timestep_bias_portion: {portion} of {num_timesteps} timesteps biases none of them")
+        biased = slice(0, k) if strategy == "earlier" else slice(num_timesteps - k, None)
+    elif strategy == "range":
+        if begin < 0 or end <= begin:
+            raise ValueError(f"timestep_bias_begin/end: need 0 <= begin < end, got [{begin}, {end})")
+        if end > num_timesteps:
+            raise ValueError(f"timestep_bias_end: {end} is past the scheduler's {num_timesteps} timesteps")
+        biased = slice(begin, end)
+    else:
+        raise ValueError(f"timestep_bias_strategy: unknown {strategy!r}; expected one of {TIMESTEP_BIAS_STRATEGIES}")
+    weights[biased] *= multiplier
+    return weights / weights.sum()
 
 
 def sample_noisy_latents(latents: torch.Tensor, noise: torch.Tensor, prediction_type: str, noise_scheduler,
-                         generator: torch.Generator | None = None) -> dict:
+                         generator: torch.Generator | None = None,
+                         timestep_probs: torch.Tensor | None = None) -> dict:
     """Draw timesteps and build noisy latents and the regression target, all in fp32.
 
     latents, noise: (N, C, H, W) fp32. Returns dict(noisy_latents fp32, target fp32, timesteps (N,),
     sigmas (N,) fp32 or None). DDPM types use ``noise_scheduler`` (integer t); flow_matching draws
     sigma ~ U(0, 1), z_t = (1 - sigma) z0 + sigma eps, target eps - z0, timestep = sigma * T.
+    ``timestep_probs`` (T,) (see ``timestep_weights``) biases the draw: integer t ~ probs; for flow matching
+    sigma = (t + U(0, 1)) / T, which is U(0, 1) for uniform probs.
     Keeping z_t in fp32 matters: LPL reconstructs z0_hat from it (spec §5).
     """
     latents, noise = latents.float(), noise.float()
     n = latents.shape[0]
     num_train = noise_scheduler.config.num_train_timesteps
     if prediction_type == "flow_matching":
-        u = torch.rand(n, generator=generator, device="cpu").to(latents.device)
-        sigmas = u.clamp(min=1.0 / num_train)
+        u = torch.rand(n, generator=generator, device="cpu")
+        if timestep_probs is not None:
+            bucket = torch.multinomial(timestep_probs.cpu(), n, replacement=True, generator=generator)
+            u = (bucket.float() + u) / num_train
+        sigmas = u.to(latents.device).clamp(min=1.0 / num_train)
         s = sigmas.view(-1, 1, 1, 1)
         noisy = (1.0 - s) * latents + s * noise
         return {"noisy_latents": noisy, "target": noise - latents, "timesteps": sigmas * num_train, "sigmas": sigmas}
-    timesteps = torch.randint(0, num_train, (n,), generator=generator, device="cpu").to(latents.device).long()
+    if timestep_probs is None:
+        timesteps = torch.randint(0, num_train, (n,), generator=generator, device="cpu")
+    else:
+        timesteps = torch.multinomial(timestep_probs.cpu(), n, replacement=True, generator=generator)
+    timesteps = timesteps.to(latents.device).long()
     noisy = noise_scheduler.add_noise(latents, noise, timesteps).float()
     if prediction_type == "epsilon":
         target = noise
@@ -655,6 +965,17 @@ class StepMetrics:
         return out
 
 
+def metric_weights(metrics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """Weights for ``StepMetrics.add``: the LPL loss and per-layer values are means over the samples LPL was
+    applied to, so they weigh by that count (0 where no sample qualified: such micro-batches do not pull
+    the step's value towards 0). Totals, the diffusion loss and the applied ratio weigh 1."""
+    if "lpl_num_samples" not in metrics:
+        return None
+    count = metrics["lpl_num_samples"]
+    return {k: count for k in metrics
+            if k.startswith("lpl_") and k not in ("lpl_applied_ratio", "lpl_num_samples")}
+
+
 def metric_names(num_blocks: int) -> list[str]:
     names = ["loss", "diffusion_loss", "lpl_loss", "lpl_applied_ratio", "lpl_num_samples"]
     for i in range(num_blocks + 1):
@@ -685,12 +1006,12 @@ def build_lpl_objective(args: argparse.Namespace, vae):
 
 def compute_losses(*, unet, batch_latents, noise, prompt_embeds, pooled_embeds, add_time_ids, noise_scheduler,
                    prediction_type, args, lpl_objective, global_step, alphas_cumprod,
-                   generator=None) -> tuple[torch.Tensor, dict]:
+                   generator=None, timestep_probs=None) -> tuple[torch.Tensor, dict]:
     """One micro-batch: UNet prediction, diffusion loss, LPL. Returns (total loss, metrics dict of tensors).
 
     The LPL call is deliberately outside any autocast context: the VAE decoder must run in fp32.
     """
-    drawn = sample_noisy_latents(batch_latents, noise, prediction_type, noise_scheduler, generator)
+    drawn = sample_noisy_latents(batch_latents, noise, prediction_type, noise_scheduler, generator, timestep_probs)
     model_pred = unet(
         drawn["noisy_latents"],
         drawn["timesteps"],
@@ -811,50 +1132,57 @@ def plot_loss_curves(csv_path: Path, png_path: Path) -> None:
 # ----------------------------------------------------------------------------------------------------
 
 
+def inference_scheduler(prediction_type: str, scheduler_config: dict):
+    """The scheduler saved with the pipeline and used for validation images.
+
+    DDPM prediction types: ``EulerDiscreteScheduler`` from the training schedule. flow_matching:
+    ``DPMSolverMultistepScheduler`` with flow sigmas and ``flow_prediction`` (x0 = z_t - sigma v, timestep
+    sigma * T, exactly the training parameterisation); unlike ``FlowMatchEulerDiscreteScheduler`` it has
+    ``init_noise_sigma`` and ``scale_model_input``, so ``StableDiffusionXLPipeline`` can sample with it.
+    """
+    if prediction_type == "flow_matching":
+        from diffusers import DPMSolverMultistepScheduler
+
+        return DPMSolverMultistepScheduler(num_train_timesteps=scheduler_config["num_train_timesteps"],
+                                           use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=1.0)
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler.from_config(scheduler_config, prediction_type=prediction_type)
+
+
 @torch.no_grad()
 def generate_validation_images(components: dict, unet, prompts: list[str], num_images: int, resolution: int,
-                               num_steps: int, prediction_type: str, scheduler_config, seed: int, device) -> list:
-    """Sample ``num_images`` per prompt. DDPM types: StableDiffusionXLPipeline with an Euler scheduler;
-    flow_matching: a plain Euler loop on sigma from 1 to 0 (no classifier-free guidance)."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+                               num_steps: int, prediction_type: str, scheduler_config, seed: int, device,
+                               autocast_dtype: torch.dtype | None = None, guidance_scale: float = 5.0) -> list:
+    """Sample ``num_images`` per prompt with ``StableDiffusionXLPipeline`` and classifier-free guidance, for
+    every prediction type (scheduler: ``inference_scheduler``). Returns [(prompt, [PIL images])].
 
-    sched = EulerDiscreteScheduler.from_config(
-        scheduler_config, prediction_type="epsilon" if prediction_type == "flow_matching" else prediction_type
-    )
-    pipe = StableDiffusionXLPipeline(unet=unet, scheduler=sched, **components)
+    The UNet runs under autocast to ``autocast_dtype`` when given (a LoRA UNet whose frozen base weights are
+    in the mixed-precision dtype); the VAE always decodes in fp32 outside autocast.
+    """
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline(unet=unet, scheduler=inference_scheduler(prediction_type, scheduler_config),
+                                     **components)
     pipe.set_progress_bar_config(disable=True)
+    device = torch.device(device)
+    vae = components["vae"]
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
     images = []
     for p_idx, prompt in enumerate(prompts):
         generator = torch.Generator(device="cpu").manual_seed(seed + p_idx)
-        if prediction_type != "flow_matching":
-            # Embeddings are computed here and cast to the UNet's dtype: the text encoders may be in the
-            # mixed-precision dtype while the trained UNet and the VAE are fp32.
-            embeds = pipe.encode_prompt(prompt, device=device, num_images_per_prompt=num_images,
-                                        do_classifier_free_guidance=True)
-            embeds = [e.to(unet.dtype) for e in embeds]
-            out = pipe(prompt_embeds=embeds[0], negative_prompt_embeds=embeds[1], pooled_prompt_embeds=embeds[2],
-                       negative_pooled_prompt_embeds=embeds[3], height=resolution, width=resolution,
-                       num_inference_steps=num_steps, generator=generator, output_type="pil")
-            images.append((prompt, out.images))
-            continue
-        embeds, _, pooled, _ = pipe.encode_prompt(prompt, device=device, num_images_per_prompt=num_images,
-                                                  do_classifier_free_guidance=False)
-        vae = components["vae"]
-        factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        x = torch.randn(num_images, unet.config.in_channels, resolution // factor, resolution // factor,
-                        generator=generator).to(device)
-        time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], device=device,
-                                dtype=embeds.dtype).repeat(num_images, 1)
-        sigmas = torch.linspace(1.0, 0.0, num_steps + 1, device=device)
-        num_train = scheduler_config["num_train_timesteps"]
-        for i in range(num_steps):
-            t = (sigmas[i] * num_train).expand(num_images)
-            v = unet(x.to(unet.dtype), t, encoder_hidden_states=embeds.to(unet.dtype),
-                     added_cond_kwargs={"text_embeds": pooled.to(unet.dtype), "time_ids": time_ids.to(unet.dtype)},
-                     return_dict=False)[0].float()
-            x = x + (sigmas[i + 1] - sigmas[i]) * v
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        decoded = vae.decode(x.float() / vae.config.scaling_factor + shift, return_dict=False)[0]
+        # fp32 embeddings (the text encoders may run in the mixed-precision dtype): the latents, and so the
+        # scheduler arithmetic, follow their dtype.
+        embeds = pipe.encode_prompt(prompt, device=device, num_images_per_prompt=num_images,
+                                    do_classifier_free_guidance=True)
+        embeds = [e.float() for e in embeds]
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            latents = pipe(prompt_embeds=embeds[0], negative_prompt_embeds=embeds[1],
+                           pooled_prompt_embeds=embeds[2], negative_pooled_prompt_embeds=embeds[3],
+                           height=resolution, width=resolution, num_inference_steps=num_steps,
+                           guidance_scale=guidance_scale, generator=generator, output_type="latent").images
+        with torch.autocast(device.type, enabled=False):
+            decoded = vae.decode(latents.float() / vae.config.scaling_factor + shift, return_dict=False)[0]
         images.append((prompt, pipe.image_processor.postprocess(decoded, output_type="pil")))
     return images
 
@@ -883,6 +1211,383 @@ def save_validation_images(images: list, folder: Path, step: int) -> list[Path]:
         with open(folder / "prompts.txt", "w", encoding="utf-8") as fh:
             fh.write("\n".join(f"prompt{i}: {p}" for i, (p, _) in enumerate(images)) + "\n")
     return paths
+
+
+# ----------------------------------------------------------------------------------------------------
+# Setup phases (each a function, called in this order by main)
+# ----------------------------------------------------------------------------------------------------
+
+
+def make_accelerator(args: argparse.Namespace):
+    """The ``Accelerator``: mixed precision, trackers, a seedable sampler (its state is checkpointed)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, ProjectConfiguration
+
+    output_dir = Path(args.output_dir)
+    handlers = []
+    if args.train_text_encoder:
+        # The first text encoder's last layer only feeds its pooled output, which SDXL does not use: its
+        # adapters get no gradient, which DDP must be told about.
+        handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
+    return Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir),
+                                            logging_dir=str(output_dir / args.logging_dir)),
+        # On a machine without GPUs, torchrun-launched processes must use gloo on CPU.
+        cpu=not _has_accelerator_device(),
+        # Epoch e is permuted with seed + e on every process, and the sampler is saved with each checkpoint,
+        # so a resumed epoch replays the same order (a plain RandomSampler would draw a new one).
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+        kwargs_handlers=handlers,
+    )
+
+
+def prepare_hub_repo(args: argparse.Namespace, accelerator) -> str | None:
+    """Create (or find) the Hub repository for --push_to_hub before any model is loaded, so that a missing
+    network or a bad token fails the run at once. Returns the repo id on the main process, else None."""
+    if not args.push_to_hub or not accelerator.is_main_process:
+        return None
+    from huggingface_hub import create_repo
+
+    name = args.hub_model_id or Path(args.output_dir).resolve().name
+    try:
+        return create_repo(repo_id=name, exist_ok=True, token=args.hub_token).repo_id
+    except Exception as exc:
+        raise SystemExit(f"--push_to_hub: cannot create or reach the Hub repository {name!r} "
+                         f"({type(exc).__name__}: {exc}). Nothing was trained. Check the network and the token "
+                         f"(--hub_token / HF_TOKEN), or drop --push_to_hub.") from exc
+
+
+def load_models(args: argparse.Namespace, accelerator, log) -> SimpleNamespace:
+    """Tokenizers, text encoders, VAE, UNet and noise scheduler (the scheduler first: the timestep-bias
+    flags are checked against it before the large models load)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    if args.offline_demo:
+        from lpl_ext.tiny_sdxl import ensure_tiny_sdxl
+
+        with accelerator.main_process_first():
+            model_path = str(ensure_tiny_sdxl(args.cache_dir, seed=args.tiny_model_seed))
+        log.info(f"offline demo: tiny SDXL pipeline at {model_path}", main_process_only=True)
+    else:
+        model_path = args.pretrained_model_name_or_path
+    load_kw = dict(revision=args.revision, cache_dir=args.cache_dir)
+    noise_scheduler = DDPMScheduler.from_pretrained(model_path, subfolder="scheduler", **load_kw)
+    prediction_type = args.prediction_type or noise_scheduler.config.prediction_type
+    if prediction_type not in PREDICTION_TYPES:
+        raise SystemExit(f"scheduler prediction_type {prediction_type!r} is not supported; pass --prediction_type")
+    if prediction_type != "flow_matching":
+        noise_scheduler.register_to_config(prediction_type=prediction_type)
+    try:
+        probs = timestep_weights(args.timestep_bias_strategy, noise_scheduler.config.num_train_timesteps,
+                                 multiplier=args.timestep_bias_multiplier, portion=args.timestep_bias_portion,
+                                 begin=args.timestep_bias_begin, end=args.timestep_bias_end)
+    except ValueError as exc:
+        raise SystemExit(f"--{exc}") from exc
+
+    tokenizer = CLIPTokenizer.from_pretrained(model_path, subfolder="tokenizer", **load_kw)
+    tokenizer_2 = CLIPTokenizer.from_pretrained(model_path, subfolder="tokenizer_2", **load_kw)
+    text_encoder = CLIPTextModel.from_pretrained(model_path, subfolder="text_encoder", variant=args.variant, **load_kw)
+    text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(model_path, subfolder="text_encoder_2",
+                                                                 variant=args.variant, **load_kw)
+    if args.pretrained_vae_model_name_or_path is not None:
+        vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, torch_dtype=torch.float32,
+                                            **load_kw)
+    else:
+        vae = AutoencoderKL.from_pretrained(model_path, subfolder="vae", variant=args.variant,
+                                            torch_dtype=torch.float32, **load_kw)
+    unet = UNet2DConditionModel.from_pretrained(model_path, subfolder="unet", variant=args.variant, **load_kw)
+    return SimpleNamespace(model_path=model_path, load_kw=load_kw, tokenizer=tokenizer, tokenizer_2=tokenizer_2,
+                           text_encoder=text_encoder, text_encoder_2=text_encoder_2, vae=vae, unet=unet,
+                           noise_scheduler=noise_scheduler, scheduler_config=dict(noise_scheduler.config),
+                           prediction_type=prediction_type, timestep_probs=probs)
+
+
+def add_lora_adapters(unet, text_encoders=(), *, rank: int, alpha: float) -> list[torch.nn.Parameter]:
+    """Freeze ``unet`` (and ``text_encoders``) and add peft LoRA adapters on the attention projections, as
+    diffusers' ``train_text_to_image_lora_sdxl.py`` (gaussian init of A, zero B: the model's output is
+    unchanged at step 0). Returns the adapter parameters, the only trainable ones."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                                target_modules=list(UNET_LORA_TARGETS)))
+    for encoder in text_encoders:
+        encoder.requires_grad_(False)
+        # peft directly, not transformers' ``add_adapter``: the same adapters, without transformers'
+        # minimum-peft-version gate (transformers 5 asks for a newer peft than diffusers needs).
+        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                                           target_modules=list(TEXT_ENCODER_LORA_TARGETS)), encoder,
+                                adapter_name="default")
+    params = [p for model in (unet, *text_encoders) for p in model.parameters() if p.requires_grad]
+    return params
+
+
+def setup_models(args: argparse.Namespace, accelerator, m: SimpleNamespace) -> list[torch.nn.Parameter]:
+    """Freeze, add LoRA adapters, place and cast the models. Sets ``m.weight_dtype`` and
+    ``m.trained_text_encoders``; returns the parameters to optimise."""
+    m.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    for frozen in (m.vae, m.text_encoder, m.text_encoder_2):
+        frozen.requires_grad_(False)
+    m.trained_text_encoders = [m.text_encoder, m.text_encoder_2] if args.train_text_encoder else []
+    if args.enable_xformers_memory_efficient_attention:
+        m.unet.enable_xformers_memory_efficient_attention()
+    if args.rank is not None:
+        # The frozen base weights are only read: keep them in the mixed-precision dtype (half the memory), as
+        # diffusers' LoRA script does; the adapters train in fp32.
+        m.unet.to(accelerator.device, dtype=m.weight_dtype)
+        params = add_lora_adapters(m.unet, m.trained_text_encoders, rank=args.rank, alpha=args.lora_alpha)
+    else:
+        m.unet.requires_grad_(True)
+        params = list(m.unet.parameters())
+    m.unet.train()
+    if args.gradient_checkpointing:
+        m.unet.enable_gradient_checkpointing()
+        for encoder in m.trained_text_encoders:
+            encoder.gradient_checkpointing_enable()
+    # The VAE stays fp32 (SDXL's VAE overflows in fp16; LPL decodes through it); text encoders may be low precision.
+    m.vae.to(accelerator.device)
+    m.text_encoder.to(accelerator.device, dtype=m.weight_dtype)
+    m.text_encoder_2.to(accelerator.device, dtype=m.weight_dtype)
+    if args.rank is not None:
+        for p in params:  # adapters in fp32 whatever the base dtype (diffusers' cast_training_params)
+            p.data = p.data.float()
+    for encoder in m.trained_text_encoders:
+        encoder.train()
+    return params
+
+
+def build_optimizer(args: argparse.Namespace, params: list[torch.nn.Parameter], lr: float):
+    """AdamW, or bitsandbytes' AdamW8bit with --use_8bit_adam (checked usable at argument parsing)."""
+    if args.use_8bit_adam:
+        import bitsandbytes as bnb
+
+        cls = bnb.optim.AdamW8bit
+    else:
+        cls = torch.optim.AdamW
+    return cls(params, lr=lr, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
+               eps=args.adam_epsilon)
+
+
+def _cast_state_dict(state_dict: dict, dtype: torch.dtype) -> dict:
+    return {k: v.to(dtype) if torch.is_floating_point(v) else v for k, v in state_dict.items()}
+
+
+def lora_save_kwargs(unet, text_encoders=(), dtype: torch.dtype = torch.float32) -> dict:
+    """Keyword arguments of ``StableDiffusionXLPipeline.save_lora_weights``: the adapters of ``unet`` (and of
+    the two text encoders, if given) in the diffusers format, cast to ``dtype``, with their peft configs
+    (rank, alpha, targets) as metadata so that ``load_lora_weights`` rebuilds the same adapters."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    kwargs = {}
+    names = ("unet", "text_encoder", "text_encoder_2")
+    for name, model in zip(names, (unet, *text_encoders)):
+        kwargs[f"{name}_lora_layers"] = _cast_state_dict(
+            convert_state_dict_to_diffusers(get_peft_model_state_dict(model)), dtype)
+        kwargs[f"{name}_lora_adapter_metadata"] = model.peft_config["default"].to_dict()
+    return kwargs
+
+
+def load_lora_into(folder: str | os.PathLike, unet, text_encoders=()) -> None:
+    """Load ``folder/pytorch_lora_weights.safetensors`` into the peft adapters of ``unet`` (and the two
+    text encoders, if given) in place. Raises if a key of the file has no adapter to go to."""
+    from diffusers import StableDiffusionXLPipeline
+    from diffusers.training_utils import _set_state_dict_into_text_encoder
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft.utils import set_peft_model_state_dict
+
+    state = StableDiffusionXLPipeline.lora_state_dict(str(folder), weight_name=LORA_WEIGHT_NAME)[0]
+    unet_state = convert_unet_state_dict_to_peft(
+        {k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")})
+    result = set_peft_model_state_dict(unet, unet_state, adapter_name="default")
+    unexpected = getattr(result, "unexpected_keys", None)
+    if unexpected:
+        raise RuntimeError(f"{folder}: LoRA weights that match no adapter of the UNet: {unexpected[:5]}")
+    for prefix, encoder in zip(("text_encoder.", "text_encoder_2."), text_encoders):
+        _set_state_dict_into_text_encoder(state, prefix=prefix, text_encoder=encoder)
+
+
+def load_diffusers_weights(model: torch.nn.Module, folder: str | os.PathLike) -> None:
+    """Copy the weights saved by ``save_pretrained`` in ``folder`` into ``model`` in place, one safetensors
+    shard at a time (no second copy of the model, unlike ``from_pretrained``)."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    index = folder / "diffusion_pytorch_model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = ["diffusion_pytorch_model.safetensors"]
+    missing = set(model.state_dict())
+    for name in files:
+        shard = load_file(str(folder / name))
+        result = model.load_state_dict(shard, strict=False)
+        if result.unexpected_keys:
+            raise RuntimeError(f"{folder / name}: keys the model does not have: {result.unexpected_keys[:5]}")
+        missing -= set(shard)
+    if missing:
+        raise RuntimeError(f"{folder}: weights missing for {sorted(missing)[:5]}")
+
+
+def restore_ema(ema_unet, folder: str | os.PathLike, device) -> None:
+    """Load the EMA saved in ``folder`` (``EMAModel.save_pretrained``) into ``ema_unet`` and move it to
+    ``device``: loading lands on the CPU, and an EMA left there would mix devices at its first step."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.training_utils import EMAModel
+
+    loaded = EMAModel.from_pretrained(str(folder), UNet2DConditionModel)
+    ema_unet.load_state_dict(loaded.state_dict())
+    ema_unet.to(device)
+    del loaded
+
+
+def register_checkpoint_hooks(accelerator, args: argparse.Namespace, m: SimpleNamespace, ema_unet) -> None:
+    """Save/load hooks giving each ``checkpoint-N`` the diffusers layout, as diffusers' SDXL scripts do:
+    ``unet/`` (and ``unet_ema/``) loadable with ``from_pretrained``, or, with --rank, the adapters as
+    ``pytorch_lora_weights.safetensors`` loadable with ``load_lora_weights``. accelerate still saves the
+    optimizer, scheduler, sampler and RNG states next to them."""
+    unet = m.unet
+    encoders = m.trained_text_encoders
+
+    def is_model(candidate, target) -> bool:
+        return accelerator.unwrap_model(candidate) is target
+
+    def save_hook(models, weights, output_dir):
+        if args.rank is not None:
+            if accelerator.is_main_process:
+                from diffusers import StableDiffusionXLPipeline
+
+                StableDiffusionXLPipeline.save_lora_weights(output_dir, weight_name=LORA_WEIGHT_NAME,
+                                                            **lora_save_kwargs(unet, encoders))
+        elif accelerator.is_main_process:
+            for model in models:
+                if is_model(model, unet):
+                    accelerator.unwrap_model(model).save_pretrained(os.path.join(output_dir, "unet"))
+            if ema_unet is not None:
+                ema_unet.save_pretrained(os.path.join(output_dir, "unet_ema"))
+        for model in list(models):  # saved above: accelerate must not write them again
+            if any(is_model(model, t) for t in (unet, *encoders)):
+                weights.pop()
+
+    def load_hook(models, input_dir):
+        ours = [model for model in models if any(is_model(model, t) for t in (unet, *encoders))]
+        if args.rank is not None:
+            load_lora_into(input_dir, unet, encoders)
+        else:
+            load_diffusers_weights(unet, os.path.join(input_dir, "unet"))
+            if ema_unet is not None:
+                restore_ema(ema_unet, os.path.join(input_dir, "unet_ema"), accelerator.device)
+        for model in ours:
+            models.remove(model)
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def build_dataloader(args: argparse.Namespace, accelerator, source: ImageCaptionSource, m: SimpleNamespace):
+    """Training dataset (pixels, or latents with --cache_latents) and its shuffled DataLoader."""
+    train_dataset = TrainDataset(source, args.resolution, args.center_crop, args.random_flip, seed=args.seed,
+                                 proportion_empty_prompts=args.proportion_empty_prompts)
+    if args.cache_latents:
+        from accelerate.utils import gather_object
+
+        train_dataset = build_cached_latents(train_dataset, m.vae, process_index=accelerator.process_index,
+                                             num_processes=accelerator.num_processes, gather=gather_object)
+    loader = torch.utils.data.DataLoader(
+        train_dataset, batch_size=args.train_batch_size, shuffle=True,
+        collate_fn=make_collate((m.tokenizer, m.tokenizer_2), args.resolution),
+        num_workers=args.dataloader_num_workers, drop_last=False,
+    )
+    return train_dataset, loader
+
+
+class SampleTrace:
+    """Writes, per micro-batch, the dataset indices this process trained on, when $LPL_EXT_SAMPLE_TRACE is set."""
+
+    def __init__(self, process_index: int):
+        path = os.environ.get(SAMPLE_TRACE_ENV_VAR)
+        self.path = f"{path}.rank{process_index}" if path else None
+
+    def write(self, step: int, micro: int, epoch: int, indices: torch.Tensor) -> None:
+        if self.path is None:
+            return
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"step": step, "micro": micro, "epoch": epoch, "indices": indices.tolist()}) + "\n")
+
+
+def write_model_card(args: argparse.Namespace, output_dir: Path, repo_id: str, base_model: str) -> Path:
+    """``README.md`` for the Hub: base model, data, LPL settings and how to load the result."""
+    if args.rank is not None:
+        usage = (f"pipe = StableDiffusionXLPipeline.from_pretrained(\"{base_model}\")\n"
+                 f"pipe.load_lora_weights(\"{repo_id}\")")
+        kind = f"LoRA (rank {args.rank}, alpha {args.lora_alpha:g}) of the UNet's attention projections" + (
+            " and of both text encoders" if args.train_text_encoder else "")
+    else:
+        usage = f"pipe = StableDiffusionXLPipeline.from_pretrained(\"{repo_id}\")"
+        kind = "full UNet fine-tune"
+    lpl = (f"LPL weight {args.lpl_weight:g}, t < {args.lpl_t_threshold}, {args.lpl_loss_type}, norm "
+           f"{args.lpl_norm_type}, {args.lpl_num_blocks} decoder blocks" if args.use_lpl else "off")
+    text = (f"---\nbase_model: {base_model}\ntags:\n- stable-diffusion-xl\n- text-to-image\n- diffusers\n"
+            f"- latent-perceptual-loss\n{'- lora' + chr(10) if args.rank is not None else ''}---\n\n"
+            f"# {repo_id}\n\nFine-tuned from **{base_model}** with `train_sdxl_lpl.py` (diffusion loss + Latent "
+            f"Perceptual Loss): {kind}.\n\n- data: {args.dataset_name or args.train_data_dir or 'built-in shapes'}\n"
+            f"- steps: {args.max_train_steps}, resolution {args.resolution}, learning rate {args.learning_rate:g}\n"
+            f"- LPL: {lpl}\n\n```python\nfrom diffusers import StableDiffusionXLPipeline\n{usage}\n```\n")
+    path = output_dir / "README.md"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def push_output_to_hub(args: argparse.Namespace, repo_id: str, output_dir: Path) -> None:
+    """Upload ``output_dir`` without checkpoints: the run's last step. Everything is saved locally before;
+    a failed upload says so and how to retry, and exits non-zero."""
+    from huggingface_hub import upload_folder
+
+    try:
+        upload_folder(repo_id=repo_id, folder_path=str(output_dir), commit_message="End of training",
+                      ignore_patterns=HUB_IGNORE_PATTERNS, token=args.hub_token)
+    except Exception as exc:
+        raise SystemExit(f"--push_to_hub: the upload to {repo_id} failed ({type(exc).__name__}: {exc}). "
+                         f"Nothing is lost: the trained model is saved in {output_dir}. Retry with: "
+                         f"hf upload {repo_id} {output_dir} --exclude '{CHECKPOINT_PREFIX}*'") from exc
+
+
+def save_final_model(args: argparse.Namespace, accelerator, m: SimpleNamespace, unet, ema_unet,
+                     output_dir: Path) -> None:
+    """Main process: the LoRA weights (--rank) or the whole pipeline, in --save_precision."""
+    from diffusers import StableDiffusionXLPipeline
+
+    dtype = SAVE_PRECISIONS[args.save_precision]
+    model = accelerator.unwrap_model(unet)
+    scheduler = inference_scheduler(m.prediction_type, m.scheduler_config)
+    if args.rank is not None:
+        encoders = [accelerator.unwrap_model(e) for e in m.trained_text_encoders]
+        StableDiffusionXLPipeline.save_lora_weights(str(output_dir), weight_name=LORA_WEIGHT_NAME,
+                                                    **lora_save_kwargs(model, encoders, dtype))
+        # The scheduler matching the trained prediction type (the base pipeline's may differ).
+        scheduler.save_pretrained(str(output_dir / "scheduler"))
+        return
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    if ema_unet is not None:
+        ema_unet.copy_to(model.parameters())
+    model.to(dtype)
+    encoders = []
+    for encoder, cls, sub in ((m.text_encoder, CLIPTextModel, "text_encoder"),
+                              (m.text_encoder_2, CLIPTextModelWithProjection, "text_encoder_2")):
+        if encoder.dtype != dtype:
+            # Not trained, but possibly cast down to the mixed-precision dtype: reload the original weights.
+            encoder = cls.from_pretrained(m.model_path, subfolder=sub, variant=args.variant, torch_dtype=dtype,
+                                          **m.load_kw)
+        encoders.append(encoder)
+    pipeline = StableDiffusionXLPipeline(unet=model, scheduler=scheduler, vae=m.vae, text_encoder=encoders[0],
+                                         text_encoder_2=encoders[1], tokenizer=m.tokenizer,
+                                         tokenizer_2=m.tokenizer_2)
+    pipeline.save_pretrained(str(output_dir))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -961,20 +1666,11 @@ def _relaunch_cpu_processes_if_requested(argv: list[str]) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
 
-    from accelerate import Accelerator
     from accelerate.logging import get_logger
-    from accelerate.utils import ProjectConfiguration, set_seed
+    from accelerate.utils import set_seed
 
     output_dir = Path(args.output_dir)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=str(output_dir),
-                                            logging_dir=str(output_dir / args.logging_dir)),
-        # On a machine without GPUs, torchrun-launched processes must use gloo on CPU.
-        cpu=not _has_accelerator_device(),
-    )
+    accelerator = make_accelerator(args)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     log = get_logger("train_sdxl_lpl")
     if not accelerator.is_local_main_process:
@@ -983,107 +1679,64 @@ def main(argv: list[str] | None = None) -> None:
 
         transformers.utils.logging.set_verbosity_error()
         diffusers.utils.logging.set_verbosity_error()
-    # Different noise/timestep draws per process (data order is synchronised by accelerate separately).
+    # Training randomness (noise, timesteps, crops, caption dropout) comes from generators keyed by
+    # (seed, process, step) or (seed, epoch, example); the global seed only covers model initialisation.
     set_seed(args.seed, device_specific=True)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
 
-    # Data first: a broken dataset fails before any model is loaded.
+    # Before any model is loaded: the Hub repository (network, token), then the data.
+    repo_id = prepare_hub_repo(args, accelerator)
     source = ImageCaptionSource(args)
-
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from diffusers.optimization import get_scheduler
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-    if args.offline_demo:
-        from lpl_ext.tiny_sdxl import ensure_tiny_sdxl
-
-        with accelerator.main_process_first():
-            model_path = str(ensure_tiny_sdxl(args.cache_dir, seed=args.tiny_model_seed))
-        log.info(f"offline demo: tiny SDXL pipeline at {model_path}; data: "
-                 f"{'built-in shapes' if args.builtin_data else source.kind}", main_process_only=True)
-    else:
-        model_path = args.pretrained_model_name_or_path
-    load_kw = dict(revision=args.revision, cache_dir=args.cache_dir)
-    tokenizer = CLIPTokenizer.from_pretrained(model_path, subfolder="tokenizer", **load_kw)
-    tokenizer_2 = CLIPTokenizer.from_pretrained(model_path, subfolder="tokenizer_2", **load_kw)
-    text_encoder = CLIPTextModel.from_pretrained(model_path, subfolder="text_encoder", variant=args.variant, **load_kw)
-    text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(model_path, subfolder="text_encoder_2",
-                                                                 variant=args.variant, **load_kw)
-    if args.pretrained_vae_model_name_or_path is not None:
-        vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, torch_dtype=torch.float32,
-                                            **load_kw)
-    else:
-        vae = AutoencoderKL.from_pretrained(model_path, subfolder="vae", variant=args.variant,
-                                            torch_dtype=torch.float32, **load_kw)
-    unet = UNet2DConditionModel.from_pretrained(model_path, subfolder="unet", variant=args.variant, **load_kw)
-    noise_scheduler = DDPMScheduler.from_pretrained(model_path, subfolder="scheduler", **load_kw)
-    scheduler_config = dict(noise_scheduler.config)
-    prediction_type = args.prediction_type or noise_scheduler.config.prediction_type
-    if prediction_type not in PREDICTION_TYPES:
-        raise SystemExit(f"scheduler prediction_type {prediction_type!r} is not supported; pass --prediction_type")
-    if prediction_type != "flow_matching":
-        noise_scheduler.register_to_config(prediction_type=prediction_type)
-
-    for frozen in (vae, text_encoder, text_encoder_2):
-        frozen.requires_grad_(False)
-    unet.train()
-    if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    # The VAE stays fp32 (SDXL's VAE overflows in fp16; LPL decodes through it); text encoders may be low precision.
-    vae.to(accelerator.device)
-    text_encoder.to(accelerator.device, dtype=weight_dtype)
-    text_encoder_2.to(accelerator.device, dtype=weight_dtype)
+    m = load_models(args, accelerator, log)
+    prediction_type = m.prediction_type
+    params = setup_models(args, accelerator, m)
+    trainable = sum(p.numel() for p in params)
+    log.info(f"trainable parameters: {trainable} ({'LoRA adapters' if args.rank is not None else 'UNet'}); "
+             f"UNet parameters: {sum(p.numel() for p in m.unet.parameters())}", main_process_only=True)
 
     ema_unet = None
     if args.use_ema:
+        from diffusers import UNet2DConditionModel
         from diffusers.training_utils import EMAModel
 
-        ema_unet = EMAModel(unet.parameters(), decay=args.ema_decay, model_cls=UNet2DConditionModel,
-                            model_config=unet.config)
+        ema_unet = EMAModel(m.unet.parameters(), decay=args.ema_decay, model_cls=UNet2DConditionModel,
+                            model_config=m.unet.config)
         ema_unet.to(accelerator.device)
+    register_checkpoint_hooks(accelerator, args, m, ema_unet)
 
     lr = args.learning_rate
     if args.scale_lr:
         lr = lr * args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=lr, betas=(args.adam_beta1, args.adam_beta2),
-                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    optimizer = build_optimizer(args, params, lr)
+    train_dataset, train_dataloader = build_dataloader(args, accelerator, source, m)
 
-    train_dataset: torch.utils.data.Dataset = TrainDataset(source, args.resolution, args.center_crop, args.random_flip)
-    if args.cache_latents:
-        with accelerator.main_process_first():
-            train_dataset = build_cached_latents(train_dataset, vae)
-    train_dataloader = torch.utils.data.DataLoader(
-        train_dataset, batch_size=args.train_batch_size, shuffle=True,
-        collate_fn=make_collate((tokenizer, tokenizer_2), args.resolution),
-        num_workers=args.dataloader_num_workers, drop_last=False,
-    )
+    from diffusers.optimization import get_scheduler
 
     # Steps: computed from the per-process dataloader length, as accelerate shards it.
     per_process_batches = math.ceil(len(train_dataloader) / accelerator.num_processes)
     updates_per_epoch = max(1, math.ceil(per_process_batches / args.gradient_accumulation_steps))
     max_train_steps = args.max_train_steps or args.num_train_epochs * updates_per_epoch
-    num_epochs = math.ceil(max_train_steps / updates_per_epoch)
+    args.max_train_steps = max_train_steps
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=max_train_steps * accelerator.num_processes)
 
-    unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, train_dataloader,
-                                                                          lr_scheduler)
-    if ema_unet is not None:
-        accelerator.register_for_checkpointing(ema_unet)
+    prepared = accelerator.prepare(m.unet, *m.trained_text_encoders, optimizer, train_dataloader, lr_scheduler)
+    unet, trained_encoders = prepared[0], list(prepared[1:1 + len(m.trained_text_encoders)])
+    optimizer, train_dataloader, lr_scheduler = prepared[-3:]
+    text_encoders = tuple(trained_encoders) if trained_encoders else (m.text_encoder, m.text_encoder_2)
     updates_per_epoch = max(1, math.ceil(len(train_dataloader) / args.gradient_accumulation_steps))
     num_epochs = math.ceil(max_train_steps / updates_per_epoch)
 
-    lpl_objective = build_lpl_objective(args, vae) if args.use_lpl else None
-    alphas_cumprod = noise_scheduler.alphas_cumprod.to(accelerator.device, dtype=torch.float32)
+    lpl_objective = build_lpl_objective(args, m.vae) if args.use_lpl else None
+    alphas_cumprod = m.noise_scheduler.alphas_cumprod.to(accelerator.device, dtype=torch.float32)
 
     if accelerator.is_main_process and args.report_to != "none":
-        tracker_config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+        tracker_config = {k: v for k, v in vars(args).items()
+                          if isinstance(v, (int, float, str, bool)) and k != "hub_token"}
         accelerator.init_trackers("sdxl-lpl", config=tracker_config)
 
     global_step = 0
@@ -1095,9 +1748,15 @@ def main(argv: list[str] | None = None) -> None:
             log.warning(f"no complete checkpoint found for --resume_from_checkpoint "
                         f"{args.resume_from_checkpoint!r}; starting a new run", main_process_only=True)
         else:
-            accelerator.load_state(str(path))
             with open(path / CHECKPOINT_STATE_FILE, encoding="utf-8") as fh:
-                global_step = int(json.load(fh)["global_step"])
+                state = json.load(fh)
+            if state.get("seed", args.seed) != args.seed:
+                # The seed fixes the sampler's permutations and every random draw of the run: another seed
+                # would train this epoch on a different order (some examples twice, some never).
+                raise SystemExit(f"--seed {args.seed} differs from the seed {state['seed']} of {path}; resume "
+                                 f"with --seed {state['seed']}")
+            accelerator.load_state(str(path))
+            global_step = int(state["global_step"])
             resume_step = global_step
             first_epoch = global_step // updates_per_epoch
             log.info(f"resumed from {path} at step {global_step}", main_process_only=True)
@@ -1105,11 +1764,13 @@ def main(argv: list[str] | None = None) -> None:
     names = metric_names(args.lpl_num_blocks)
     step_metrics = StepMetrics(names)
     metrics_csv = MetricsCSV(output_dir / METRICS_CSV, names, resume_step) if accelerator.is_main_process else None
+    trace = SampleTrace(accelerator.process_index)
 
     total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     log.info(f"examples={len(train_dataset)} epochs={num_epochs} steps={max_train_steps} "
              f"batch/process={args.train_batch_size} total batch={total_batch} processes={accelerator.num_processes} "
              f"mixed_precision={accelerator.mixed_precision} prediction_type={prediction_type} "
+             f"training={'LoRA rank ' + str(args.rank) if args.rank is not None else 'full UNet'} "
              f"LPL={'on' if args.use_lpl else 'off'} "
              f"(weight {args.lpl_weight}, t < {args.lpl_t_threshold}, from step {args.lpl_start})",
              main_process_only=True)
@@ -1118,8 +1779,8 @@ def main(argv: list[str] | None = None) -> None:
 
     progress = tqdm(range(max_train_steps), initial=global_step, desc="steps",
                     disable=not accelerator.is_local_main_process, dynamic_ncols=True)
-    components = dict(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
-                      tokenizer=tokenizer, tokenizer_2=tokenizer_2)
+    # LoRA keeps the frozen base weights in the mixed-precision dtype: validation then runs under autocast.
+    validation_autocast = m.weight_dtype if (args.rank is not None and m.weight_dtype != torch.float32) else None
 
     def validate(step: int) -> None:
         if not args.validation_prompts or args.num_validation_images == 0:
@@ -1131,10 +1792,13 @@ def main(argv: list[str] | None = None) -> None:
                 ema_unet.copy_to(model.parameters())
             was_training = model.training
             model.eval()
+            encoders = [accelerator.unwrap_model(e) for e in text_encoders]
+            components = dict(vae=m.vae, text_encoder=encoders[0], text_encoder_2=encoders[1],
+                              tokenizer=m.tokenizer, tokenizer_2=m.tokenizer_2)
             images = generate_validation_images(
                 components, model, args.validation_prompts, args.num_validation_images, args.resolution,
-                args.num_validation_inference_steps, prediction_type, scheduler_config, args.seed,
-                accelerator.device)
+                args.num_validation_inference_steps, prediction_type, m.scheduler_config, args.seed,
+                accelerator.device, autocast_dtype=validation_autocast)
             model.train(was_training)
             if ema_unet is not None:
                 ema_unet.restore(model.parameters())
@@ -1149,47 +1813,51 @@ def main(argv: list[str] | None = None) -> None:
         accelerator.wait_for_everyone()
 
     start_time = time.time()
-    generator = None
     done = global_step >= max_train_steps
+    micro = 0  # micro-batch within the current optimiser step
     for epoch in range(first_epoch, num_epochs):
         if done:
             break
+        # The sampler permutes epoch e with seed + e; the dataset draws augmentations per (epoch, example).
+        train_dataloader.set_epoch(epoch)
+        train_dataset.set_epoch(epoch)
         dataloader = train_dataloader
         if resume_step is not None and epoch == first_epoch:
             skip = (resume_step - first_epoch * updates_per_epoch) * args.gradient_accumulation_steps
             if skip > 0:
                 dataloader = accelerator.skip_first_batches(train_dataloader, skip)
         for batch in dataloader:
-            with accelerator.accumulate(unet):
+            with accelerator.accumulate(unet, *trained_encoders):
+                trace.write(global_step + 1, micro, epoch, batch["indices"])
+                generator = seeded_generator(args.seed, "train", accelerator.process_index, global_step, micro)
                 if "latents" in batch:
                     latents = batch["latents"].to(accelerator.device, dtype=torch.float32)
                 else:
-                    latents = encode_latents(vae, batch["pixel_values"])
-                noise = torch.randn_like(latents)
+                    latents = encode_latents(m.vae, batch["pixel_values"], generator)
+                noise = torch.randn(latents.shape, generator=generator).to(latents.device)
                 if args.noise_offset:
                     noise = noise + args.noise_offset * torch.randn(
-                        latents.shape[0], latents.shape[1], 1, 1, device=latents.device)
-                prompt_embeds, pooled = encode_prompts((text_encoder, text_encoder_2),
-                                                       [batch["input_ids"], batch["input_ids_2"]])
+                        latents.shape[0], latents.shape[1], 1, 1, generator=generator).to(latents.device)
+                prompt_embeds, pooled = encode_prompts(text_encoders, [batch["input_ids"], batch["input_ids_2"]],
+                                                       train=args.train_text_encoder)
                 loss, metrics = compute_losses(
                     unet=unet, batch_latents=latents, noise=noise, prompt_embeds=prompt_embeds,
                     pooled_embeds=pooled, add_time_ids=batch["add_time_ids"].to(accelerator.device),
-                    noise_scheduler=noise_scheduler, prediction_type=prediction_type, args=args,
+                    noise_scheduler=m.noise_scheduler, prediction_type=prediction_type, args=args,
                     lpl_objective=lpl_objective, global_step=global_step, alphas_cumprod=alphas_cumprod,
-                    generator=generator)
-                # Per-layer statistics only count micro-batches where LPL ran (device-side weights, no sync).
-                applied = (metrics["lpl_num_samples"] > 0).float() if "lpl_num_samples" in metrics else None
-                step_metrics.add(metrics, {k: applied for k in metrics if k.startswith("lpl_layer")}
-                                 if applied is not None else None)
+                    generator=generator, timestep_probs=m.timestep_probs)
+                step_metrics.add(metrics, metric_weights(metrics))
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
+                    accelerator.clip_grad_norm_(params, args.max_grad_norm)
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
 
             if not accelerator.sync_gradients:
+                micro += 1
                 continue
+            micro = 0
             if ema_unet is not None:
                 ema_unet.step(unet.parameters())
             global_step += 1
@@ -1205,8 +1873,10 @@ def main(argv: list[str] | None = None) -> None:
                                     "elapsed_s": round(time.time() - start_time, 3)})
             accelerator.log({k: v for k, v in values.items() if v == v} | {"lr": current_lr}, step=global_step)
             if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
+                # The sampler's state: epoch e is permuted with seed + e (accelerate saves a SeedableRandomSampler
+                # only for iterable datasets, so it is recorded here).
                 path = save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit,
-                                       {"epoch": epoch})
+                                       {"epoch": epoch, "seed": args.seed, "sampler": "SeedableRandomSampler"})
                 log.info(f"saved {path}", main_process_only=True)
                 if accelerator.is_main_process:
                     plot_loss_curves(output_dir / METRICS_CSV, output_dir / LOSS_PLOT)
@@ -1215,29 +1885,26 @@ def main(argv: list[str] | None = None) -> None:
             if global_step >= max_train_steps:
                 done = True
                 break
+        # diffusers' schedule: after epochs 0, N, 2N, ... (the end of training validates anyway).
+        if args.validation_epochs and epoch % args.validation_epochs == 0 and not done:
+            validate(global_step)
     progress.close()
 
     accelerator.wait_for_everyone()
     validate(global_step)
     if accelerator.is_main_process:
-        model = accelerator.unwrap_model(unet)
-        if ema_unet is not None:
-            ema_unet.copy_to(model.parameters())
-        if prediction_type == "flow_matching":
-            from diffusers import FlowMatchEulerDiscreteScheduler
-
-            final_scheduler = FlowMatchEulerDiscreteScheduler(
-                num_train_timesteps=scheduler_config["num_train_timesteps"])
-        else:
-            from diffusers import EulerDiscreteScheduler
-
-            final_scheduler = EulerDiscreteScheduler.from_config(scheduler_config, prediction_type=prediction_type)
-        pipeline = StableDiffusionXLPipeline(unet=model, scheduler=final_scheduler, **components)
-        pipeline.save_pretrained(str(output_dir))
+        save_final_model(args, accelerator, m, unet, ema_unet, output_dir)
         plot_loss_curves(output_dir / METRICS_CSV, output_dir / LOSS_PLOT)
-        log.info(f"done: {global_step} steps in {time.time() - start_time:.1f}s; pipeline, {METRICS_CSV}, "
+        if repo_id is not None:
+            write_model_card(args, output_dir, repo_id, args.pretrained_model_name_or_path or m.model_path)
+        saved = (f"{LORA_WEIGHT_NAME} (load into {m.model_path} with load_lora_weights)" if args.rank is not None
+                 else "pipeline")
+        log.info(f"done: {global_step} steps in {time.time() - start_time:.1f}s; {saved}, {METRICS_CSV}, "
                  f"{LOSS_PLOT} and validation images in {output_dir}", main_process_only=True)
     accelerator.end_training()
+    if repo_id is not None:
+        # The last step: everything above is on disk whether or not the upload succeeds.
+        push_output_to_hub(args, repo_id, output_dir)
 
 
 if __name__ == "__main__":
