@@ -97,8 +97,8 @@ PyObject *lpl_py_feature_distance(PyObject *self, PyObject *args, PyObject *kwar
     if (x.device_type == LPL_CUDA) {
         const lpl_cuda_kernels *kernels;
         void *stream;
-        if (lpl_kernels_from_object(kernels_obj, x.device_id, &kernels) < 0) goto fail;
         if (lpl_stream_from_object(stream_obj, &stream) < 0) goto fail;
+        if (lpl_kernels_from_object(kernels_obj, x.device_id, &kernels) < 0) goto fail;
         if (ws_obj == Py_None) {
             PyErr_SetString(PyExc_ValueError, "workspace: required for CUDA tensors");
             goto fail;

@@ -102,8 +102,8 @@ PyObject *lpl_py_outlier_mask(PyObject *self, PyObject *args, PyObject *kwargs) 
     if (y.device_type == LPL_CUDA) {
         const lpl_cuda_kernels *kernels;
         void *stream;
-        if (lpl_kernels_from_object(kernels_obj, y.device_id, &kernels) < 0) goto fail;
         if (lpl_stream_from_object(stream_obj, &stream) < 0) goto fail;
+        if (lpl_kernels_from_object(kernels_obj, y.device_id, &kernels) < 0) goto fail;
         if (ws_obj == Py_None) {
             PyErr_SetString(PyExc_ValueError, "workspace: required for CUDA tensors");
             goto fail;
