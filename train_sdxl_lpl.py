@@ -316,11 +316,17 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         parser.error(f"--num_validation_images must be >= 0, got {args.num_validation_images}")
     if args.noise_offset < 0:
         parser.error(f"--noise_offset must be >= 0, got {args.noise_offset}")
-    if args.resume_from_checkpoint not in (None, "latest"):
+    if args.resume_from_checkpoint is not None:
         path = resolve_checkpoint_path(args.output_dir, args.resume_from_checkpoint)
-        if path is None:
+        if path is None and args.resume_from_checkpoint != "latest":
             parser.error(f"--resume_from_checkpoint {args.resume_from_checkpoint!r} is not a complete "
                          f"checkpoint (no {CHECKPOINT_STATE_FILE}); use a checkpoint-<step> folder or 'latest'")
+        if path is not None:
+            seed = json.loads((path / CHECKPOINT_STATE_FILE).read_text(encoding="utf-8")).get("seed", args.seed)
+            if seed != args.seed:
+                # The seed fixes the sampler's permutations and every random draw of the run: another seed
+                # would train this epoch on a different order (some examples twice, some never).
+                parser.error(f"--seed {args.seed} differs from the seed {seed} of {path}; resume with --seed {seed}")
     if not 0.0 <= args.proportion_empty_prompts <= 1.0:
         parser.error(f"--proportion_empty_prompts must be in [0, 1], got {args.proportion_empty_prompts}")
     if args.validation_epochs is not None and args.validation_epochs < 1:
@@ -1750,11 +1756,6 @@ def main(argv: list[str] | None = None) -> None:
         else:
             with open(path / CHECKPOINT_STATE_FILE, encoding="utf-8") as fh:
                 state = json.load(fh)
-            if state.get("seed", args.seed) != args.seed:
-                # The seed fixes the sampler's permutations and every random draw of the run: another seed
-                # would train this epoch on a different order (some examples twice, some never).
-                raise SystemExit(f"--seed {args.seed} differs from the seed {state['seed']} of {path}; resume "
-                                 f"with --seed {state['seed']}")
             accelerator.load_state(str(path))
             global_step = int(state["global_step"])
             resume_step = global_step

@@ -12,7 +12,6 @@ against a full fine-tune + LPL (see ``measure``); the README quotes its output.
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import sys
