@@ -6,7 +6,7 @@ from .outlier_mask import OutlierStats, outlier_mask, outlier_windows
 from ._backend import torch as _torch
 
 if _torch is not None:  # the VAE-level loss and the objective need torch
-    from .lpl_loss import LatentPerceptualLoss
+    from .lpl_loss import LatentPerceptualLoss, cross_normalize, normalize_tensor, remove_outliers
     from .objective import LPLObjective, predict_z0, snr_weights
 
 __version__ = "0.1.0"
@@ -17,10 +17,13 @@ __all__ = [
     "LatentPerceptualLoss",
     "OutlierStats",
     "build_info",
+    "cross_normalize",
     "feature_distance",
+    "normalize_tensor",
     "outlier_mask",
     "outlier_windows",
     "predict_z0",
+    "remove_outliers",
     "snr_weights",
     "__version__",
 ]

@@ -1,9 +1,14 @@
-"""Drop-in ``LatentPerceptualLoss`` for diffusers VAEs (LPL_SPEC.md sections 1-4).
+"""Drop-in ``LatentPerceptualLoss`` for diffusers VAEs (docs/spec.md sections 1-4).
 
-Constructor-compatible with the diffusers research-project class of the same name, running
-on the fused kernels ``lpl_ext.feature_distance`` and ``lpl_ext.outlier_mask``, with the
-reference defects of LPL_SPEC.md section 6 fixed. ``reference_compat=True`` reproduces the
-reference's arithmetic wherever the reference is defined:
+Constructor-compatible with the diffusers research-project class of the same name
+(``examples/research_projects/lpl/lpl_loss.py``), running on the fused kernels
+``lpl_ext.feature_distance`` and ``lpl_ext.outlier_mask``, with the reference defects of
+docs/spec.md section 6 fixed. The reference module's other public names are here too, with
+its semantics: the functions ``normalize_tensor``, ``cross_normalize`` and
+``remove_outliers``, and the members ``loss_fn``, ``get_features(z, latent_embeds,
+disable_grads)``, ``get_first_conv``, ``get_first_block`` and ``get_first_layer``.
+``reference_compat=True`` reproduces the reference's arithmetic wherever the reference is
+defined:
 
 reproduced in compat mode
     * ``post_quant_conv`` is skipped (the reference feeds ``z / scale + shift`` straight
@@ -19,8 +24,18 @@ kept fixed in compat mode (the reference is undefined or crashes there)
     * planes with fewer than 50 values (k-th value index 0) do not crash: k is clamped to
       [1, L];
     * 16-bit features are accumulated in fp32;
-    * no ``.item()`` host syncs: ``last_feature_stats`` holds 0-dim tensors;
-    * the VAE is not a submodule and the scale/shift are buffers.
+    * no ``.item()`` host syncs per layer: ``last_feature_stats`` is filled with plain
+      floats on first access, by one batched device-to-host copy (none if nobody reads
+      it); ``last_feature_stats_tensors`` holds the same values as 0-dim device tensors;
+    * the VAE is not a submodule and the scale/shift are buffers;
+    * the VAE is used as given: nothing of it is mutated (its ``requires_grad`` flags
+      included). With ``freeze_vae=True`` (default) the loss never produces gradients
+      for its parameters: the decoder runs on detached views of any parameter that
+      requires grad, so the gradient reaches the input latents only.
+
+torch.compile: ``get_loss`` (and a training step around it) compiles with
+``fullgraph=True``: the kernels are PyTorch operators (``lpl_ext._ops``) and the options
+are validated as Python values before anything is traced.
 
 Memory: the target and prediction decoder passes are interleaved block by block, so only
 the current and previous target features are alive (the reference keeps all five), and
@@ -33,14 +48,19 @@ import contextlib
 import functools
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .feature_distance import feature_distance
-
 from .outlier_mask import outlier_mask, outlier_windows
+
+try:  # torch >= 2.0
+    from torch.func import functional_call as _functional_call
+except ImportError:  # pragma: no cover
+    from torch.nn.utils.stateless import functional_call as _functional_call
 
 LOSS_TYPES = ("mse", "l1")
 NORM_TYPES = ("default", "shared", "batch", "none")
@@ -51,8 +71,88 @@ OUTLIER_DOWN_FACTORS: Dict[int, int] = {2: 2, 3: 1, 4: 1, 5: 1}
 
 
 def _layer_weight(index: int, pow_law: bool) -> float:
-    """w_i = 2^-min(i, 3) with pow_law, else 1 (spec section 4)."""
+    """w_i = 2^-min(i, 3) with pow_law, else 1 (docs/spec.md section 4)."""
     return 2.0 ** (-min(index, 3)) if pow_law else 1.0
+
+
+# ---------------------------------------------------------------------- reference functions
+# The module-level helpers of the public reference's lpl_loss.py, same signatures and
+# semantics, so code that imports them from there keeps working with lpl_ext.
+
+def normalize_tensor(in_feat: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
+    """``in_feat / (||in_feat||_channels + eps)``: each pixel column divided by its L2 norm
+    over dim 1 (channels), as the reference's ``normalize_tensor``. Any shape with a dim 1;
+    same dtype as ``in_feat`` (computed in that dtype, as the reference does)."""
+    if not isinstance(in_feat, torch.Tensor):
+        raise TypeError(f"in_feat: expected a torch.Tensor, got {type(in_feat).__name__}")
+    norm_factor = torch.sqrt(torch.sum(in_feat ** 2, dim=1, keepdim=True))
+    return in_feat / (norm_factor + eps)
+
+
+def cross_normalize(
+    input: torch.Tensor, target: torch.Tensor, eps: float = 1e-10
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(input / d, target / d)`` with ``d = ||target||_channels + eps`` (the target's L2
+    norm over dim 1), as the reference's ``cross_normalize``. Shapes broadcast like
+    ``input / d``; gradients flow to both (as in the reference)."""
+    for name, t in (("input", input), ("target", target)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    norm_factor = torch.sqrt(torch.sum(target ** 2, dim=1, keepdim=True))
+    return input / (norm_factor + eps), target / (norm_factor + eps)
+
+
+def remove_outliers(
+    feat: torch.Tensor, down_f: int = 1, opening: int = 5, closing: int = 3, m: float = 100,
+    quant: float = 0.02,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The reference's ``remove_outliers``: ``(mask, feat * mask)``.
+
+    Per (n, c) plane of ``feat`` (N, C, H, W) (or (C, H, W)): keep values strictly inside
+    ``(q1 - 2 std, q2 + 2 std)`` with q1 / q2 the ``int(L * quant)``-th /
+    ``int(L * (1 - quant))``-th smallest value and std the unbiased plane std, then a
+    closing (max filter of ``ceil(closing / down_f)``) and an opening (min filter of
+    ``ceil(opening / down_f)``); a window of 2 becomes 3 (opening) or 1 (closing), as in
+    the reference. ``m`` is accepted and ignored, as in the reference (the margin is
+    always 2 std). Runs on the fused ``lpl_ext.outlier_mask`` kernel: same mask as the
+    reference for finite features with at least 50 values per plane, and defined where
+    the reference is not (fewer than 50 values: order statistic clamped to 1 instead of
+    a ``kthvalue(0)`` crash; NaN / Inf are never kept).
+
+    Returns:
+        mask: bool, ``feat``'s shape; feat * mask: ``feat``'s dtype, differentiable with
+        respect to ``feat`` (the mask is a constant).
+    """
+    if not isinstance(feat, torch.Tensor):
+        raise TypeError(f"feat: expected a torch.Tensor, got {type(feat).__name__}")
+    if feat.dim() not in (3, 4):
+        raise ValueError(f"feat: expected (N, C, H, W) or (C, H, W) features, got shape {tuple(feat.shape)}")
+    for name, v in (("down_f", down_f), ("opening", opening), ("closing", closing)):
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not v > 0:
+            raise ValueError(f"{name}: expected a positive number, got {v!r}")
+    opening = int(np.ceil(opening / down_f))
+    closing = int(np.ceil(closing / down_f))
+    if opening == 2:
+        opening = 3
+    if closing == 2:
+        closing = 1
+    y = feat.detach()
+    mask = outlier_mask(y if y.dim() == 4 else y.unsqueeze(0), quantile=quant, margin_std=2.0,
+                        closing=closing, opening=opening)
+    if feat.dim() == 3:
+        mask = mask.squeeze(0)
+    return mask, feat * mask
+
+
+def _stats_to_floats(stats: List[Dict[str, torch.Tensor]]) -> List[Dict[str, float]]:
+    """0-dim tensors -> Python floats with one device-to-host copy for all of them."""
+    if not stats:
+        return []
+    keys = [list(layer) for layer in stats]
+    flat = torch.stack([layer[k].detach().reshape(()).to(torch.float64) for layer, ks in zip(stats, keys)
+                        for k in ks])
+    values = iter(flat.cpu().tolist())  # the one sync (a no-op copy on CPU)
+    return [{k: next(values) for k in ks} for ks in keys]
 
 
 class LatentPerceptualLoss(nn.Module):
@@ -62,8 +162,8 @@ class LatentPerceptualLoss(nn.Module):
         vae: a diffusers ``AutoencoderKL`` (anything with ``.decoder.conv_in``,
             ``.decoder.mid_block``, ``.decoder.up_blocks`` and ``.config.scaling_factor``).
             It is held outside the module tree (not in ``parameters()``/``state_dict()``, so
-            DDP and optimizers never see it) and frozen (``requires_grad_(False)``) unless
-            ``freeze_vae=False``. ``.to()``/``.float()``/... on this module move it too.
+            DDP and optimizers never see it) and never mutated (``requires_grad`` flags
+            included). ``.to()``/``.float()``/... on this module move it too.
         loss_type: "mse" or "l1".
         grad_ckpt: checkpoint each decoder block of the prediction pass (recomputed in
             backward); independent of any UNet flag.
@@ -76,7 +176,10 @@ class LatentPerceptualLoss(nn.Module):
         decoder_fp32: run the decoder with autocast disabled on fp32 latents (the VAE must
             be float32); for trainers running under ``torch.autocast``.
         compute_stats: fill ``last_feature_stats`` (one extra reduction pass per layer).
-        freeze_vae: call ``vae.requires_grad_(False)``.
+        freeze_vae: never produce gradients for the VAE's parameters (default): the
+            decoder runs on detached views of those that require grad (the caller's flags
+            stay as they are). False: they get gradients wherever they require grad, as
+            with the reference.
         checkpoint_granularity: with grad_ckpt, "module" checkpoints each resnet,
             attention and upsampler of diffusers' UpDecoderBlock2D/UNetMidBlock2D (lower
             backward peak; other block types fall back to whole blocks), "block" each
@@ -84,6 +187,13 @@ class LatentPerceptualLoss(nn.Module):
 
     ``get_loss(input, target)`` takes latents in diffusion space (what the UNet sees),
     (N, C_latent, h, w), and returns the per-sample loss (N,).
+
+    ``last_feature_stats``: after a ``get_loss``, one dict per layer with the plain floats
+    ``mean``, ``std`` and ``outlier_ratio`` of the (masked) target features, as the
+    reference has them (JSON- and tracker-friendly). They are converted on first access
+    with one device-to-host copy for all layers; nothing is copied if nobody reads them.
+    ``last_feature_stats_tensors`` has the same values as 0-dim float32 device tensors
+    (no sync at all).
     """
 
     def __init__(
@@ -118,9 +228,9 @@ class LatentPerceptualLoss(nn.Module):
             raise ValueError(f"feature_type: expected one of {FEATURE_TYPES}, got {feature_type!r}")
 
         # Held outside the module tree: DDP, optimizers and state_dict never see the VAE.
+        # Nothing of the caller's VAE is mutated: freezing is done per call (_call).
         object.__setattr__(self, "_vae", vae)
-        if freeze_vae:
-            vae.requires_grad_(False)
+        self.freeze_vae = bool(freeze_vae)
 
         config = getattr(vae, "config", None)
         scale = getattr(config, "scaling_factor", None)
@@ -137,6 +247,9 @@ class LatentPerceptualLoss(nn.Module):
                              persistent=False)
 
         self.loss_type = loss_type
+        # The reference's elementwise loss module (public attribute there; the fused
+        # kernel computes the same distance here, see feature_distance).
+        self.loss_fn = nn.MSELoss(reduction="none") if loss_type == "mse" else nn.L1Loss(reduction="none")
         if checkpoint_granularity not in ("block", "module"):
             raise ValueError(f"checkpoint_granularity: expected 'block' or 'module', got {checkpoint_granularity!r}")
         self.gradient_checkpointing = bool(grad_ckpt)
@@ -149,7 +262,33 @@ class LatentPerceptualLoss(nn.Module):
         self.reference_compat = bool(reference_compat)
         self.decoder_fp32 = bool(decoder_fp32)
         self.compute_stats = bool(compute_stats)
-        self.last_feature_stats: List[Dict[str, torch.Tensor]] = []
+        self._stats_tensors: List[Dict[str, torch.Tensor]] = []
+        self._stats_floats: Optional[List[Dict[str, float]]] = []
+
+    # ------------------------------------------------------------------ logging statistics
+    @property
+    def last_feature_stats(self) -> List[Dict[str, float]]:
+        """Per-layer ``{"mean", "std", "outlier_ratio"}`` of the last ``get_loss`` as Python
+        floats; the first access after a call costs one batched device-to-host copy."""
+        if self._stats_floats is None:
+            self._stats_floats = _stats_to_floats(self._stats_tensors)
+        return self._stats_floats
+
+    @last_feature_stats.setter
+    def last_feature_stats(self, value: List[Dict[str, Any]]) -> None:
+        # Code written against the reference resets it with ``= []``.
+        self._stats_tensors = []
+        self._stats_floats = value
+
+    @property
+    def last_feature_stats_tensors(self) -> List[Dict[str, torch.Tensor]]:
+        """The statistics of the last ``get_loss`` as 0-dim float32 tensors on the latents'
+        device (no host sync; what ``LPLObjective`` logs)."""
+        return self._stats_tensors
+
+    def _set_stats(self, stats: List[Dict[str, torch.Tensor]]) -> None:
+        self._stats_tensors = stats
+        self._stats_floats = None  # converted on first read
 
     # ------------------------------------------------------------------ VAE handling
     @property
@@ -197,12 +336,27 @@ class LatentPerceptualLoss(nn.Module):
             return self.shift + z / self.scale
         return z / self.scale + self.shift
 
+    def _call(self, module: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``module(*args, **kwargs)``; with ``freeze_vae`` and grad enabled, on detached
+        views of the module's parameters that require grad, so that autograd records no
+        edge to them (the input still gets its gradient) and the caller's VAE is left as
+        given. ``module`` may be a ``functools.partial`` of a module (bound kwargs)."""
+        if isinstance(module, functools.partial):
+            kwargs = {**module.keywords, **kwargs}
+            args = module.args + args
+            module = module.func
+        if self.freeze_vae and torch.is_grad_enabled() and isinstance(module, nn.Module):
+            detached = {name: p.detach() for name, p in module.named_parameters() if p.requires_grad}
+            if detached:
+                return _functional_call(module, detached, args, kwargs)
+        return module(*args, **kwargs)
+
     def _decoder_stem(self, z: torch.Tensor) -> torch.Tensor:
         """post_quant_conv (skipped in compat mode, as the reference does) and conv_in."""
         pqc = getattr(self._vae, "post_quant_conv", None)
         if pqc is not None and not self.reference_compat:
-            z = pqc(z)
-        return self.decoder.conv_in(z)
+            z = self._call(pqc, z)
+        return self._call(self.decoder.conv_in, z)
 
     def _blocks(self, all_up_blocks: bool = False) -> List[nn.Module]:
         up = list(self.decoder.up_blocks)
@@ -226,19 +380,26 @@ class LatentPerceptualLoss(nn.Module):
             return steps
         return None
 
-    def _run_block(self, index: int, block: nn.Module, h: torch.Tensor, use_ckpt: bool) -> torch.Tensor:
-        steps = self._block_steps(block) if (use_ckpt and self.checkpoint_granularity == "module") else None
+    def _run_block(
+        self, index: int, block: nn.Module, h: torch.Tensor, use_ckpt: bool,
+        temb: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        steps = None
+        if use_ckpt and self.checkpoint_granularity == "module" and temb is None:
+            steps = self._block_steps(block)
+        # Checkpointed functions go through _call too, so that the recomputation in
+        # backward sees the same detached parameters as the forward.
         if steps is not None:
             # One checkpoint per resnet/attention/upsampler: backward recomputes one module
             # at a time instead of a whole block (the saved activations of the three
             # resnets of SDXL's last up block are ~5x its output size each).
             out = h
             for step in steps:
-                out = checkpoint(step, out, use_reentrant=False)
+                out = checkpoint(self._call, step, out, use_reentrant=False)
         elif use_ckpt:
-            out = checkpoint(block, h, None, use_reentrant=False)
+            out = checkpoint(self._call, block, h, temb, use_reentrant=False)
         else:
-            out = block(h, None)
+            out = self._call(block, h, temb)
         if index == 0 and self.reference_compat:
             # The reference casts the mid-block output to the up blocks' dtype (a leftover
             # of an old diffusers Decoder); current diffusers does not.
@@ -251,9 +412,13 @@ class LatentPerceptualLoss(nn.Module):
     ) -> List[torch.Tensor]:
         """Decoder features of decoder-space latents z (N, C_latent, h, w): [mid, up_0, ...,
         up_{K-1}] (reference signature; ``z`` is already ``z / scale + shift``).
-        post_quant_conv is applied unless reference_compat."""
-        if latent_embeds is not None:
-            raise ValueError("latent_embeds: spatially conditioned decoders are not supported")
+
+        post_quant_conv is applied unless reference_compat. ``latent_embeds`` is handed to
+        the mid and up blocks as their second argument (``temb``), as the reference does
+        (spatially conditioned decoders use it; diffusers' default blocks add it to their
+        hidden states when given). ``disable_grads`` builds no graph."""
+        if latent_embeds is not None and not isinstance(latent_embeds, torch.Tensor):
+            raise TypeError(f"latent_embeds: expected a torch.Tensor or None, got {type(latent_embeds).__name__}")
         with torch.set_grad_enabled(torch.is_grad_enabled() and not disable_grads), \
                 self._autocast_context(z.device):
             use_ckpt = self.gradient_checkpointing and torch.is_grad_enabled()
@@ -262,9 +427,39 @@ class LatentPerceptualLoss(nn.Module):
             h = self._decoder_stem(z)
             features = []
             for i, block in enumerate(self._blocks()):
-                h = self._run_block(i, block, h, use_ckpt)
+                h = self._run_block(i, block, h, use_ckpt, temb=latent_embeds)
                 features.append(h)
             return features
+
+    def get_first_conv(self, z: torch.Tensor) -> torch.Tensor:
+        """``decoder.conv_in`` of decoder-space latents z (N, C_latent, h, w), as the
+        reference's ``get_first_conv`` (post_quant_conv first unless reference_compat,
+        as in :meth:`get_features`)."""
+        return self._decoder_stem(z)
+
+    def get_first_block(self, z: torch.Tensor) -> torch.Tensor:
+        """conv_in, the mid block and the resnets of the first up block (no upsampler),
+        as the reference's ``get_first_block`` (post_quant_conv first unless
+        reference_compat)."""
+        h = self._call(self.decoder.mid_block, self._decoder_stem(z))
+        for resnet in self.decoder.up_blocks[0].resnets:
+            h = self._call(resnet, h, None)
+        return h
+
+    def get_first_layer(self, input: torch.Tensor, target: torch.Tensor, target_layer: str = "conv") -> torch.Tensor:
+        """The reference's auxiliary first-layer loss: scalar ``mse_loss`` (mean) of
+        ``cross_normalize``d (eps 1e-10) features of decoder-space latents ``input``
+        (differentiable) and ``target`` (no graph). ``target_layer``: "conv"
+        (:meth:`get_first_conv`) or "block" (:meth:`get_first_block`)."""
+        if target_layer not in ("conv", "block"):
+            raise ValueError(f"target_layer: expected 'conv' or 'block', got {target_layer!r}")
+        self._check_pair(input, target)
+        features = self.get_first_conv if target_layer == "conv" else self.get_first_block
+        feat_in = features(input)
+        with torch.no_grad():
+            feat_tar = features(target)
+        feat_in, feat_tar = cross_normalize(feat_in, feat_tar)
+        return F.mse_loss(feat_in, feat_tar, reduction="mean")
 
     def _mask_and_stats(
         self, index: int, y: torch.Tensor
@@ -326,15 +521,25 @@ class LatentPerceptualLoss(nn.Module):
                 if not self.reference_compat and loss.dtype in (torch.float16, torch.bfloat16):
                     loss = loss.float()
                 losses.append(loss)
-        self.last_feature_stats = stats_list
+        self._set_stats(stats_list)
         return losses
+
+    def _vae_decode(self, z: torch.Tensor) -> torch.Tensor:
+        """``vae.decode(z).sample``; with frozen-but-trainable parameters, the same
+        post_quant_conv + decoder path on detached parameters (see _call)."""
+        if self.freeze_vae and torch.is_grad_enabled() and any(p.requires_grad for p in self._vae.parameters()):
+            pqc = getattr(self._vae, "post_quant_conv", None)
+            if pqc is not None and getattr(self._vae.config, "use_post_quant_conv", True):
+                z = self._call(pqc, z)
+            return self._call(self.decoder, z)
+        return self._vae.decode(z).sample
 
     def _image_loss(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if self.reference_compat:
             # Reference: whole-image decode of z / scale (no shift), scalar mean.
-            x = self._vae.decode(input / self.scale).sample
+            x = self._vae_decode(input / self.scale)
             with torch.no_grad():
-                y = self._vae.decode(target / self.scale).sample
+                y = self._vae_decode(target / self.scale)
             return F.mse_loss(x, y)
         use_ckpt = self.gradient_checkpointing and torch.is_grad_enabled()
         dec = self.decoder
@@ -343,7 +548,7 @@ class LatentPerceptualLoss(nn.Module):
             h = self._decoder_stem(self._prepare_latents(z))
             for i, block in enumerate(self._blocks(all_up_blocks=True)):
                 h = self._run_block(i, block, h, ckpt)
-            return dec.conv_out(dec.conv_act(dec.conv_norm_out(h)))
+            return self._call(dec.conv_out, self._call(dec.conv_act, self._call(dec.conv_norm_out, h)))
 
         with self._autocast_context(input.device):
             with torch.no_grad():

@@ -1,4 +1,4 @@
-"""Trainer-agnostic LPL objective (LPL_SPEC.md section 5).
+"""Trainer-agnostic LPL objective (docs/spec.md section 5).
 
 Built once from the VAE and the options, called once per step with the model prediction,
 the noisy latents, the clean latents, the timesteps and the noise schedule; returns the
@@ -7,12 +7,24 @@ scalar LPL term (the trainer adds ``lpl_weight * lpl`` to its diffusion loss) an
 ``start_step``; SNR weights are computed on the selected samples only; ``scale`` without
 ``snr_gamma`` is an error instead of a silent no-op; z0_hat is computed in fp32.
 
-Host syncs: exactly one per call that reaches the threshold test, the ``nonzero`` that
-selects the samples below ``t_threshold`` (its size decides the decoder's batch), skipped
-entirely before ``start_step``. Everything else, logs included, stays on the device
-(measured in tests/test_objective.py with a dispatch-mode counter of data-dependent ops).
-Pass ``timesteps`` and ``sigmas`` on the latents' device; a host ``alphas_cumprod`` is
-copied to the device once and cached (a copy per step would be a sync).
+Host syncs: by default exactly one per call that reaches the threshold test, the
+``nonzero`` that selects the samples below ``t_threshold`` (its size decides the decoder's
+batch), skipped entirely before ``start_step``. Everything else, logs included, stays on
+the device (measured in tests/test_objective.py with a dispatch-mode counter of
+data-dependent ops). Pass ``timesteps`` and ``sigmas`` on the latents' device; a host
+``alphas_cumprod`` is copied to the device once and cached (a copy per step would be a
+sync).
+
+``sync_free=True`` removes that sync, so a compiled (``torch.compile(fullgraph=True)``) or
+CUDA-graphed step runs without a break: the decoder batch has a fixed size, either the
+whole batch (``capacity=None``) or ``capacity`` slots filled with the samples below the
+threshold in batch order. A decoded sample that is not selected (above the threshold, or
+padding) decodes its own target latents in place of z0_hat, so it adds exactly 0 to the
+loss and gets exactly 0 gradient; the mean is over the selected samples. The price is
+decoding more samples than qualify (with ``t_threshold=200`` of 1000 about 5x the default's
+decoder work for ``capacity=None``); when more than ``capacity`` samples qualify, the ones
+past the capacity are left out of that step. The per-layer feature statistics then cover
+every decoded sample.
 
 Schedules:
     epsilon / v_prediction / sample: ``alphas_cumprod`` (T,) indexed by ``timesteps``
@@ -31,7 +43,7 @@ SNR weights with ``scale=True`` (Min-SNR-gamma written for each parameterization
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -148,6 +160,11 @@ class LPLObjective(nn.Module):
         decoder_fp32: run the decoder in fp32 with autocast disabled (float32 VAE).
         reference_compat: reference arithmetic in the loss (see ``lpl_loss``).
         checkpoint_granularity: "module" (default) or "block", see LatentPerceptualLoss.
+        sync_free: select the samples below the threshold without a host sync (fixed
+            decoder batch; see the module docstring). Default False: one sync per call,
+            the decoder sees only the selected samples.
+        capacity: with ``sync_free``, the decoder batch size (at most the batch size is
+            used); None decodes the whole batch.
 
     Call: ``lpl, logs = obj(model_pred, noisy_latents, latents, timesteps, *,
     prediction_type, alphas_cumprod=None, sigmas=None, global_step=0)`` with
@@ -176,8 +193,19 @@ class LPLObjective(nn.Module):
         decoder_fp32: bool = True,
         reference_compat: bool = False,
         checkpoint_granularity: str = "module",
+        sync_free: bool = False,
+        capacity: Optional[int] = None,
     ) -> None:
         super().__init__()
+        if not isinstance(sync_free, bool):
+            raise TypeError(f"sync_free: expected a bool, got {type(sync_free).__name__}")
+        if capacity is not None:
+            if isinstance(capacity, bool) or not isinstance(capacity, int):
+                raise TypeError(f"capacity: expected an int or None, got {type(capacity).__name__}")
+            if capacity < 1:
+                raise ValueError(f"capacity: expected a positive int, got {capacity}")
+            if not sync_free:
+                raise ValueError("capacity: only used with sync_free=True")
         if scale and snr_gamma is None:
             raise ValueError("scale: needs snr_gamma (the reference silently ignores scale without it)")
         if snr_gamma is not None and not snr_gamma > 0:
@@ -194,6 +222,8 @@ class LPLObjective(nn.Module):
         self.snr_gamma = None if snr_gamma is None else float(snr_gamma)
         self.scale = bool(scale)
         self.start_step = start_step
+        self.sync_free = sync_free
+        self.capacity = capacity
         self._schedule_cache: Optional[Tuple[torch.Tensor, int, torch.Tensor]] = None
 
     def _schedule_on(self, alphas_cumprod: Optional[torch.Tensor], device: torch.device) -> Optional[torch.Tensor]:
@@ -251,6 +281,13 @@ class LPLObjective(nn.Module):
         timesteps = _per_sample(timesteps, n, "timesteps", device)
         if global_step < self.start_step:
             return self._zero_like_graph(model_pred), self._empty_logs(device, None)
+        alphas_cumprod = self._schedule_on(alphas_cumprod, device)
+        if sigmas is not None:
+            sigmas = _per_sample(sigmas, n, "sigmas", device)
+        if self.sync_free:
+            return self._forward_sync_free(model_pred, noisy_latents, latents, timesteps,
+                                           prediction_type=prediction_type, alphas_cumprod=alphas_cumprod,
+                                           sigmas=sigmas)
 
         if self.t_threshold is None:
             below = torch.ones(n, dtype=torch.bool, device=device)
@@ -271,10 +308,7 @@ class LPLObjective(nn.Module):
                 return t
             return t.index_select(0, index)
 
-        alphas_cumprod = self._schedule_on(alphas_cumprod, device)
-        sel_sigmas = None
-        if sigmas is not None:
-            sel_sigmas = pick(_per_sample(sigmas, n, "sigmas", device))
+        sel_sigmas = pick(sigmas)
         sel_t = pick(timesteps)
         z0_hat = predict_z0(pick(model_pred), pick(noisy_latents), sel_t, prediction_type=prediction_type,
                             alphas_cumprod=alphas_cumprod, sigmas=sel_sigmas)
@@ -286,15 +320,74 @@ class LPLObjective(nn.Module):
             lpl = (per_sample * weights).mean()
         else:
             lpl = per_sample.mean()
+        layer_means = [layer.detach().float().mean() for layer in layer_losses]
+        return lpl, self._logs(lpl, applied_ratio, below.sum().float(), layer_means, device)
 
+    def _logs(
+        self, lpl: torch.Tensor, applied_ratio: torch.Tensor, num_samples: torch.Tensor,
+        layer_means: List[torch.Tensor], device: torch.device,
+    ) -> Dict[str, torch.Tensor]:
         logs: Dict[str, torch.Tensor] = {
             "lpl_loss": lpl.detach(),
             "lpl_applied_ratio": applied_ratio,
-            "lpl_num_samples": below.sum().float(),  # device-side: no host-to-device copy
+            "lpl_num_samples": num_samples,  # device-side: no host-to-device copy
         }
-        stats = self.loss.last_feature_stats
-        for i, layer in enumerate(layer_losses):
-            logs[f"lpl_layer{i}_loss"] = layer.detach().float().mean()
+        stats = self.loss.last_feature_stats_tensors  # 0-dim tensors: no host sync
+        for i, layer in enumerate(layer_means):
+            logs[f"lpl_layer{i}_loss"] = layer
             for key in ("mean", "std", "outlier_ratio"):
                 logs[f"lpl_layer{i}_{key}"] = stats[i][key] if i < len(stats) else torch.zeros((), device=device)
-        return lpl, logs
+        return logs
+
+    def _forward_sync_free(
+        self,
+        model_pred: torch.Tensor,
+        noisy_latents: torch.Tensor,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        *,
+        prediction_type: str,
+        alphas_cumprod: Optional[torch.Tensor],
+        sigmas: Optional[torch.Tensor],
+    ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """The objective with a fixed decoder batch and no host sync (``sync_free=True``)."""
+        n = model_pred.shape[0]
+        device = model_pred.device
+        if self.t_threshold is None:
+            below = torch.ones(n, dtype=torch.bool, device=device)
+        else:
+            below = timesteps < self.t_threshold
+        index: Optional[torch.Tensor] = None
+        used = below
+        if self.capacity is not None and self.capacity < n:
+            # The first `capacity` samples below the threshold in batch order, padded with
+            # the others: a stable sort of the 0/1 key "not selected" (no sync, fixed size).
+            index = torch.sort((~below).to(torch.uint8), stable=True).indices[: self.capacity]
+            used = below.index_select(0, index)
+
+        def pick(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+            if t is None or index is None:
+                return t
+            return t.index_select(0, index)
+
+        sel_t = pick(timesteps)
+        sel_sigmas = pick(sigmas)
+        target = pick(latents).float()
+        z0_hat = predict_z0(pick(model_pred), pick(noisy_latents), sel_t, prediction_type=prediction_type,
+                            alphas_cumprod=alphas_cumprod, sigmas=sel_sigmas)
+        # A sample that is not used decodes its own target: its loss and its gradient are
+        # exactly 0 (selected with where, never multiplied by 0: a non-finite z0_hat of a
+        # high-noise sample must not turn into NaN).
+        keep = used.view(-1, *([1] * (z0_hat.dim() - 1)))
+        layer_losses = self.loss.get_loss(torch.where(keep, z0_hat, target), target, get_hist=True)
+        zero = torch.zeros((), dtype=torch.float32, device=device)
+        count = used.sum()
+        denom = count.clamp(min=1).float()
+        per_sample = torch.where(used, (sum(layer_losses) / len(layer_losses)).float(), zero)
+        if self.scale:
+            weights = snr_weights(sel_t, self.snr_gamma, prediction_type=prediction_type,
+                                  alphas_cumprod=alphas_cumprod, sigmas=sel_sigmas)
+            per_sample = torch.where(used, per_sample * weights, zero)
+        lpl = per_sample.sum() / denom
+        layer_means = [torch.where(used, layer.detach().float(), zero).sum() / denom for layer in layer_losses]
+        return lpl, self._logs(lpl, count.float() / n, count.float(), layer_means, device)

@@ -1,4 +1,4 @@
-"""Outlier keep-mask of the target features (LPL_SPEC.md section 2).
+"""Outlier keep-mask of the target features (docs/spec.md section 2).
 
 Per (n, c) plane of y, over its finite values (count L_f):
 
@@ -21,17 +21,21 @@ Layer statistics (for logging), computed by the same kernels without any host sy
 mean and unbiased std (divisor N*C*H*W - 1) of ``where(keep, y, 0)`` over the whole
 layer, and the outlier ratio 1 - mean(keep). Masked values count as 0 (not y * keep, so
 a NaN in y cannot make the statistics NaN).
+
+Torch tensors go through the PyTorch operator ``torch.ops.lpl_ext.outlier_mask``
+(declared in ``lpl_ext._ops``; traced by ``torch.compile`` without a graph break) where
+torch has ``torch.library.custom_op`` (>= 2.4), and call the kernel directly otherwise.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple, Tuple, Union
+from typing import Any, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 
-from . import _C
-from ._backend import as_c_arg, check_kind, stream_of, torch
+from . import _C, _ops
+from ._backend import as_c_arg, check_kind, cuda_kernels, stream_of, torch
 
 
 class OutlierStats(NamedTuple):
@@ -125,21 +129,41 @@ def outlier_mask(
         return keep
     if y.dim() != 4:
         raise ValueError(f"y: expected a 4-D (N, C, H, W) tensor, got shape {tuple(y.shape)}")
-    y = y.detach().contiguous()
-    keep = torch.empty(y.shape, dtype=torch.bool, device=y.device)
-    stats = torch.empty(3, dtype=torch.float64, device=y.device) if return_stats else None
-    if y.is_cuda:
-        n, c, h, w = y.shape
-        workspace = torch.empty(_C.outlier_mask_workspace_bytes(n, c, h, w), dtype=torch.uint8, device=y.device)
-        with torch.cuda.device(y.device):
-            _C.outlier_mask(as_c_arg(y), as_c_arg(keep), as_c_arg(stats), quantile, margin_std, closing,
-                            opening, stream_of(y), as_c_arg(workspace))
+    if _ops.HAS_CUSTOM_OPS:
+        keep, stats = torch.ops.lpl_ext.outlier_mask(y.detach(), quantile, margin_std, closing, opening,
+                                                     bool(return_stats))
     else:
-        _C.outlier_mask(as_c_arg(y), as_c_arg(keep), as_c_arg(stats), quantile, margin_std, closing, opening,
-                        0, None)
+        keep, stats = _outlier_mask_torch(y, quantile, margin_std, closing, opening, bool(return_stats))
     if return_stats:
         return keep, OutlierStats(stats[0], stats[1], stats[2])
     return keep
+
+
+def _launch_outlier_mask(
+    y: "torch.Tensor", keep: "torch.Tensor", stats: Optional["torch.Tensor"], quantile: float,
+    margin_std: float, closing: int, opening: int,
+) -> None:
+    """The raw kernel call: writes keep (y's shape, bool) and, when given, stats (3,)
+    float64. All tensors contiguous on y's device."""
+    if y.is_cuda:
+        n, c, h, w = y.shape
+        workspace = torch.empty(_C.outlier_mask_workspace_bytes(n, c, h, w), dtype=torch.uint8, device=y.device)
+        _C.outlier_mask(as_c_arg(y), as_c_arg(keep), as_c_arg(stats), quantile, margin_std, closing,
+                        opening, stream_of(y), as_c_arg(workspace), cuda_kernels(y.device))
+    else:
+        _C.outlier_mask(as_c_arg(y), as_c_arg(keep), as_c_arg(stats), quantile, margin_std, closing, opening,
+                        0, None)
+
+
+def _outlier_mask_torch(
+    y: "torch.Tensor", quantile: float, margin_std: float, closing: int, opening: int, return_stats: bool,
+) -> Tuple["torch.Tensor", Optional["torch.Tensor"]]:
+    """(keep bool of y's shape, stats (3,) float64 or None) for a 4-D torch tensor y."""
+    y = y.detach().contiguous()
+    keep = torch.empty(y.shape, dtype=torch.bool, device=y.device)
+    stats = torch.empty(3, dtype=torch.float64, device=y.device) if return_stats else None
+    _launch_outlier_mask(y, keep, stats, quantile, margin_std, closing, opening)
+    return keep, stats
 
 
 __all__ = ["OutlierStats", "outlier_mask", "outlier_windows"]
