@@ -10,6 +10,7 @@ Environment switches:
   LPL_EXT_CUDA_ARCHS="80;86;89;90;100;120"   cubin architectures (those the nvcc at hand
                             does not know are skipped, with a message).
   LPL_EXT_SANITIZE=1        AddressSanitizer + UndefinedBehaviorSanitizer for the C sources.
+  NVCC                      the nvcc to use (a path that does not exist: build as without nvcc).
   CUDA_HOME / CUDA_PATH     CUDA toolkit root (else found from nvcc on PATH, then /usr/local/cuda).
 """
 
@@ -47,16 +48,16 @@ def _log(msg: str) -> None:
 
 
 def _find_nvcc() -> str | None:
-    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    if "NVCC" in os.environ:  # an explicit choice; a path that does not exist means "no nvcc"
+        return os.environ["NVCC"] if Path(os.environ["NVCC"]).is_file() else None
+    for home in filter(None, (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"))):
+        if (Path(home) / "bin" / "nvcc").is_file():
+            return str(Path(home) / "bin" / "nvcc")
     on_path = shutil.which("nvcc")
     if on_path:
         return on_path
-    homes.append("/usr/local/cuda")
-    for home in filter(None, homes):
-        nvcc = Path(home) / "bin" / "nvcc"
-        if nvcc.exists():
-            return str(nvcc)
-    return None
+    fallback = Path("/usr/local/cuda/bin/nvcc")
+    return str(fallback) if fallback.is_file() else None
 
 
 def _cuda_mode() -> str:

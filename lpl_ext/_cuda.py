@@ -172,6 +172,13 @@ class Nvrtc:
 
     def __init__(self, path: str) -> None:
         self.path = path
+        # NVRTC dlopens its builtins library by soname at compile time; load the one next
+        # to it first, so that the lookup never depends on how NVRTC was found
+        for builtins in sorted(glob.glob(os.path.join(os.path.dirname(path), "libnvrtc-builtins.so.*"))):
+            try:
+                ctypes.CDLL(builtins, mode=ctypes.RTLD_GLOBAL)
+            except OSError:
+                pass
         self.lib = ctypes.CDLL(path)
         lib = self.lib
         lib.nvrtcGetErrorString.restype = ctypes.c_char_p
