@@ -118,7 +118,8 @@ def nvrtc_candidates(search_path: Optional[Sequence[str]] = None, cuda_major: Op
     """Where to look for libnvrtc, in order: $LPL_EXT_NVRTC; a copy already loaded in
     the process; torch's CUDA wheels in ``search_path`` (default sys.path:
     nvidia/cu13/lib, nvidia/cuda_nvrtc/lib, torch/lib), the major of torch's CUDA
-    first; $CUDA_HOME and /usr/local/cuda; the system's loader path."""
+    first; a conda environment's lib/; $CUDA_HOME and /usr/local/cuda; the system's
+    loader path."""
     env = os.environ if env is None else env
     search_path = list(sys.path) if search_path is None else list(search_path)
     cuda_major = _torch_cuda_major() if cuda_major is None else cuda_major
@@ -149,6 +150,8 @@ def nvrtc_candidates(search_path: Optional[Sequence[str]] = None, cuda_major: Op
                 major = _soname_major(name)
                 wheel_hits.append((0 if cuda_major is not None and major == cuda_major else 1, hit))
     add([p for _, p in sorted(wheel_hits, key=lambda t: t[0])])
+    # a conda environment keeps CUDA's libraries in <prefix>/lib
+    add(sorted(p for p in glob.glob(os.path.join(sys.prefix, "lib", "libnvrtc.so*")) if "builtins" not in p)[:1])
     for home in (env.get("CUDA_HOME"), env.get("CUDA_PATH"), "/usr/local/cuda"):
         if home:
             add(sorted(glob.glob(os.path.join(home, "lib64", "libnvrtc.so*")))[:1])
