@@ -49,9 +49,19 @@ def tiny_cache(tmp_path_factory):
     return root
 
 
+def free_port() -> int:
+    """A TCP port that is free now (the OS picks it), for a torchrun rendezvous."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
 def accelerate_configs(tmp_path_factory):
-    """Generated accelerate configs: one process, and two torchrun processes (gloo on CPU)."""
+    """Generated accelerate configs: one process, and two torchrun processes (gloo on CPU). The multi-process
+    config is rewritten with a fresh free port before each launch (see ``launch``)."""
     from accelerate.utils import write_basic_config
 
     folder = tmp_path_factory.mktemp("accelerate_cfg")
@@ -60,7 +70,7 @@ def accelerate_configs(tmp_path_factory):
     multi = folder / "multi.json"
     cfg = json.loads(single.read_text())
     cfg.update({"distributed_type": "MULTI_GPU", "num_processes": 2, "use_cpu": False,
-                "main_process_ip": "127.0.0.1", "main_process_port": 29600 + os.getpid() % 300})
+                "main_process_ip": "127.0.0.1", "main_process_port": free_port()})
     multi.write_text(json.dumps(cfg))
     return {"single": single, "multi": multi}
 
@@ -72,9 +82,15 @@ def _env(tiny_cache):
     return env
 
 
-def launch(configs, tiny_cache, args, *, config="single", timeout=300, check=True):
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(configs[config]), SCRIPT, *args]
-    proc = subprocess.run(cmd, env=_env(tiny_cache), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+def launch(configs, tiny_cache, args, *, config="single", timeout=300, check=True, env=None):
+    path = Path(configs[config])
+    cfg = json.loads(path.read_text())
+    if "main_process_port" in cfg:  # a port free now, not one fixed when the session started
+        cfg["main_process_port"] = free_port()
+        path.write_text(json.dumps(cfg))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(path), SCRIPT, *args]
+    proc = subprocess.run(cmd, env={**_env(tiny_cache), **(env or {})}, capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
     if check and proc.returncode != 0:
         raise AssertionError(f"training failed (rc {proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
     return proc
@@ -464,10 +480,39 @@ def test_two_step_run_writes_pipeline_and_reports(tmp_path, tiny_cache, accelera
         assert float(r["diffusion_loss"]) > 0 and 0 <= float(r["lpl_applied_ratio"]) <= 1
     assert "lpl_ratio=" in proc.stderr and "diff=" in proc.stderr  # progress bar postfix
 
-    from diffusers import StableDiffusionXLPipeline
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 
     pipe = StableDiffusionXLPipeline.from_pretrained(str(out))
     assert pipe.unet.config.addition_embed_type == "text_time"
+    # The checkpoint has the diffusers layout (save/load hooks): its unet/ loads with from_pretrained and,
+    # the run ending at that step, holds the final weights; accelerate did not also write a model file.
+    ckpt = out / "checkpoint-2"
+    assert not list(ckpt.glob("model*.safetensors")) and not (ckpt / "unet_ema").exists()
+    ckpt_unet = UNet2DConditionModel.from_pretrained(str(ckpt / "unet"))
+    final = pipe.unet.state_dict()
+    assert all(torch.equal(v, final[k]) for k, v in ckpt_unet.state_dict().items())
+
+
+def test_restored_ema_is_moved_to_the_training_device(tmp_path, tiny_cache):
+    """Resuming with --use_ema: accelerate's loading lands on the CPU; an EMA left there crashes its first
+    step on a GPU (CPU and device tensors mixed). ``restore_ema`` (the load hook) moves it to the given
+    device, which the trainer sets to the accelerator's, i.e. the UNet's. 'meta' stands in for a GPU here."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.training_utils import EMAModel
+
+    unet = UNet2DConditionModel.from_pretrained(ts.ensure_tiny_sdxl(tiny_cache), subfolder="unet")
+    ema = EMAModel(unet.parameters(), decay=0.9, model_cls=UNet2DConditionModel, model_config=unet.config)
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(0.25)
+    ema.step(unet.parameters())
+    ema.save_pretrained(str(tmp_path / "unet_ema"))
+    for device in ("meta", "cpu"):
+        fresh = EMAModel(unet.parameters(), decay=0.5, model_cls=UNet2DConditionModel, model_config=unet.config)
+        tr.restore_ema(fresh, tmp_path / "unet_ema", torch.device(device))
+        assert {p.device.type for p in fresh.shadow_params} == {device}
+        assert fresh.optimization_step == ema.optimization_step == 1 and fresh.decay == 0.9
+    assert all(torch.equal(a, b) for a, b in zip(fresh.shadow_params, ema.shadow_params))
 
 
 def test_checkpoint_limit_and_resume_continue_at_saved_step(tmp_path, tiny_cache, accelerate_configs):
@@ -496,7 +541,8 @@ RUN_MATRIX = {
     "sample-lpl_start-snr-no_scale-bf16": ["--prediction_type", "sample", "--lpl_start", "1",
                                            "--lpl_t_threshold", "1000", "--mixed_precision", "bf16",
                                            "--snr_gamma", "5", "--no_lpl_scale", "--lpl_num_blocks", "2",
-                                           "--no_lpl_grad_ckpt", "--gradient_checkpointing"],
+                                           "--no_lpl_grad_ckpt", "--gradient_checkpointing", "--save_precision",
+                                           "bf16"],
     "flow_matching-accum-cached": ["--prediction_type", "flow_matching", "--lpl_t_threshold", "1000",
                                    "--gradient_accumulation_steps", "2", "--cache_latents", "--random_flip",
                                    "--lpl_norm_type", "batch", "--lpl_loss_type", "l1"],
@@ -529,10 +575,28 @@ def test_prediction_types_and_lpl_settings(name, tmp_path, tiny_cache, accelerat
         assert ratio[1] == 1 and lpl[1] > 0
     else:
         assert all(np.isfinite(lpl)) and all(np.isfinite([float(r["loss"]) for r in rows]))
+    if "bf16" in name:
+        # --save_precision bf16: UNet and text encoders saved in bf16, the VAE in fp32.
+        from safetensors import safe_open
+
+        for sub, dtype in (("unet", torch.bfloat16), ("text_encoder", torch.bfloat16), ("vae", torch.float32)):
+            file = next((out / sub).glob("*.safetensors"))
+            with safe_open(str(file), "pt") as fh:
+                assert {fh.get_tensor(k).dtype for k in fh.keys()} == {dtype}, sub
     if name == "flow_matching-accum-cached":
         assert all(v == 1 for v in ratio) and all(v > 0 for v in lpl)
         sched_cfg = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
-        assert sched_cfg["_class_name"] == "FlowMatchEulerDiscreteScheduler"
+        assert sched_cfg["_class_name"] == "DPMSolverMultistepScheduler"
+        assert sched_cfg["use_flow_sigmas"] and sched_cfg["prediction_type"] == "flow_prediction"
+        # The saved flow-matching pipeline samples as it is (FlowMatchEulerDiscreteScheduler could not: no
+        # init_noise_sigma, no scale_model_input), with classifier-free guidance.
+        from diffusers import StableDiffusionXLPipeline
+
+        pipe = StableDiffusionXLPipeline.from_pretrained(str(out))
+        pipe.set_progress_bar_config(disable=True)
+        image = pipe("a large red circle on a white background", height=64, width=64, num_inference_steps=3,
+                     guidance_scale=5.0, generator=torch.Generator().manual_seed(0), output_type="np").images
+        assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all() and image.std() > 0
     else:
         sched_cfg = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
         assert sched_cfg["prediction_type"] == RUN_MATRIX[name][1]
@@ -549,12 +613,16 @@ def test_bad_argument_exits_before_building_models(tmp_path, accelerate_configs)
 
 @pytest.mark.slow
 def test_two_processes_train_with_gloo(tmp_path, tiny_cache, accelerate_configs):
+    """Two gloo processes with LoRA on the UNet and both text encoders (DDP over three models, one of them
+    with adapters that get no gradient) and --cache_latents (each process encodes half, then they share)."""
     out = tmp_path / "out"
     proc = launch(accelerate_configs, tiny_cache, [*FAST, "--output_dir", str(out), "--max_train_steps", "2",
-                                                   "--checkpointing_steps", "2", "--lpl_t_threshold", "1000"],
+                                                   "--checkpointing_steps", "2", "--lpl_t_threshold", "1000",
+                                                   "--rank", "4", "--train_text_encoder", "--cache_latents"],
                   config="multi")
     assert "processes=2" in proc.stderr
-    assert (out / "model_index.json").is_file() and checkpoint_names(out) == {"checkpoint-2"}
+    assert (out / tr.LORA_WEIGHT_NAME).is_file() and checkpoint_names(out) == {"checkpoint-2"}
+    assert (out / "checkpoint-2" / tr.LORA_WEIGHT_NAME).is_file()
     ckpt = out / "checkpoint-2"
     assert {p.name for p in ckpt.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
     rows = read_metrics(out)
@@ -589,29 +657,71 @@ def test_plain_num_processes_two_runs_two_cpu_processes(tmp_path, tiny_cache):
     assert {p.name for p in ckpt.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
 
 
+def _trace(path: Path) -> dict[int, list[int]]:
+    """{step: indices} from a single-process sample trace (one micro-batch per step)."""
+    rows = [json.loads(line) for line in Path(f"{path}.rank0").read_text().splitlines()]
+    return {r["step"]: r["indices"] for r in rows}
+
+
 @pytest.mark.slow
-def test_killed_run_resumes_and_finishes(tmp_path, tiny_cache, accelerate_configs):
-    out = tmp_path / "out"
-    common = [*FAST, "--output_dir", str(out), "--checkpointing_steps", "2", "--num_validation_images", "0"]
+def test_killed_run_resumes_exactly_as_the_uninterrupted_run(tmp_path, tiny_cache, accelerate_configs):
+    """SIGKILL mid-training, resume from 'latest': the resumed steps train on exactly the uninterrupted run's
+    examples in the same order (seeded sampler with its epoch restored, per-example augmentation and caption
+    dropout), and the UNet and its EMA end bit-identical. Also: checkpoints have unet/ and unet_ema/, and
+    --validation_epochs validates after the epochs of diffusers' schedule."""
+    out, ref = tmp_path / "out", tmp_path / "ref"
+    common = [*FAST, "--checkpointing_steps", "2", "--checkpoints_total_limit", "3", "--num_validation_images", "0",
+              "--use_ema", "--random_flip", "--proportion_empty_prompts", "0.3", "--lpl_t_threshold", "500"]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_configs["single"]),
-           SCRIPT, *common, "--max_train_steps", "100000"]
-    proc = subprocess.Popen(cmd, env=_env(tiny_cache), cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+           SCRIPT, *common, "--output_dir", str(out), "--max_train_steps", "100000"]
+    env = {**_env(tiny_cache), tr.SAMPLE_TRACE_ENV_VAR: str(tmp_path / "killed")}
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
     try:
-        deadline = time.time() + 240
-        while time.time() < deadline and len(tr.list_checkpoints(out)) < 2:
+        # Event-driven: kill as soon as the first complete checkpoint exists (its state file is written last
+        # and the folder renamed into place). The bound only stops a hung run, it is not a timing assumption.
+        deadline = time.monotonic() + 900
+        while not tr.list_checkpoints(out):
             assert proc.poll() is None, "training exited early"
-            time.sleep(0.2)
-        assert len(tr.list_checkpoints(out)) >= 2, "no checkpoint appeared in time"
+            assert time.monotonic() < deadline, "no checkpoint within 15 minutes"
+            time.sleep(0.05)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the whole launcher process group, mid-training
         proc.wait(timeout=60)
     saved = tr.list_checkpoints(out)[-1][0]
-    target = saved + 3
-    proc = launch(accelerate_configs, tiny_cache, [*common, "--max_train_steps", str(target),
-                                                   "--resume_from_checkpoint", "latest"])
+    assert (out / f"checkpoint-{saved}" / "unet").is_dir() and (out / f"checkpoint-{saved}" / "unet_ema").is_dir()
+    target = saved + 3  # 4 steps per epoch: the resumed part crosses an epoch boundary
+    proc = launch(accelerate_configs, tiny_cache, [*common, "--output_dir", str(out), "--max_train_steps",
+                                                   str(target), "--resume_from_checkpoint", "latest"],
+                  env={tr.SAMPLE_TRACE_ENV_VAR: str(tmp_path / "resumed")})
     assert f"at step {saved}" in proc.stderr
+    launch(accelerate_configs, tiny_cache, [*common, "--output_dir", str(ref), "--max_train_steps", str(target),
+                                            "--num_validation_images", "1", "--validation_epochs", "1"],
+           env={tr.SAMPLE_TRACE_ENV_VAR: str(tmp_path / "reference")})
+
+    # Sample order: before the checkpoint from the killed run, after it from the resumed one.
+    reference, killed, resumed = (_trace(tmp_path / n) for n in ("reference", "killed", "resumed"))
+    assert sorted(resumed) == list(range(saved + 1, target + 1))
+    combined = {**{s: killed[s] for s in range(1, saved + 1)}, **resumed}
+    assert combined == reference
+    for epoch_start in range(1, target - 2, 4):  # each complete epoch sees every example exactly once
+        seen = sorted(i for s in range(epoch_start, epoch_start + 4) for i in reference[s])
+        assert seen == list(range(8))
+
     steps = [int(r["step"]) for r in read_metrics(out)]
     assert steps == list(range(1, target + 1))  # rows after the checkpoint from the killed run dropped
-    assert (out / "model_index.json").is_file()
+    assert [r["loss"] for r in read_metrics(out)] == [r["loss"] for r in read_metrics(ref)]
+    from safetensors.torch import load_file
+
+    # Same weights, bit for bit: the trained UNet and the EMA at the last common checkpoint, and the
+    # saved pipeline's UNet (the EMA weights).
+    last = saved + 2
+    for sub in (f"checkpoint-{last}/unet", f"checkpoint-{last}/unet_ema", "unet"):
+        a = load_file(str(out / sub / "diffusion_pytorch_model.safetensors"))
+        b = load_file(str(ref / sub / "diffusion_pytorch_model.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), sub
     assert not list(out.glob(".tmp-*"))
+    # --validation_epochs 1: after every epoch that ends before the last step (diffusers' `epoch % N == 0`),
+    # plus the final validation.
+    grids = sorted(int(p.name[4:10]) for p in (ref / "validation").glob("step*_grid.png"))
+    assert grids == [*range(4, target, 4), target]
