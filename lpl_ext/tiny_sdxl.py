@@ -1,7 +1,7 @@
 """Offline tiny SDXL-architecture pipeline for demos and tests.
 
-Builds, from configs only (nothing is downloaded), a (mostly) randomly initialised pipeline with every
-component the SDXL trainer uses:
+Builds, from configs and the small weights shipped in ``lpl_ext/assets`` (nothing is downloaded), a pipeline
+with every component the SDXL trainer uses:
 
 - ``unet``: ``UNet2DConditionModel`` with ``addition_embed_type="text_time"`` (SDXL micro-conditioning),
 - ``vae``: ``AutoencoderKL`` with 4 down / 4 up blocks (downsampling factor 8, like SDXL's VAE, so the
@@ -9,6 +9,11 @@ component the SDXL trainer uses:
   ``lpl_ext/assets/tiny_vae.safetensors`` (trained on the synthetic shapes by
   ``tools/pretrain_tiny_vae.py``) so decoded images and LPL decoder features are meaningful,
 - ``text_encoder`` (``CLIPTextModel``) and ``text_encoder_2`` (``CLIPTextModelWithProjection``),
+- the UNet and both text encoders are loaded from ``lpl_ext/assets/tiny_sdxl_base.safetensors``: a base
+  trained on the synthetic shapes by ``tools/pretrain_tiny_unet.py`` (with these text encoders frozen at
+  their random initialisation), so the pipeline already draws captions such as "a large red circle on a
+  white background"; the training record (command, seed, wall time, evaluation) is
+  ``tiny_sdxl_base.json`` next to it,
 - ``tokenizer`` / ``tokenizer_2``: ``CLIPTokenizer`` loaded from a byte-level ``vocab.json`` /
   ``merges.txt`` written locally,
 - ``scheduler``: ``EulerDiscreteScheduler`` with SDXL's scaled-linear betas.
@@ -26,8 +31,9 @@ import tempfile
 from pathlib import Path
 
 # Bump when the architecture below or the shipped VAE weights change so that stale caches are rebuilt,
-# not silently reused (v2: pretrained VAE from lpl_ext/assets).
-TINY_SDXL_VERSION = 3
+# not silently reused (v2: pretrained VAE from lpl_ext/assets; v3: VAE retrained; v4: pretrained base UNet
+# and text encoders from lpl_ext/assets).
+TINY_SDXL_VERSION = 4
 CACHE_ENV_VAR = "LPL_EXT_CACHE_DIR"
 _COMPLETE_MARKER = "tiny_sdxl_complete.json"
 
@@ -41,6 +47,11 @@ MAX_TOKEN_LENGTH = 77
 # Pretrained tiny VAE shipped in the package (regenerate with tools/pretrain_tiny_vae.py, then bump
 # TINY_SDXL_VERSION). Its safetensors metadata holds the latent ``scaling_factor``.
 TINY_VAE_ASSET_NAME = "tiny_vae.safetensors"
+# Pretrained base (UNet + the two text encoders it was trained with; keys prefixed "unet.", "text_encoder.",
+# "text_encoder_2."), shipped in the package; regenerate with tools/pretrain_tiny_unet.py, then bump
+# TINY_SDXL_VERSION.
+TINY_BASE_ASSET_NAME = "tiny_sdxl_base.safetensors"
+_BASE_PREFIXES = ("unet", "text_encoder", "text_encoder_2")
 # Scaling factor of the randomly initialised VAE (SDXL's value; only used when no weights are shipped).
 _RANDOM_VAE_SCALING_FACTOR = 0.13025
 
@@ -116,6 +127,29 @@ def tiny_vae_weights_path() -> Path:
     return Path(__file__).resolve().parent / "assets" / TINY_VAE_ASSET_NAME
 
 
+def tiny_base_weights_path() -> Path:
+    """Path of the shipped pretrained base (UNet + text encoders; may not exist in a stripped install)."""
+    return Path(__file__).resolve().parent / "assets" / TINY_BASE_ASSET_NAME
+
+
+def load_base_weights(components: dict, path: str | os.PathLike) -> None:
+    """Load a base file written by ``tools/pretrain_tiny_unet.py`` into ``components`` (in place, strict).
+
+    The file holds the state dicts of ``unet``, ``text_encoder`` and ``text_encoder_2`` under those prefixes.
+    Raises ``ValueError`` naming the file when a component's keys or shapes do not match.
+    """
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    for prefix in _BASE_PREFIXES:
+        part = {k[len(prefix) + 1:]: v.float() for k, v in state.items() if k.split(".", 1)[0] == prefix}
+        module = components[prefix]
+        try:
+            module.load_state_dict(part, strict=True)
+        except RuntimeError as exc:
+            raise ValueError(f"base weights {path}: {prefix} does not match the tiny architecture: {exc}") from exc
+
+
 def build_tiny_vae(seed: int = 1, pretrained: bool = True):
     """The tiny SDXL-shaped ``AutoencoderKL`` (4 down / 4 up blocks, factor 8, 4 latent channels, 64 px).
 
@@ -155,11 +189,15 @@ def build_tiny_vae(seed: int = 1, pretrained: bool = True):
 
 
 def build_tiny_sdxl_components(seed: int = 0, tokenizer_folder: str | os.PathLike | None = None,
-                               pretrained_vae: bool = True) -> dict:
-    """Build the tiny SDXL components (randomly initialised with ``seed``).
+                               pretrained_vae: bool = True, pretrained_base: bool = True,
+                               base_weights: str | os.PathLike | None = None) -> dict:
+    """Build the tiny SDXL components (randomly initialised with ``seed``, then loaded where weights exist).
 
-    The VAE instead gets the shipped pretrained weights (same for every ``seed``) when ``pretrained_vae`` is
-    true and ``lpl_ext/assets/tiny_vae.safetensors`` exists; see :func:`build_tiny_vae`.
+    - VAE: the shipped pretrained weights (same for every ``seed``) when ``pretrained_vae`` is true and
+      ``lpl_ext/assets/tiny_vae.safetensors`` exists; see :func:`build_tiny_vae`.
+    - UNet and both text encoders: the pretrained base ``base_weights`` (default: the shipped
+      :func:`tiny_base_weights_path`, if present) when ``pretrained_base`` is true, the same for every
+      ``seed``; otherwise (or without the file) random from ``seed``.
 
     Returns a dict with keys unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, scheduler,
     ready for ``StableDiffusionXLPipeline(**components)``.
@@ -222,6 +260,13 @@ def build_tiny_sdxl_components(seed: int = 0, tokenizer_folder: str | os.PathLik
     text_encoder_2 = CLIPTextModelWithProjection(
         CLIPTextConfig(hidden_size=TEXT_HIDDEN_2, projection_dim=TEXT_PROJECTION_2, **text_cfg)
     )
+    components = dict(unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2)
+    if pretrained_base:
+        path = Path(base_weights) if base_weights is not None else tiny_base_weights_path()
+        if base_weights is not None and not path.is_file():
+            raise ValueError(f"base_weights: no such file {path}")
+        if path.is_file():
+            load_base_weights(components, path)
     scheduler = EulerDiscreteScheduler(
         num_train_timesteps=1000,
         beta_start=0.00085,

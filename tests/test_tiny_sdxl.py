@@ -79,21 +79,51 @@ def test_components_have_sdxl_architecture():
 
 def test_components_are_seeded():
     a = ts.build_tiny_sdxl_components(seed=3)
-    b = ts.build_tiny_sdxl_components(seed=3)
     c = ts.build_tiny_sdxl_components(seed=4)
-    for key in ("unet", "text_encoder", "text_encoder_2"):
-        sa, sb, sc = a[key].state_dict(), b[key].state_dict(), c[key].state_dict()
-        assert all(torch.equal(sa[k], sb[k]) for k in sa)
-        assert any(not torch.equal(sa[k], sc[k]) for k in sa)
-    # The shipped pretrained VAE is the same for every seed; the random one follows the seed.
-    sa, sc = a["vae"].state_dict(), c["vae"].state_dict()
-    assert all(torch.equal(sa[k], sc[k]) for k in sa)
-    ra = ts.build_tiny_sdxl_components(seed=3, pretrained_vae=False)["vae"].state_dict()
-    rb = ts.build_tiny_sdxl_components(seed=3, pretrained_vae=False)["vae"].state_dict()
-    rc = ts.build_tiny_sdxl_components(seed=4, pretrained_vae=False)["vae"].state_dict()
-    assert all(torch.equal(ra[k], rb[k]) for k in ra)
-    assert any(not torch.equal(ra[k], rc[k]) for k in ra)
-    assert any(not torch.equal(ra[k], sa[k]) for k in ra)
+    # The shipped pretrained base (UNet, text encoders) and VAE are the same for every seed.
+    for key in ("unet", "text_encoder", "text_encoder_2", "vae"):
+        sa, sc = a[key].state_dict(), c[key].state_dict()
+        assert all(torch.equal(sa[k], sc[k]) for k in sa), key
+    # Without shipped weights everything follows the seed.
+    ra = ts.build_tiny_sdxl_components(seed=3, pretrained_vae=False, pretrained_base=False)
+    rb = ts.build_tiny_sdxl_components(seed=3, pretrained_vae=False, pretrained_base=False)
+    rc = ts.build_tiny_sdxl_components(seed=4, pretrained_vae=False, pretrained_base=False)
+    for key in ("unet", "text_encoder", "text_encoder_2", "vae"):
+        sa, sb, sc = ra[key].state_dict(), rb[key].state_dict(), rc[key].state_dict()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa), key
+        assert any(not torch.equal(sa[k], sc[k]) for k in sa), key
+    assert any(not torch.equal(ra["unet"].state_dict()[k], a["unet"].state_dict()[k]) for k in ra["unet"].state_dict())
+
+
+def test_shipped_base_weights_exist_are_small_and_documented():
+    path = ts.tiny_base_weights_path()
+    assert path.is_file(), "lpl_ext/assets/tiny_sdxl_base.safetensors missing (run tools/pretrain_tiny_unet.py)"
+    assert path.stat().st_size <= 6 * 1024 * 1024
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        keys = list(f.keys())
+        meta = f.metadata()
+    assert {k.split(".", 1)[0] for k in keys} == {"unet", "text_encoder", "text_encoder_2"}
+    assert json.loads(meta["settings"])["seed"] == 0 and "pretrain_tiny_unet.py" in meta["command"]
+    record = json.loads(path.with_suffix(".json").read_text())
+    assert "pretrain_tiny_unet.py" in record["command"] and record["wall_s"] > 0 and "seed" in record
+    # The training seed's text encoders are the random ones of seed 0: the base was trained against them.
+    shipped = ts.build_tiny_sdxl_components(seed=0)
+    random_init = ts.build_tiny_sdxl_components(seed=0, pretrained_base=False)
+    for key in ("text_encoder", "text_encoder_2"):
+        sa, sb = shipped[key].state_dict(), random_init[key].state_dict()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa), key
+
+
+def test_base_weights_argument(tmp_path):
+    explicit = ts.build_tiny_sdxl_components(base_weights=ts.tiny_base_weights_path())["unet"].state_dict()
+    default = ts.build_tiny_sdxl_components()["unet"].state_dict()
+    assert all(torch.equal(explicit[k], default[k]) for k in default)
+    with pytest.raises(ValueError, match="base_weights: no such file"):
+        ts.build_tiny_sdxl_components(base_weights=tmp_path / "missing.safetensors")
+    with pytest.raises(ValueError, match="does not match the tiny architecture"):
+        ts.build_tiny_sdxl_components(base_weights=ts.tiny_vae_weights_path())
 
 
 def _trainer_view_batch(indices) -> torch.Tensor:
@@ -148,6 +178,18 @@ def test_cached_pipeline_holds_shipped_vae(tiny_path):
     assert state.keys() == shipped.keys()
     assert all(torch.equal(state[k], shipped[k].float()) for k in state)
     assert vae.config.scaling_factor == ts.build_tiny_vae().config.scaling_factor
+
+
+def test_cached_pipeline_holds_shipped_base(tiny_path):
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    unet = UNet2DConditionModel.from_pretrained(str(tiny_path), subfolder="unet")
+    shipped = {k[len("unet."):]: v for k, v in load_file(str(ts.tiny_base_weights_path())).items()
+               if k.startswith("unet.")}
+    state = unet.state_dict()
+    assert state.keys() == shipped.keys()
+    assert all(torch.equal(state[k], shipped[k].float()) for k in state)
 
 
 def test_ensure_builds_once_and_loads_with_from_pretrained(tiny_path, tiny_cache):
