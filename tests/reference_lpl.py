@@ -17,6 +17,16 @@ Reproduced behaviour (LPL_SPEC.md section 6):
   divided by the mask count (0/0 = NaN on a fully masked plane), mean over channels;
   total = sum of layers / number of layers;
 - ``feature_type="image"``: scalar MSE of ``vae.decode(z / scale)`` images.
+
+``fixed_where_undefined=True`` turns the restatement into the oracle of lpl_ext's
+``reference_compat=True``, which keeps the reference's arithmetic except where the
+reference is undefined: the k-th value rank is clamped into [1, L] (the reference raises
+for planes under 50 values) and a fully masked plane contributes 0 (the reference gives
+0/0 = NaN).
+
+Also here: ``blob_vae``, a tiny AutoencoderKL whose decoder features carry the blob
+artifacts of real SD VAEs (a few large, localized activations per plane), so that the
+outlier removal of layers 2, 3 and 4 really removes something.
 """
 
 from __future__ import annotations
@@ -31,12 +41,17 @@ from torch.utils.checkpoint import checkpoint
 from reference import outlier_windows  # the reference's (closing, opening) per down factor
 
 
-def reference_remove_outliers(feat: torch.Tensor, down_factor: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(mask bool, feat * mask) as the reference computes them; raises for planes < 50 values."""
+def reference_remove_outliers(
+    feat: torch.Tensor, down_factor: int, *, clamp_k: bool = False
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(mask bool, feat * mask) as the reference computes them; raises for planes < 50
+    values unless ``clamp_k`` (ranks clamped into [1, L], as lpl_ext does)."""
     closing, opening = outlier_windows(down_factor)
     planes = feat.flatten(-2, -1)
     length = planes.shape[-1]
     lo_k, hi_k = int(length * 0.02), int(length * (1 - 0.02))
+    if clamp_k:
+        lo_k, hi_k = min(max(lo_k, 1), length), min(max(hi_k, 1), length)
     lo = planes.kthvalue(lo_k, dim=-1).values.unsqueeze(-1).unsqueeze(-1)
     hi = planes.kthvalue(hi_k, dim=-1).values.unsqueeze(-1).unsqueeze(-1)
     margin = 2 * planes.std(-1).unsqueeze(-1).unsqueeze(-1)
@@ -48,18 +63,19 @@ def reference_remove_outliers(feat: torch.Tensor, down_factor: int) -> Tuple[tor
 
 def reference_layer_loss(
     x: torch.Tensor, y: torch.Tensor, index: int, *, norm_type: str, loss_type: str, pow_law: bool,
-    remove_outliers: bool,
+    remove_outliers: bool, fixed_where_undefined: bool = False,
 ) -> Tuple[torch.Tensor, Dict[str, float], torch.Tensor]:
-    """One layer of the reference: (per-sample loss (N,), stats with floats, mask)."""
+    """One layer of the reference: (per-sample loss (N,), stats with floats, mask).
+    ``fixed_where_undefined``: ranks clamped, an empty plane adds 0 (see the module doc)."""
     mask = torch.ones_like(y).bool()
     ratio = 0.0
     if remove_outliers:
         with torch.no_grad():
             if index == 2:
-                mask, y = reference_remove_outliers(y, 2)
+                mask, y = reference_remove_outliers(y, 2, clamp_k=fixed_where_undefined)
                 ratio = 1.0 - mask.float().mean().item()
             elif index in (3, 4, 5):
-                mask, y = reference_remove_outliers(y, 1)
+                mask, y = reference_remove_outliers(y, 1, clamp_k=fixed_where_undefined)
                 ratio = 1.0 - mask.float().mean().item()
     with torch.no_grad():
         stats = {"mean": y.mean().item(), "std": y.std().item(), "outlier_ratio": ratio}
@@ -73,7 +89,14 @@ def reference_layer_loss(
     elementwise = F.mse_loss(x, y, reduction="none") if loss_type == "mse" else F.l1_loss(x, y, reduction="none")
     elementwise = elementwise * mask
     factor = 2 ** (-min(index, 3)) if pow_law else 1.0
-    per_plane = elementwise.sum((2, 3)) * factor / mask.sum((2, 3))
+    count = mask.sum((2, 3))
+    if fixed_where_undefined:
+        # clamped denominator: the 0/0 branch must not exist, or its NaN leaks into the
+        # gradient through torch.where
+        per_plane = elementwise.sum((2, 3)) * factor / count.clamp_min(1)
+        per_plane = torch.where(count > 0, per_plane, torch.zeros_like(per_plane))
+    else:
+        per_plane = elementwise.sum((2, 3)) * factor / count
     return per_plane.mean((1,)), stats, mask
 
 
@@ -81,8 +104,10 @@ class ReferenceLPL(nn.Module):
     """Plain-PyTorch stand-in for the reference class (same constructor)."""
 
     def __init__(self, vae, loss_type="mse", grad_ckpt=True, pow_law=False, norm_type="default",
-                 num_mid_blocks=4, feature_type="feature", remove_outliers=True):
+                 num_mid_blocks=4, feature_type="feature", remove_outliers=True, *,
+                 fixed_where_undefined=False):
         super().__init__()
+        self.fixed_where_undefined = fixed_where_undefined
         assert loss_type in ("mse", "l1") and norm_type in ("default", "shared", "batch")
         assert feature_type in ("feature", "image") and 0 <= num_mid_blocks <= 4
         self.vae = vae  # a submodule, as in the reference
@@ -115,23 +140,28 @@ class ReferenceLPL(nn.Module):
                 features.append(h)
             return features
 
+    def layer_outputs(
+        self, input: torch.Tensor, target: torch.Tensor
+    ) -> List[Tuple[torch.Tensor, Dict[str, float], torch.Tensor]]:
+        """Per layer: (loss (N,), stats with floats, keep-mask bool of the layer's shape)."""
+        xs = self.get_features(self.shift + input / self.scale)
+        ys = self.get_features(self.shift + target / self.scale, disable_grads=True)
+        return [reference_layer_loss(x, y, i, norm_type=self.norm_type, loss_type=self.loss_type,
+                                     pow_law=self.pow_law, remove_outliers=self.remove_outliers,
+                                     fixed_where_undefined=self.fixed_where_undefined)
+                for i, (x, y) in enumerate(zip(xs, ys))]
+
     def get_loss(self, input: torch.Tensor, target: torch.Tensor, get_hist: bool = False):
         if self.feature_type == "image":
             x = self.vae.decode(input / self.scale).sample
             y = self.vae.decode(target / self.scale).sample
             return F.mse_loss(x, y)
-        xs = self.get_features(self.shift + input / self.scale)
-        ys = self.get_features(self.shift + target / self.scale, disable_grads=True)
-        losses = []
-        self.last_feature_stats = []
-        for i, (x, y) in enumerate(zip(xs, ys)):
-            loss, stats, _ = reference_layer_loss(x, y, i, norm_type=self.norm_type, loss_type=self.loss_type,
-                                                  pow_law=self.pow_law, remove_outliers=self.remove_outliers)
-            self.last_feature_stats.append(stats)
-            losses.append(loss)
+        outputs = self.layer_outputs(input, target)
+        losses = [loss for loss, _, _ in outputs]
+        self.last_feature_stats = [stats for _, stats, _ in outputs]
         if get_hist:
             return losses
-        return sum(losses) / len(xs)
+        return sum(losses) / len(losses)
 
 
 def plain_decoder_features(vae, z: torch.Tensor, num_blocks: int, *, post_quant_conv: bool = True) -> List[torch.Tensor]:
@@ -180,3 +210,55 @@ def tiny_vae(name: str = "sdxl_like", seed: int = 0, dtype: torch.dtype = torch.
             if module_name.endswith("bias"):
                 p.add_(0.1 * torch.randn_like(p))
     return vae if dtype == torch.float32 else vae.to(dtype)
+
+
+# Blob artifacts: the outputs of up blocks 1, 2 and 3 (layers 2, 3 and 4) get a few large,
+# localized activations per plane, the pattern real SD VAE decoders show. In the last
+# resnet of each of these blocks, one channel of conv1 is copied over its whole GroupNorm
+# group, so that norm2 standardizes that channel exactly; its affine turns silu into a
+# threshold detector that fires where the standardized value passes BLOB_THRESHOLD (a
+# fraction of a percent of the pixels), and conv2 adds the detector, times +-BLOB_GAIN,
+# to every output channel. Blocks 1 and 2 add it at one pixel (their upsampler enlarges
+# it to a blob); block 3, which has no upsampler, adds it over a 3x3 box, which survives
+# the closing window of 3 that layer 4's mask applies.
+BLOB_THRESHOLD = 2.5
+BLOB_GAIN = 3.0
+
+
+def add_blob_artifacts(vae, seed: int = 0):
+    """Rewrites the last resnet of decoder up blocks 1-3 in place (see above); returns vae."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for b in (1, 2, 3):
+            res = vae.decoder.up_blocks[b].resnets[-1]
+            per_group = res.conv1.weight.shape[0] // res.norm2.num_groups
+            res.conv1.weight[:per_group] = res.conv1.weight[0].clone()
+            res.conv1.bias[:per_group] = res.conv1.bias[0].clone()
+            res.norm2.weight[0] = 8.0
+            res.norm2.bias[0] = -8.0 * BLOB_THRESHOLD
+            for k in range(res.conv2.weight.shape[0]):
+                sign = 1.0 if torch.rand((), generator=g) < 0.5 else -1.0
+                res.conv2.weight[k, 0] = 0.0
+                if b < 3:
+                    res.conv2.weight[k, 0, 1, 1] = 9.0 * sign * BLOB_GAIN
+                else:
+                    res.conv2.weight[k, 0] = sign * BLOB_GAIN
+    return vae
+
+
+def blob_vae(name: str = "sdxl_like", seed: int = 0, dtype: torch.dtype = torch.float64):
+    """``tiny_vae(name, seed)`` with blob artifacts on layers 2-4, in ``dtype``.
+
+    Its scaling and shift factors are rounded to float32: the reference holds them in
+    float32 tensors, so with these values it divides float64 latents by exactly the
+    numbers lpl_ext uses (the exact config values), and float64 parity is not blurred by
+    the reference's rounding of the factors."""
+    import numpy as np
+
+    vae = add_blob_artifacts(tiny_vae(name, seed), seed)
+    factors = {"scaling_factor": float(np.float32(vae.config.scaling_factor))}
+    if vae.config.shift_factor is not None:
+        factors["shift_factor"] = float(np.float32(vae.config.shift_factor))
+    vae.register_to_config(**factors)
+    # nn.Module.to: diffusers' own .to() warns about casting a model it did not load.
+    return nn.Module.to(vae, dtype)
