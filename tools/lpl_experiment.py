@@ -40,6 +40,7 @@ ARMS: dict[str, list[str]] = {
     "off": ["--no_use_lpl"],
     "lpl_w1": ["--use_lpl", "--lpl_weight", "1.0", "--lpl_t_threshold", "200"],
     "lpl_w2": ["--use_lpl", "--lpl_weight", "2.0", "--lpl_t_threshold", "200"],
+    "lpl_w100": ["--use_lpl", "--lpl_weight", "100.0", "--lpl_t_threshold", "200"],
     "lpl_w1_t500": ["--use_lpl", "--lpl_weight", "1.0", "--lpl_t_threshold", "500"],
 }
 ARM_LABELS = {
@@ -47,6 +48,7 @@ ARM_LABELS = {
     "off": "LPL off",
     "lpl_w1": "LPL w=1, t<200",
     "lpl_w2": "LPL w=2, t<200",
+    "lpl_w100": "LPL w=100, t<200",
     "lpl_w1_t500": "LPL w=1, t<500",
 }
 METRICS = ("all_acc", "fg_acc", "bg_acc", "shape_acc", "size_acc", "shape_iou", "edge_width_px", "fg_error",
@@ -117,7 +119,8 @@ def evaluate_pipeline(model_dir: Path, num_images: int, seed: int, out_dir: Path
 
     from lpl_ext import image_metrics as im
 
-    pipe = StableDiffusionXLPipeline.from_pretrained(str(model_dir), torch_dtype=torch.float32)
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(model_dir), torch_dtype=torch.float32,
+                                                     local_files_only=True)
     prompts = im.evaluation_prompts()
     images, captions = im.generate(pipe, prompts, num_images, seed)
     scores = im.score_images(images, captions)
@@ -139,6 +142,85 @@ def save_grid(images: list, rows: int, cols: int, path: Path) -> None:
         grid.paste(img, ((i % cols) * w, (i // cols) * h))
     path.parent.mkdir(parents=True, exist_ok=True)
     grid.save(path)
+
+
+def load_trainer(trainer: Path):
+    """Import ``train_sdxl_lpl.py`` from its path as a module (the probe reuses its loss code)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_sdxl_lpl_for_experiment", trainer)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def gradient_probe(trainer: Path, model_dir: Path, arm_flags: list[str], common: list[str], *,
+                   num_batches: int = 4, batch_size: int = 32, below_threshold_only: bool = False,
+                   seed: int = 0) -> dict:
+    """How large is LPL's push on the UNet compared with the diffusion loss's, at the base?
+
+    Uses the trainer's own ``compute_losses`` and ``build_lpl_objective`` on ``num_batches`` batches of the
+    built-in data: the gradient of the UNet parameters with the arm's ``--lpl_weight`` minus the gradient with
+    weight 0 (same noise and timesteps) is the weighted LPL gradient. Returns the mean over batches of
+    ``|g_lpl| / |g_diff|`` and of their cosine. ``below_threshold_only`` draws every timestep below the
+    arm's ``--lpl_t_threshold`` (the samples LPL acts on) instead of uniformly.
+    """
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from lpl_ext import synthetic_data as sd
+
+    tr = load_trainer(trainer)
+    args = tr.parse_args(["--output_dir", str(model_dir / "_probe"), *common, *arm_flags])
+    weight = args.lpl_weight
+    unet = UNet2DConditionModel.from_pretrained(str(model_dir), subfolder="unet")
+    vae = AutoencoderKL.from_pretrained(str(model_dir), subfolder="vae").eval()
+    tok = [CLIPTokenizer.from_pretrained(str(model_dir), subfolder=f) for f in ("tokenizer", "tokenizer_2")]
+    te = [CLIPTextModel.from_pretrained(str(model_dir), subfolder="text_encoder"),
+          CLIPTextModelWithProjection.from_pretrained(str(model_dir), subfolder="text_encoder_2")]
+    sched = DDPMScheduler.from_pretrained(str(model_dir), subfolder="scheduler")
+    alphas_cumprod = sched.alphas_cumprod.float()
+    objective = tr.build_lpl_objective(args, vae)
+    probs = None
+    if below_threshold_only:
+        probs = torch.zeros(sched.config.num_train_timesteps)
+        probs[:args.lpl_t_threshold] = 1.0 / args.lpl_t_threshold
+    ratios, cosines = [], []
+    gen_data = torch.Generator().manual_seed(seed)
+    for b in range(num_batches):
+        idx = torch.randint(0, sd.num_distinct_examples(), (batch_size,), generator=gen_data).tolist()
+        pixels, captions = [], []
+        for i in idx:
+            img, cap = sd.draw_example(i)
+            arr = np.asarray(img.crop((8, 0, 72, 64)), dtype=np.float32)
+            pixels.append(torch.from_numpy(arr.copy()).permute(2, 0, 1) / 127.5 - 1.0)
+            captions.append(cap)
+        latents = tr.encode_latents(vae, torch.stack(pixels), torch.Generator().manual_seed(seed + b))
+        ids = [t(captions, padding="max_length", max_length=t.model_max_length, truncation=True,
+                 return_tensors="pt").input_ids for t in tok]
+        embeds, pooled = tr.encode_prompts(te, ids)
+        time_ids = torch.tensor([[64.0, 80.0, 0.0, 8.0, 64.0, 64.0]]).repeat(batch_size, 1)
+        noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed + 100 + b))
+        grads = []
+        for w in (weight, 0.0):
+            args.lpl_weight = w
+            unet.zero_grad(set_to_none=True)
+            loss, _ = tr.compute_losses(
+                unet=unet, batch_latents=latents, noise=noise, prompt_embeds=embeds, pooled_embeds=pooled,
+                add_time_ids=time_ids, noise_scheduler=sched, prediction_type="epsilon", args=args,
+                lpl_objective=objective, global_step=10 ** 6, alphas_cumprod=alphas_cumprod,
+                generator=torch.Generator().manual_seed(seed + 200 + b), timestep_probs=probs)
+            loss.backward()
+            grads.append(torch.cat([p.grad.flatten() for p in unet.parameters() if p.grad is not None]))
+        g_lpl, g_diff = grads[0] - grads[1], grads[1]
+        ratios.append(float(g_lpl.norm() / g_diff.norm()))
+        cosines.append(float(torch.nn.functional.cosine_similarity(g_lpl, g_diff, dim=0)))
+    args.lpl_weight = weight
+    return {"lpl_weight": weight, "t_threshold": args.lpl_t_threshold, "below_threshold_only": below_threshold_only,
+            "grad_norm_ratio": mean_std(ratios), "grad_cosine": mean_std(cosines),
+            "batches": num_batches, "batch_size": batch_size}
 
 
 def mean_std(values: list[float]) -> dict:
@@ -209,6 +291,15 @@ def markdown_tables(results: dict) -> str:
             f"{fmt(a.get('lpl_loss_mean_when_applied'))} | {fmt(a.get('lpl_to_diffusion_when_applied'))} | "
             f"{fmt(a.get('lpl_to_diffusion_overall'))} | {fmt(a.get('lpl_applied_step_fraction'), pct=True)} | "
             f"{fmt(a.get('s_per_step_median'))} |")
+    probes = results.get("gradient_probe", {})
+    if probes:
+        lines += ["", "| arm | weighted LPL grad / diffusion grad (t uniform) | cosine | "
+                  "same, every t below the threshold | cosine |", "|---|---|---|---|---|"]
+        for arm in agg:
+            u, b = probes.get(f"{arm}/uniform_t"), probes.get(f"{arm}/below_threshold")
+            if u and b:
+                lines.append(f"| {ARM_LABELS.get(arm, arm)} | {fmt(u['grad_norm_ratio'])} | {fmt(u['grad_cosine'])} | "
+                             f"{fmt(b['grad_norm_ratio'])} | {fmt(b['grad_cosine'])} |")
     return "\n".join(lines) + "\n"
 
 
@@ -224,7 +315,7 @@ def plot_samples(out: Path, arms: list[str], seed: int, rows: int, cols: int, pa
 
     panels = [("base", out / "base" / "eval_grid.png")] + [
         (arm, out / "runs" / arm / f"seed{seed}" / "eval_grid.png") for arm in arms]
-    fig, axes = plt.subplots(1, len(panels), figsize=(2.2 * len(panels) * cols / 2, 0.55 * rows * 2 + 0.8))
+    fig, axes = plt.subplots(1, len(panels), figsize=(0.75 * cols * len(panels) + 2.6, 0.75 * rows + 0.9))
     for ax, (name, grid_path) in zip(np.atleast_1d(axes), panels):
         grid = Image.open(grid_path)
         tile = grid.height // len(im.evaluation_prompts())
@@ -233,10 +324,10 @@ def plot_samples(out: Path, arms: list[str], seed: int, rows: int, cols: int, pa
         ax.set_xticks([])
         ax.set_yticks([(r + 0.5) * tile for r in range(rows)] if name == "base" else [])
         if name == "base":
-            ax.set_yticklabels([p.replace("a ", "", 1).replace(" background", "")
+            ax.set_yticklabels([p.replace("a ", "", 1).replace(" on a ", " on ").replace(" background", "")
                                 for p in im.evaluation_prompts()[:rows]], fontsize=7)
-    fig.suptitle(f"samples after fine-tuning (training seed {seed}; same sampling seeds in every panel)",
-                 fontsize=10)
+    fig.suptitle(f"samples after fine-tuning\n(training seed {seed}; same sampling seeds in every panel)",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -301,7 +392,8 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", type=str, required=True, help="Experiment folder (outside the repository).")
     p.add_argument("--trainer", type=str, default=str(ROOT / "train_sdxl_lpl.py"))
-    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS),
+                   help="Arms: " + "; ".join(f"{k}: {' '.join(v)}" for k, v in ARMS.items()))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--lr", type=float, default=1e-4)
@@ -324,8 +416,14 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--trainer {trainer} does not exist")
 
     import torch
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
 
     torch.set_num_threads(args.threads * args.jobs)
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
     from lpl_ext import image_metrics as im
     from lpl_ext import tiny_sdxl as ts
 
@@ -383,6 +481,18 @@ def main(argv: list[str] | None = None) -> None:
                        for s in args.seeds} for arm in args.arms},
     }
     results["arms"] = aggregate(results, args.arms, args.seeds)
+    probe_path = out / "gradient_probe.json"
+    probes = json.loads(probe_path.read_text()) if probe_path.is_file() else {}
+    for arm in args.arms:
+        if "--use_lpl" not in ARMS[arm]:
+            continue
+        for below in (False, True):
+            key = f"{arm}/{'below_threshold' if below else 'uniform_t'}"
+            if key not in probes:
+                probes[key] = gradient_probe(trainer, base_dir, ARMS[arm], common_flags(args),
+                                             below_threshold_only=below)
+                probe_path.write_text(json.dumps(probes, indent=1) + "\n")
+    results["gradient_probe"] = probes
     results["dataset_reference"] = im.dataset_reference(64, vae=ts.build_tiny_vae().eval())
     results["wall_s"] = round(time.time() - t_start, 1)
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
@@ -390,7 +500,8 @@ def main(argv: list[str] | None = None) -> None:
     (out / "results.md").write_text(tables)
     figures = Path(args.figures) if args.figures else out
     figures.mkdir(parents=True, exist_ok=True)
-    plot_samples(out, args.arms, args.seeds[0], rows=8, cols=2, path=figures / "experiment_samples.png")
+    plot_samples(out, args.arms, args.seeds[0], rows=len(im.evaluation_prompts()), cols=min(2, args.eval_images),
+                 path=figures / "experiment_samples.png")
     plot_curves(out, results, args.arms, args.seeds, figures / "experiment_curves.png")
     print(tables)
     print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {figures / 'experiment_samples.png'}, "
