@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.sdist import sdist
 
 ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc"
@@ -179,12 +180,37 @@ class BuildExt(build_ext):
         return toolkit, built
 
 
+def _revision() -> str:
+    """The source revision this build comes from: git's, in a checkout (with -dirty for
+    uncommitted changes to tracked files), else the REVISION file an sdist carries."""
+    if (ROOT / ".git").exists():
+        try:
+            head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True,
+                                  text=True, timeout=20)
+            if head.returncode == 0:
+                dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                                       capture_output=True, text=True, timeout=20).stdout.strip()
+                return head.stdout.strip() + ("-dirty" if dirty else "")
+        except (OSError, subprocess.SubprocessError):
+            pass
+    rev = ROOT / "REVISION"
+    return rev.read_text().strip() if rev.is_file() else "unknown"
+
+
+class Sdist(sdist):
+    """Writes the source revision into the sdist (REVISION), for builds made from it."""
+
+    def make_release_tree(self, base_dir, files) -> None:
+        super().make_release_tree(base_dir, files)
+        (Path(base_dir) / "REVISION").write_text(_revision() + "\n")
+
+
 def _extension() -> Extension:
     sources = sorted(str(p.relative_to(ROOT)) for p in CSRC.glob("*.c"))
     cc = os.environ.get("CC", "cc")
     compile_args = ["-std=c11", "-O3", "-fopenmp", "-Wall", "-Wextra", "-ffp-contract=off", "-fno-math-errno"]
     link_args = ["-fopenmp", "-ldl"]
-    macros = [("LPL_COMPILER", '"' + cc + '"')]
+    macros = [("LPL_COMPILER", '"' + cc + '"'), ("LPL_REVISION", '"' + _revision() + '"')]
     if _sanitize():
         compile_args = [a for a in compile_args if a != "-O3"] + [
             "-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined,float-cast-overflow",
@@ -204,4 +230,4 @@ def _extension() -> Extension:
     )
 
 
-setup(ext_modules=[_extension()], cmdclass={"build_ext": BuildExt})
+setup(ext_modules=[_extension()], cmdclass={"build_ext": BuildExt, "sdist": Sdist})

@@ -18,6 +18,9 @@
 #ifndef LPL_COMPILER
 #define LPL_COMPILER "unknown"
 #endif
+#ifndef LPL_REVISION
+#define LPL_REVISION "unknown"
+#endif
 
 PyObject *lpl_py_feature_distance(PyObject *self, PyObject *args, PyObject *kwargs);
 PyObject *lpl_py_outlier_mask(PyObject *self, PyObject *args, PyObject *kwargs);
@@ -35,7 +38,8 @@ static PyObject *py_build_info(PyObject *self, PyObject *unused) {
 #ifdef LPL_SANITIZE
     sanitize = 1;
 #endif
-    return Py_BuildValue("{s:s,s:i,s:i,s:O,s:s,s:i,s:i}", "cuda_launcher", "driver-api",
+    return Py_BuildValue("{s:s,s:s,s:i,s:i,s:O,s:s,s:i,s:i}", "revision", LPL_REVISION,
+                         "cuda_launcher", "driver-api",
                          "openmp", openmp, "omp_max_threads", max_threads, "sanitize",
                          sanitize ? Py_True : Py_False, "compiler", LPL_COMPILER,
                          "numpy_abi_version", (int)NPY_ABI_VERSION, "cuda_kernel_count",

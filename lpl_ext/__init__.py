@@ -9,7 +9,7 @@ if _torch is not None:  # the VAE-level loss and the objective need torch
     from .lpl_loss import LatentPerceptualLoss, cross_normalize, normalize_tensor, remove_outliers
     from .objective import LPLObjective, predict_z0, snr_weights
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = [
     "FeatureDistanceFunction",

@@ -61,14 +61,16 @@ def cuda_kernels(device: Any) -> Any:
 def build_info() -> dict:
     """How the extension was built and which CUDA paths exist.
 
-    Keys: ``cuda`` (CUDA kernels can be had: shipped cubins, or NVRTC found and the kernel
+    Keys: ``version``, ``revision`` (the source revision it was built from), ``cuda`` (CUDA kernels can be had: shipped cubins, or NVRTC found and the kernel
     sources installed), ``cuda_cubin_archs`` / ``cuda_cubin_toolkit`` (shipped cubins and
     the nvcc that built them), ``nvrtc`` / ``nvrtc_path`` (the NVRTC found, or None),
     ``cuda_available`` (torch sees a GPU and ``cuda``), ``cuda_driver`` (the driver
     version, when torch sees a GPU), plus the C build's ``openmp``, ``sanitize``, ..."""
     from . import _cuda
 
-    info = dict(_C.build_info())
+    from ._version import __version__
+
+    info = {"version": __version__, **_C.build_info()}
     gpu = torch is not None and torch.cuda.is_available()
     info.update(_cuda.status(probe_driver=gpu))
     info["cuda_available"] = bool(info["cuda"] and gpu)

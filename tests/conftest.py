@@ -11,3 +11,11 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+# tests/dist_install_run.sh runs tests against an installed wheel: make sure that is the
+# lpl_ext imported, not a checkout's
+if os.environ.get("LPL_EXT_EXPECT_INSTALLED"):
+    import lpl_ext
+
+    if not os.path.abspath(lpl_ext.__file__).startswith(os.path.abspath(os.environ["LPL_EXT_EXPECT_INSTALLED"])):
+        raise RuntimeError(f"testing {lpl_ext.__file__}, not the package installed in $LPL_EXT_EXPECT_INSTALLED")
