@@ -7,7 +7,7 @@ Environment switches:
   LPL_EXT_CUDA=auto|0|1     ship cubins built by nvcc: when nvcc is found (default), never,
                             or always (fails when nvcc is missing). With 0 the kernel
                             sources are left out too, so CUDA tensors are refused.
-  LPL_EXT_CUDA_ARCHS="80;86;89;90;100;120"   cubin architectures (those the nvcc at hand
+  LPL_EXT_CUDA_ARCHS="80;86;89;90;100;110;120"   cubin architectures (those the nvcc at hand
                             does not know are skipped, with a message).
   LPL_EXT_SANITIZE=1        AddressSanitizer + UndefinedBehaviorSanitizer for the C sources.
   NVCC                      the nvcc to use (a path that does not exist: build as without nvcc).
@@ -33,7 +33,7 @@ from setuptools.command.sdist import sdist
 
 ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc"
-DEFAULT_ARCHS = "80;86;89;90;100;120"
+DEFAULT_ARCHS = "80;86;89;90;100;110;120"
 
 
 def _kernel_sources_module():

@@ -420,13 +420,13 @@ def test_driver_failure_is_a_clear_error(fake_cuda, monkeypatch):
 
 
 def test_no_image_path_lists_every_reason(fake_cuda, monkeypatch):
-    monkeypatch.setenv("FAKE_CUDA_CC", "110")  # a GPU no shipped cubin covers
+    monkeypatch.setenv("FAKE_CUDA_CC", "75")  # a GPU no shipped cubin covers (Turing)
     monkeypatch.setattr(_cuda, "nvrtc_candidates", lambda *a, **k: ["/nonexistent/libnvrtc.so.12"])
     with pytest.raises(RuntimeError) as exc:
         _cuda.load_kernels(0)
     msg = str(exc.value)
-    assert "no CUDA kernels for cuda:0 (compute capability 11.0" in msg
-    assert "shipped cubins: none for sm_110" in msg
+    assert "no CUDA kernels for cuda:0 (compute capability 7.5" in msg
+    assert "shipped cubins: none for sm_75" in msg
     assert "NVRTC is not available" in msg and "nvidia-cuda-nvrtc-cu12" in msg
 
 
@@ -449,11 +449,11 @@ def test_driver_refusing_the_cubin(fake_cuda, monkeypatch):
 
 @pytest.mark.skipif(not NVRTC_LIBS, reason=NVRTC_SKIP)
 def test_nvrtc_path_end_to_end(fake_cuda, monkeypatch, tmp_path):
-    monkeypatch.setenv("FAKE_CUDA_CC", "110")  # no shipped cubin: NVRTC compiles for it
+    monkeypatch.setenv("FAKE_CUDA_CC", "75")  # no shipped cubin: NVRTC compiles for it
     monkeypatch.setenv("LPL_EXT_NVRTC", sorted(NVRTC_LIBS.items())[-1][1])
     kernels, origin = _cuda.load_kernels(0)
     assert origin.startswith("NVRTC")
-    assert list((Path(os.environ["LPL_EXT_CACHE_DIR"]) / "kernels").glob("lpl_kernels-sm_110-*"))
+    assert list((Path(os.environ["LPL_EXT_CACHE_DIR"]) / "kernels").glob("lpl_kernels-sm_75-*"))
     x, y, mask, loss, grad, ws = _fd_args(dtype=np.float64)
     _C.feature_distance(x, y, None, loss, grad, "default", "mse", 1.0, stream=3, workspace=ws, kernels=kernels)
     assert fake_cuda.kernels() == ["lpl_fd_fill", "lpl_fd_main_f64", "lpl_fd_finalize"]
