@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "lpl_interop.h"
 #include "lpl_ops.h"
 
 #define DRIVER_CAPSULE "lpl_ext.cuda_driver"
@@ -316,6 +317,41 @@ int lpl_stream_from_object(PyObject *obj, void **out) {
         return -1;
     }
     *out = (void *)(uintptr_t)handle;
+    return 0;
+}
+
+int lpl_cpu_call_args(PyObject *stream_obj, PyObject *kernels_obj) {
+    if (stream_obj != NULL && stream_obj != Py_None && !PyLong_Check(stream_obj)) {
+        PyErr_Format(PyExc_TypeError, "stream: expected an int stream handle or None, got %s",
+                     Py_TYPE(stream_obj)->tp_name);
+        return -1;
+    }
+    if (kernels_obj != NULL && kernels_obj != Py_None && !PyCapsule_IsValid(kernels_obj, KERNELS_CAPSULE)) {
+        PyErr_SetString(PyExc_TypeError, "kernels: expected None or the capsule of lpl_ext._cuda.kernels_for(device)");
+        return -1;
+    }
+    return 0;
+}
+
+int lpl_cuda_call_args(PyObject *stream_obj, PyObject *kernels_obj, PyObject *ws_obj, const lpl_tensor *ref,
+                       const char *refname, lpl_dtype ws_dtype, int64_t ws_len, lpl_cuda_call *out,
+                       PyObject **keepalive) {
+    lpl_tensor ws;
+    if (lpl_stream_from_object(stream_obj, &out->stream) < 0) return -1;
+    if (lpl_kernels_from_object(kernels_obj, ref->device_id, &out->kernels) < 0) return -1;
+    if (ws_len < 0) {
+        PyErr_Format(PyExc_ValueError, "%s: shape too large for the CUDA workspace", refname);
+        return -1;
+    }
+    if (ws_obj == NULL || ws_obj == Py_None) {
+        PyErr_SetString(PyExc_ValueError, "workspace: required for CUDA tensors");
+        return -1;
+    }
+    if (lpl_tensor_from_object(ws_obj, "workspace", 1, &ws, keepalive) < 0) return -1;
+    if (lpl_check_dtype(&ws, "workspace", ws_dtype) < 0) return -1;
+    if (lpl_check_1d(&ws, "workspace", ws_len) < 0) return -1;
+    if (lpl_check_same_device(&ws, "workspace", ref, refname) < 0) return -1;
+    out->workspace = ws.data;
     return 0;
 }
 

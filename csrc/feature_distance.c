@@ -20,7 +20,7 @@ PyObject *lpl_py_feature_distance(PyObject *self, PyObject *args, PyObject *kwar
     double weight;
     PyObject *keep[6] = {NULL, NULL, NULL, NULL, NULL, NULL};
     PyObject *result = NULL;
-    lpl_tensor x, y, mask, loss, grad, ws;
+    lpl_tensor x, y, mask, loss, grad;
     lpl_fd_params p;
     char err[LPL_ERR_LEN] = {0};
     int rc;
@@ -95,23 +95,16 @@ PyObject *lpl_py_feature_distance(PyObject *self, PyObject *args, PyObject *kwar
     }
 
     if (x.device_type == LPL_CUDA) {
-        const lpl_cuda_kernels *kernels;
-        void *stream;
-        if (lpl_stream_from_object(stream_obj, &stream) < 0) goto fail;
-        if (lpl_kernels_from_object(kernels_obj, x.device_id, &kernels) < 0) goto fail;
-        if (ws_obj == Py_None) {
-            PyErr_SetString(PyExc_ValueError, "workspace: required for CUDA tensors");
+        lpl_cuda_call call;
+        if (lpl_cuda_call_args(stream_obj, kernels_obj, ws_obj, &x, "x", LPL_FLOAT64,
+                               lpl_feature_distance_workspace(n, c), &call, &keep[5]) < 0)
             goto fail;
-        }
-        if (lpl_tensor_from_object(ws_obj, "workspace", 1, &ws, &keep[5]) < 0) goto fail;
-        if (lpl_check_dtype(&ws, "workspace", LPL_FLOAT64) < 0) goto fail;
-        if (lpl_check_1d(&ws, "workspace", lpl_feature_distance_workspace(n, c)) < 0) goto fail;
-        if (lpl_check_same_device(&ws, "workspace", &x, "x") < 0) goto fail;
-        p.workspace = (double *)ws.data;
+        p.workspace = (double *)call.workspace;
         Py_BEGIN_ALLOW_THREADS
-        rc = lpl_cuda_feature_distance(kernels, &p, stream, err);
+        rc = lpl_cuda_feature_distance(call.kernels, &p, call.stream, err);
         Py_END_ALLOW_THREADS
     } else {
+        if (lpl_cpu_call_args(stream_obj, kernels_obj) < 0) goto fail;
         Py_BEGIN_ALLOW_THREADS
         rc = lpl_cpu_feature_distance(&p, err);
         Py_END_ALLOW_THREADS

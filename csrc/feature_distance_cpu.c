@@ -1,4 +1,4 @@
-/* CPU implementation of the fused feature distance (spec sections 3-4): one streaming
+/* CPU implementation of the fused feature distance (docs/spec.md, "Normalization" and "Feature distance"): one streaming
  * pass over x, y and mask that produces the per-sample loss and, in the same pass, the
  * gradient with respect to x. OpenMP-parallel over (sample, pixel tile) items. */
 #if defined(__linux__) && !defined(_DEFAULT_SOURCE)

@@ -13,6 +13,7 @@
 #include <stdint.h>
 
 #include "lpl_kernel_abi.h"
+#include "lpl_tensor.h"
 
 /* The few driver types used, as cuda.h declares them (no CUDA header is needed). */
 typedef int lpl_CUresult;
@@ -67,6 +68,24 @@ int lpl_kernels_from_object(PyObject *obj, int ordinal, const lpl_cuda_kernels *
  * that no call silently runs on another stream than the caller's. 0 or -1 with
  * ValueError / TypeError naming `stream`. */
 int lpl_stream_from_object(PyObject *obj, void **out);
+
+/* What a CUDA call takes besides its tensors, checked with the GIL held: the caller's
+ * stream, the kernels of `ref`'s device, and the scratch buffer (`ws_dtype`, `ws_len`
+ * elements on `ref`'s device; ws_len < 0 means the shape is too large for it).
+ * `*keepalive` receives a reference that must outlive the call. 0, or -1 with a Python
+ * exception naming the argument. */
+typedef struct {
+    void *stream;
+    const lpl_cuda_kernels *kernels;
+    void *workspace;
+} lpl_cuda_call;
+int lpl_cuda_call_args(PyObject *stream_obj, PyObject *kernels_obj, PyObject *ws_obj, const lpl_tensor *ref,
+                       const char *refname, lpl_dtype ws_dtype, int64_t ws_len, lpl_cuda_call *out,
+                       PyObject **keepalive);
+
+/* The same arguments of a CPU call: ignored, but junk is refused as it would be for CUDA
+ * (stream None or an int, kernels None or a kernels capsule). */
+int lpl_cpu_call_args(PyObject *stream_obj, PyObject *kernels_obj);
 
 /* Makes the kernels' context current on this thread (and lpl_cu_end restores the
  * caller's), so a call never changes which device or context the caller has. */

@@ -41,7 +41,7 @@ __device__ __forceinline__ void *lpl_rtc_memcpy(void *dst, const void *src, unsi
 enum { LPL_NORM_DEFAULT = 0, LPL_NORM_SHARED = 1, LPL_NORM_BATCH = 2, LPL_NORM_NONE = 3 };
 enum { LPL_DIST_MSE = 0, LPL_DIST_L1 = 1 };
 
-/* eps of spec section 3: 1e-10 for `default`, 1e-6 for `shared` and `batch`. They are
+/* eps (docs/spec.md, "Normalization"): 1e-10 for `default`, 1e-6 for `shared` and `batch`. They are
  * applied in fp32 or fp64 arithmetic, never in fp16 where 1e-10 underflows to 0. */
 #define LPL_EPS_DEFAULT 1e-10
 #define LPL_EPS_SHARED 1e-6
@@ -167,7 +167,7 @@ LPL_HD void lpl_channel_moments(const double *plane_sum, const double *plane_m2,
 }
 
 /* Weight of one (n, c) plane in the per-sample loss: w / (C * M), 0 for an empty mask
- * (spec section 4: a fully masked plane contributes 0, not 0/0). */
+ * (docs/spec.md, "Feature distance": a fully masked plane contributes 0, not 0/0). */
 LPL_HD double lpl_plane_coef(double weight, int64_t channels, double kept) {
     return kept > 0.0 ? weight / ((double)channels * kept) : 0.0;
 }
@@ -220,7 +220,7 @@ LPL_HD float lpl_round_to_dtype_f(float v, int dtype) {
     return v;
 }
 
-/* keep = finite(p) and lo < p < hi, strict (spec section 2, step 3; NaN and +-Inf are
+/* keep = finite(p) and lo < p < hi, strict (docs/spec.md, "Outlier mask", step 3; NaN and +-Inf are
  * never kept). */
 LPL_HD int lpl_keep_value_d(double p, double lo, double hi) {
     return lpl_isfinite_d(p) && lo < p && p < hi;

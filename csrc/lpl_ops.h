@@ -16,7 +16,7 @@ extern "C" {
 
 #define LPL_ERR_LEN 256
 
-/* ---- feature distance (spec sections 3-4) ------------------------------------------ */
+/* ---- feature distance (docs/spec.md, "Normalization" and "Feature distance") ------------------------------------------ */
 typedef struct {
     const void *x;       /* (N, C, H, W), dtype */
     const void *y;       /* (N, C, H, W), dtype */
@@ -45,7 +45,7 @@ int lpl_cpu_feature_distance(const lpl_fd_params *p, char *err);
 struct lpl_cuda_kernels;
 int lpl_cuda_feature_distance(const struct lpl_cuda_kernels *k, const lpl_fd_params *p, void *stream, char *err);
 
-/* ---- outlier mask (spec section 2) ------------------------------------------------- */
+/* ---- outlier mask (docs/spec.md, "Outlier mask") ------------------------------------------------- */
 typedef struct {
     const void *y;     /* (N, C, H, W), dtype */
     uint8_t *keep;     /* (N, C, H, W) output keep-mask (0/1 bytes) */

@@ -52,7 +52,7 @@ PyObject *lpl_py_outlier_mask(PyObject *self, PyObject *args, PyObject *kwargs) 
     int closing, opening;
     PyObject *hold[4] = {NULL, NULL, NULL, NULL};
     PyObject *result = NULL;
-    lpl_tensor y, keep, stats, ws;
+    lpl_tensor y, keep, stats;
     lpl_om_params p;
     char err[LPL_ERR_LEN] = {0};
     int rc;
@@ -100,28 +100,16 @@ PyObject *lpl_py_outlier_mask(PyObject *self, PyObject *args, PyObject *kwargs) 
     p.opening = opening;
 
     if (y.device_type == LPL_CUDA) {
-        const lpl_cuda_kernels *kernels;
-        void *stream;
-        if (lpl_stream_from_object(stream_obj, &stream) < 0) goto fail;
-        if (lpl_kernels_from_object(kernels_obj, y.device_id, &kernels) < 0) goto fail;
-        if (ws_obj == Py_None) {
-            PyErr_SetString(PyExc_ValueError, "workspace: required for CUDA tensors");
+        lpl_cuda_call call;
+        if (lpl_cuda_call_args(stream_obj, kernels_obj, ws_obj, &y, "y", LPL_UINT8,
+                               lpl_outlier_mask_workspace_bytes(p.n, p.c, p.h, p.w), &call, &hold[3]) < 0)
             goto fail;
-        }
-        const int64_t ws_bytes = lpl_outlier_mask_workspace_bytes(p.n, p.c, p.h, p.w);
-        if (ws_bytes < 0) {
-            PyErr_SetString(PyExc_ValueError, "y: shape too large for the CUDA workspace");
-            goto fail;
-        }
-        if (lpl_tensor_from_object(ws_obj, "workspace", 1, &ws, &hold[3]) < 0) goto fail;
-        if (lpl_check_dtype(&ws, "workspace", LPL_UINT8) < 0) goto fail;
-        if (lpl_check_1d(&ws, "workspace", ws_bytes) < 0) goto fail;
-        if (lpl_check_same_device(&ws, "workspace", &y, "y") < 0) goto fail;
-        p.workspace = ws.data;
+        p.workspace = call.workspace;
         Py_BEGIN_ALLOW_THREADS
-        rc = lpl_cuda_outlier_mask(kernels, &p, stream, err);
+        rc = lpl_cuda_outlier_mask(call.kernels, &p, call.stream, err);
         Py_END_ALLOW_THREADS
     } else {
+        if (lpl_cpu_call_args(stream_obj, kernels_obj) < 0) goto fail;
         Py_BEGIN_ALLOW_THREADS
         rc = lpl_cpu_outlier_mask(&p, err);
         Py_END_ALLOW_THREADS

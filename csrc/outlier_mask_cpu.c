@@ -1,4 +1,4 @@
-/* CPU implementation of the outlier keep-mask (LPL_SPEC.md section 2).
+/* CPU implementation of the outlier keep-mask (docs/spec.md, "Outlier mask").
  *
  * Per (n, c) plane, over the finite values only (NaN and +-Inf are never kept and are
  * left out of the order statistics and of the std):
