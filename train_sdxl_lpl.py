@@ -196,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bitsandbytes' 8-bit AdamW (needs bitsandbytes and a device it supports).")
     g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
                    help="xformers attention in the UNet (needs xformers and a CUDA GPU).")
+    g.add_argument("--enable_npu_flash_attention", action="store_true",
+                   help="Ascend NPU flash attention in the UNet (needs torch_npu and an NPU).")
     g.add_argument("--save_precision", type=str, default="fp32", choices=list(SAVE_PRECISIONS),
                    help="dtype of the saved UNet, text encoders and LoRA weights (the VAE is always saved in "
                         "fp32). Default fp32: the trained fp32 weights, bit for bit.")
@@ -342,6 +344,12 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         reason = check_xformers_usable()
         if reason:
             parser.error(f"--enable_xformers_memory_efficient_attention cannot be used: {reason}")
+    if args.enable_npu_flash_attention:
+        from diffusers.utils.import_utils import is_torch_npu_available
+
+        if not is_torch_npu_available():
+            parser.error("--enable_npu_flash_attention cannot be used: it needs the torch_npu extension and an "
+                         "Ascend NPU")
     for name in ("hub_model_id", "hub_token"):
         if getattr(args, name) is not None and not args.push_to_hub:
             parser.error(f"--{name} only has an effect with --push_to_hub")
@@ -1266,6 +1274,42 @@ def prepare_hub_repo(args: argparse.Namespace, accelerator) -> str | None:
                          f"(--hub_token / HF_TOKEN), or drop --push_to_hub.") from exc
 
 
+def is_fsdp(accelerator) -> bool:
+    """Whether accelerate shards the prepared models with FSDP (an FSDP accelerate config)."""
+    from accelerate.utils import DistributedType
+
+    return getattr(accelerator, "distributed_type", None) == DistributedType.FSDP
+
+
+def check_distributed_setup(args: argparse.Namespace, accelerator) -> None:
+    """Refuse, before any model loads, what the FSDP path does not support."""
+    if not is_fsdp(accelerator):
+        return
+    if not getattr(accelerator, "is_fsdp2", False):
+        raise SystemExit("FSDP: set fsdp_version: 2 in the accelerate config (FSDP1 wraps the UNet in a module "
+                         "that StableDiffusionXLPipeline cannot sample with)")
+    if args.use_ema:
+        raise SystemExit("--use_ema is not supported with FSDP (the EMA would hold an unsharded copy of the UNet "
+                         "on every process)")
+    if args.rank is not None:
+        raise SystemExit("--rank (LoRA) is not supported with FSDP: LoRA fits on one GPU; use DDP "
+                         "(accelerate launch --multi_gpu) to train it on several")
+
+
+def unet_from_state_dict(config, state_dict: dict, dtype: torch.dtype | None = None):
+    """A ``UNet2DConditionModel`` built from ``config`` on the meta device and given ``state_dict``'s tensors
+    (no second copy of the weights): how a full state dict gathered from FSDP shards becomes a model that
+    ``save_pretrained`` and ``StableDiffusionXLPipeline`` accept."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        model = UNet2DConditionModel.from_config(config)
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    if dtype is not None:
+        model.to(dtype)
+    return model
+
+
 def load_models(args: argparse.Namespace, accelerator, log) -> SimpleNamespace:
     """Tokenizers, text encoders, VAE, UNet and noise scheduler (the scheduler first: the timestep-bias
     flags are checked against it before the large models load)."""
@@ -1341,6 +1385,8 @@ def setup_models(args: argparse.Namespace, accelerator, m: SimpleNamespace) -> l
     m.trained_text_encoders = [m.text_encoder, m.text_encoder_2] if args.train_text_encoder else []
     if args.enable_xformers_memory_efficient_attention:
         m.unet.enable_xformers_memory_efficient_attention()
+    if args.enable_npu_flash_attention:
+        m.unet.enable_npu_flash_attention()
     if args.rank is not None:
         # The frozen base weights are only read: keep them in the mixed-precision dtype (half the memory), as
         # diffusers' LoRA script does; the adapters train in fp32.
@@ -1463,6 +1509,14 @@ def register_checkpoint_hooks(accelerator, args: argparse.Namespace, m: SimpleNa
         return accelerator.unwrap_model(candidate) is target
 
     def save_hook(models, weights, output_dir):
+        if is_fsdp(accelerator):
+            # accelerate has saved its sharded model and optimizer state (what resuming loads); add unet/ from
+            # the gathered full state dict (a collective: every process takes part).
+            for model in models:
+                state = accelerator.get_state_dict(model)
+                if accelerator.is_main_process:
+                    unet_from_state_dict(unet.config, state).save_pretrained(os.path.join(output_dir, "unet"))
+            return
         if args.rank is not None:
             if accelerator.is_main_process:
                 from diffusers import StableDiffusionXLPipeline
@@ -1476,11 +1530,13 @@ def register_checkpoint_hooks(accelerator, args: argparse.Namespace, m: SimpleNa
             if ema_unet is not None:
                 ema_unet.save_pretrained(os.path.join(output_dir, "unet_ema"))
         for model in list(models):  # saved above: accelerate must not write them again
-            if any(is_model(model, t) for t in (unet, *encoders)):
+            if weights and any(is_model(model, t) for t in (unet, *encoders)):
                 weights.pop()
 
     def load_hook(models, input_dir):
         ours = [model for model in models if any(is_model(model, t) for t in (unet, *encoders))]
+        if not ours:  # FSDP: accelerate loads its own sharded checkpoint and hands no model to the hooks
+            return
         if args.rank is not None:
             load_lora_into(input_dir, unet, encoders)
         else:
@@ -1563,12 +1619,16 @@ def push_output_to_hub(args: argparse.Namespace, repo_id: str, output_dir: Path)
 
 
 def save_final_model(args: argparse.Namespace, accelerator, m: SimpleNamespace, unet, ema_unet,
-                     output_dir: Path) -> None:
-    """Main process: the LoRA weights (--rank) or the whole pipeline, in --save_precision."""
+                     output_dir: Path, unet_state: dict | None = None) -> None:
+    """Main process: the LoRA weights (--rank) or the whole pipeline, in --save_precision. ``unet_state``: the
+    UNet's full state dict, gathered from the FSDP shards by every process beforehand."""
     from diffusers import StableDiffusionXLPipeline
 
     dtype = SAVE_PRECISIONS[args.save_precision]
-    model = accelerator.unwrap_model(unet)
+    if unet_state is not None:
+        model = unet_from_state_dict(m.unet.config, unet_state)
+    else:
+        model = accelerator.unwrap_model(unet)
     scheduler = inference_scheduler(m.prediction_type, m.scheduler_config)
     if args.rank is not None:
         encoders = [accelerator.unwrap_model(e) for e in m.trained_text_encoders]
@@ -1693,7 +1753,8 @@ def main(argv: list[str] | None = None) -> None:
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
 
-    # Before any model is loaded: the Hub repository (network, token), then the data.
+    # Before any model is loaded: what FSDP cannot do, the Hub repository (network, token), then the data.
+    check_distributed_setup(args, accelerator)
     repo_id = prepare_hub_repo(args, accelerator)
     source = ImageCaptionSource(args)
     m = load_models(args, accelerator, log)
@@ -1734,6 +1795,9 @@ def main(argv: list[str] | None = None) -> None:
     unet, trained_encoders = prepared[0], list(prepared[1:1 + len(m.trained_text_encoders)])
     optimizer, train_dataloader, lr_scheduler = prepared[-3:]
     text_encoders = tuple(trained_encoders) if trained_encoders else (m.text_encoder, m.text_encoder_2)
+    # FSDP replaces the UNet's parameters with sharded ones: clip what the optimizer now holds.
+    params = [p for model in (unet, *trained_encoders) for p in model.parameters() if p.requires_grad]
+    sharded = is_fsdp(accelerator)
     updates_per_epoch = max(1, math.ceil(len(train_dataloader) / args.gradient_accumulation_steps))
     num_epochs = math.ceil(max_train_steps / updates_per_epoch)
 
@@ -1786,7 +1850,9 @@ def main(argv: list[str] | None = None) -> None:
     def validate(step: int) -> None:
         if not args.validation_prompts or args.num_validation_images == 0:
             return
-        if accelerator.is_main_process:
+        # With FSDP every UNet forward gathers the shards from all processes: all of them sample (the same
+        # images), the main process saves them.
+        if accelerator.is_main_process or sharded:
             model = accelerator.unwrap_model(unet)
             if ema_unet is not None:
                 ema_unet.store(model.parameters())
@@ -1803,6 +1869,7 @@ def main(argv: list[str] | None = None) -> None:
             model.train(was_training)
             if ema_unet is not None:
                 ema_unet.restore(model.parameters())
+        if accelerator.is_main_process:
             save_validation_images(images, output_dir / "validation", step)
             for tracker in accelerator.trackers:
                 if tracker.name == "tensorboard":
@@ -1893,8 +1960,9 @@ def main(argv: list[str] | None = None) -> None:
 
     accelerator.wait_for_everyone()
     validate(global_step)
+    unet_state = accelerator.get_state_dict(unet) if sharded else None  # collective: every process
     if accelerator.is_main_process:
-        save_final_model(args, accelerator, m, unet, ema_unet, output_dir)
+        save_final_model(args, accelerator, m, unet, ema_unet, output_dir, unet_state)
         plot_loss_curves(output_dir / METRICS_CSV, output_dir / LOSS_PLOT)
         if repo_id is not None:
             write_model_card(args, output_dir, repo_id, args.pretrained_model_name_or_path or m.model_path)

@@ -12,6 +12,7 @@ against a full fine-tune + LPL (see ``measure``); the README quotes its output.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import sys
@@ -197,3 +198,117 @@ def test_lora_run_trains_only_adapters_saves_loadable_weights_and_resumes(tmp_pa
 # ----------------------------------------------------------------------------------------------------
 # Measurement (not a test): python tests/test_lora.py --measure [--sdxl]
 # ----------------------------------------------------------------------------------------------------
+
+# The public SDXL base configs (stabilityai/stable-diffusion-xl-base-1.0 unet/ and vae/ config.json).
+SDXL_UNET_CONFIG = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, norm_num_groups=32,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(320, 640, 1280), transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
+    cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time",
+    addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+)
+SDXL_VAE_CONFIG = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32,
+    block_out_channels=(128, 256, 512, 512), act_fn="silu", sample_size=1024, scaling_factor=0.13025,
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+)
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:")) / 1024.0
+
+
+def _measure_one(model: str, mode: str, resolution: int, batch: int, steps: int, base_dtype: str) -> dict:
+    """One configuration in this process: build, then ``steps`` training steps with LPL applied to every
+    sample (t_threshold 1000, the worst case). Returns peak RSS and the median step time after the first."""
+    import resource
+    import time
+
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[base_dtype]
+    if model == "tiny":
+        path = ts.ensure_tiny_sdxl()
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae")
+        text_dim, pooled_dim = unet.config.cross_attention_dim, 32
+    else:
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)  # built directly in the base dtype: no transient fp32 copy
+        unet = UNet2DConditionModel(**SDXL_UNET_CONFIG)
+        torch.set_default_dtype(previous)
+        vae = AutoencoderKL(**SDXL_VAE_CONFIG)
+        text_dim, pooled_dim = 2048, 1280
+    vae.requires_grad_(False)
+    unet.to(dtype)
+    if mode == "lora":
+        params = tr.add_lora_adapters(unet, rank=RANK, alpha=RANK)
+        for p in params:
+            p.data = p.data.float()
+    else:
+        params = list(unet.parameters())
+    if model == "sdxl":
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    args = tr.parse_args(["--lpl_t_threshold", "1000"])
+    objective = tr.build_lpl_objective(args, vae)
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    alphas = sched.alphas_cumprod.float()
+    g = torch.Generator().manual_seed(0)
+    lat = resolution // 8
+    setup_rss = _rss_mib()
+    times = []
+    for step in range(steps):
+        latents = torch.randn(batch, 4, lat, lat, generator=g)
+        start = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            loss, metrics = tr.compute_losses(
+                unet=unet, batch_latents=latents, noise=torch.randn(latents.shape, generator=g),
+                prompt_embeds=torch.randn(batch, 77, text_dim, generator=g),
+                pooled_embeds=torch.randn(batch, pooled_dim, generator=g),
+                add_time_ids=torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * batch,
+                                          dtype=torch.float32),
+                noise_scheduler=sched, prediction_type="epsilon", args=args, lpl_objective=objective,
+                global_step=step, alphas_cumprod=alphas, generator=g)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - start)
+        assert float(metrics["lpl_applied_ratio"]) == 1.0
+    return {"model": model, "mode": mode, "resolution": resolution, "batch": batch, "base_dtype": base_dtype,
+            "trainable_params": sum(p.numel() for p in params), "unet_params": sum(p.numel() for p in unet.parameters()),
+            "setup_rss_mib": round(setup_rss), "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            # min as well as median: on a shared machine the fastest step is the least disturbed one
+            "step_s_median": round(float(np.median(times[1:] if len(times) > 1 else times)), 3),
+            "step_s_min": round(float(min(times[1:] if len(times) > 1 else times)), 3), "steps": steps}
+
+
+def measure(sdxl: bool) -> list[dict]:
+    """Each configuration in a fresh process (peak RSS is per process); prints one JSON line per run."""
+    import subprocess
+
+    configs = [("tiny", "full", 64, 4, 12, "fp32"), ("tiny", "lora", 64, 4, 12, "fp32")]
+    if sdxl:
+        # Full fine-tune of the 2.6B UNet needs ~41 GB for weights, gradients and Adam alone: not on this
+        # machine, so only LoRA is measured at SDXL size (base weights in bf16, as --mixed_precision bf16).
+        configs.append(("sdxl", "lora", 256, 1, 3, "bf16"))
+    results = []
+    for cfg in configs:
+        code = (f"import sys, json; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_lora; "
+                f"print('RESULT', json.dumps(test_lora._measure_one(*{cfg!r})))")
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if line is None:
+            raise RuntimeError(f"{cfg}: {proc.stderr[-3000:]}")
+        results.append(json.loads(line[len("RESULT "):]))
+        print(json.dumps(results[-1]), flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    if "--measure" in sys.argv:
+        measure(sdxl="--sdxl" in sys.argv)

@@ -242,6 +242,11 @@ def test_xformers_errors(monkeypatch, capsys):
     assert "runs on CUDA GPUs only" in _parse_error(["--enable_xformers_memory_efficient_attention"], capsys)
 
 
+def test_npu_flash_attention_without_an_npu_is_a_clear_error(capsys):
+    err = _parse_error(["--enable_npu_flash_attention"], capsys)
+    assert "--enable_npu_flash_attention cannot be used: it needs the torch_npu extension" in err
+
+
 def test_hub_flag_errors(monkeypatch, capsys):
     import huggingface_hub
 
