@@ -1,7 +1,9 @@
 /* Per-element math shared by the C (CPU) and CUDA kernels. Every formula of the loss
  * and of the outlier mask that is evaluated per element or per plane lives here, as
  * inline host/device functions, so the CPU tests cover the arithmetic the GPU runs.
- * Valid C11 and CUDA C++. */
+ * Both sides round every product and sum on its own: the C build has -ffp-contract=off
+ * and the device code -fmad=false (docs/spec.md, "CPU and GPU agree"). Valid C11 and
+ * CUDA C++ (NVRTC included). */
 #ifndef LPL_MATH_H
 #define LPL_MATH_H
 
@@ -220,31 +222,7 @@ LPL_HD float lpl_round_to_dtype_f(float v, int dtype) {
     return v;
 }
 
-/* keep = finite(p) and lo < p < hi, strict (docs/spec.md, "Outlier mask", step 3; NaN and +-Inf are
- * never kept). */
-LPL_HD int lpl_keep_value_d(double p, double lo, double hi) {
-    return lpl_isfinite_d(p) && lo < p && p < hi;
-}
-
 /* ==== outlier mask helpers ========================================================= */
-
-/* Arithmetic that must round exactly once per operation, as torch's CPU kernels do:
- * nvcc would otherwise contract a*b+c into an FMA (the C build uses -ffp-contract=off). */
-#ifdef __CUDA_ARCH__
-#define LPL_OM_FMUL(a, b) __fmul_rn((a), (b))
-#define LPL_OM_FADD(a, b) __fadd_rn((a), (b))
-#define LPL_OM_FSUB(a, b) __fsub_rn((a), (b))
-#define LPL_OM_DMUL(a, b) __dmul_rn((a), (b))
-#define LPL_OM_DADD(a, b) __dadd_rn((a), (b))
-#define LPL_OM_DSUB(a, b) __dsub_rn((a), (b))
-#else
-#define LPL_OM_FMUL(a, b) ((a) * (b))
-#define LPL_OM_FADD(a, b) ((a) + (b))
-#define LPL_OM_FSUB(a, b) ((a) - (b))
-#define LPL_OM_DMUL(a, b) ((a) * (b))
-#define LPL_OM_DADD(a, b) ((a) + (b))
-#define LPL_OM_DSUB(a, b) ((a) - (b))
-#endif
 
 /* Order-preserving key of a 16-bit float (float16 or bfloat16 bits; finite values). */
 LPL_HD uint32_t lpl_om_key16(uint16_t bits) {
@@ -288,15 +266,15 @@ LPL_HD double lpl_om_sample_std(double count, double sum_sq, double sum_dev, int
 LPL_HD void lpl_om_thresholds(int dtype, double q1, double q2, double std_d, double margin_std,
                               double *lo, double *hi) {
     if (dtype == 1) {
-        double m = LPL_OM_DMUL(margin_std, std_d);
-        *lo = LPL_OM_DSUB(q1, m);
-        *hi = LPL_OM_DADD(q2, m);
+        double m = margin_std * std_d;
+        *lo = q1 - m;
+        *hi = q2 + m;
         return;
     }
     float s = lpl_round_to_dtype_f((float)std_d, dtype);
-    float m = lpl_round_to_dtype_f(LPL_OM_FMUL((float)margin_std, s), dtype);
-    *lo = (double)lpl_round_to_dtype_f(LPL_OM_FSUB((float)q1, m), dtype);
-    *hi = (double)lpl_round_to_dtype_f(LPL_OM_FADD((float)q2, m), dtype);
+    float m = lpl_round_to_dtype_f((float)margin_std * s, dtype);
+    *lo = (double)lpl_round_to_dtype_f((float)q1 - m, dtype);
+    *hi = (double)lpl_round_to_dtype_f((float)q2 + m, dtype);
 }
 
 /* Chan et al. merge of (count, mean, M2) moments; b is added into a. */
