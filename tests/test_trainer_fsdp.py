@@ -55,6 +55,37 @@ def test_fsdp_refusals_name_the_setting(argv, fsdp2, message):
     tr.check_distributed_setup(tr.parse_args(argv), SimpleNamespace(distributed_type="MULTI_GPU"))  # not FSDP
 
 
+_PLUGIN_PROBE = """
+import json, os
+from accelerate.utils import FullyShardedDataParallelPlugin
+p = FullyShardedDataParallelPlugin()
+print("PLUGIN", json.dumps({"version": p.fsdp_version, "classes": p.transformer_cls_names_to_wrap,
+                            "reshard": bool(p.reshard_after_forward), "state_dict": str(p.state_dict_type),
+                            "use_fsdp": os.environ.get("ACCELERATE_USE_FSDP")}))
+"""
+
+
+def test_readme_fsdp_config_is_what_accelerate_reads(tmp_path):
+    """The README's accelerate config, through `accelerate launch`, gives the FSDP plugin the trainer expects:
+    FSDP2, the UNet's transformer and resnet blocks as units, sharded checkpoints."""
+    import re
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    config = re.search(r"```yaml\n(.*?)```", text, re.S).group(1)
+    assert "distributed_type: FSDP" in config
+    (tmp_path / "fsdp.yaml").write_text(config)
+    (tmp_path / "probe.py").write_text(_PLUGIN_PROBE)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(tmp_path / "fsdp.yaml"),
+           "--num_processes", "1", "--main_process_port", str(free_port()), str(tmp_path / "probe.py")]
+    proc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("PLUGIN ")), None)
+    assert line is not None, proc.stderr[-3000:]
+    plugin = json.loads(line[len("PLUGIN "):])
+    assert plugin == {"version": 2, "classes": ["BasicTransformerBlock", "ResnetBlock2D"], "reshard": True,
+                      "state_dict": "StateDictType.SHARDED_STATE_DICT", "use_fsdp": "true"}
+
+
 def _worker(out: Path) -> None:
     """One of two gloo processes (started by torch.distributed.run)."""
     import copy
