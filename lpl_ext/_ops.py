@@ -25,8 +25,8 @@ The operators take torch tensors only and trust the options they are given: the 
 The eager implementations import the launchers lazily: those modules import this one.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations``: torch.library.custom_op reads the schema from
+# the annotations, and torch 2.4 cannot parse string annotations.
 from typing import Any, Optional, Tuple
 
 from ._backend import torch
