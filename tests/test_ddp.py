@@ -68,13 +68,17 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
                 timesteps = torch.tensor([50, 700])
             else:
                 timesteps = torch.tensor([400, 900])
+            # this rank's own gradient, without DDP: the synchronized one must be the mean
+            local_loss, _ = step_module(latents, noise, timesteps, alphas_cumprod, step)
+            local_grads = torch.autograd.grad(local_loss, list(step_module.parameters()))
             loss, logs = ddp(latents, noise, timesteps, alphas_cumprod, step)
             opt.zero_grad()
             loss.backward()
             applied.append(float(logs["lpl_num_samples"]))
             grads = [p.grad.detach().clone() for p in ddp.parameters()]
             opt.step()
-        torch.save({"grads": grads, "params": [p.detach() for p in ddp.parameters()], "applied": applied,
+        torch.save({"grads": grads, "local_grads": [g.detach() for g in local_grads],
+                    "params": [p.detach() for p in ddp.parameters()], "applied": applied,
                     "vae_grads": [p.grad for p in vae.parameters()],
                     "ddp_param_count": sum(1 for _ in ddp.parameters())},
                    Path(out_dir) / f"rank{rank}.pt")
@@ -91,9 +95,13 @@ def test_two_process_ddp_with_the_objective_in_the_loss(tmp_path, monkeypatch):
     r1 = torch.load(tmp_path / "rank1.pt")
     assert r0["applied"] == [1.0, 1.0, 1.0] and r1["applied"] == [0.0, 1.0, 0.0]
     assert r0["ddp_param_count"] == 4  # the denoiser's two convs; no VAE parameter
-    for a, b in zip(r0["grads"], r1["grads"]):
+    for a, b, l0, l1 in zip(r0["grads"], r1["grads"], r0["local_grads"], r1["local_grads"]):
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)  # allreduced
+        # ... to the mean of the two ranks' own gradients (rank 1 applies no LPL in the last
+        # step, rank 0 does: the two differ, so a missing or wrong allreduce shows)
+        assert not torch.allclose(l0, l1, rtol=1e-3)
+        torch.testing.assert_close(a, (l0 + l1) / 2, rtol=1e-5, atol=1e-8 * float(a.abs().max()))
     for a, b in zip(r0["params"], r1["params"]):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert all(g is None for g in r0["vae_grads"] + r1["vae_grads"])

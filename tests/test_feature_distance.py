@@ -347,12 +347,60 @@ class TestCUDA:
         scale = out["cpu"][1].abs().max()
         torch.testing.assert_close(out["cuda"][1], out["cpu"][1], rtol=rtol, atol=rtol * 1e-2 * float(scale))
 
+    def test_no_host_sync_and_stream(self):
+        """Forward and backward on a side stream, with torch's sync debug mode raising on
+        any host sync: loss and gradient are those of the CPU kernel."""
+        x, y, mask = make_inputs((2, 16, 96, 80), dtype=torch.float32, masked=True, seed=24, device="cuda")
+        x.requires_grad_(True)
+        go = torch.tensor([0.5, -2.0], device="cuda")
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())  # the inputs were written on the current stream
+        with torch.cuda.stream(stream):
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                loss = lpl_ext.feature_distance(x, y, mask, norm="shared", distance="mse", weight=0.5)
+                (loss * go).sum().backward()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.current_stream().wait_stream(stream)  # loss and x.grad come from the side stream
+        x_cpu = x.detach().cpu().requires_grad_(True)
+        want = lpl_ext.feature_distance(x_cpu, y.cpu(), mask.cpu(), norm="shared", distance="mse", weight=0.5)
+        (want * go.cpu()).sum().backward()
+        torch.testing.assert_close(loss.detach().cpu(), want.detach(), rtol=1e-4, atol=0)
+        torch.testing.assert_close(x.grad.cpu(), x_cpu.grad, rtol=1e-4, atol=1e-6 * float(x_cpu.grad.abs().max()))
+
     def test_cuda_gradcheck(self):
         x, y, mask = make_inputs((2, 3, 4, 5), masked=True, device="cuda")
         x.requires_grad_(True)
         for norm in NORMS:
             fn = lambda inp: lpl_ext.feature_distance(inp, y, mask, norm=norm, reentrant=True)  # noqa: E731
             assert torch.autograd.gradcheck(fn, (x,), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_cuda_tensors_the_call_cannot_run_are_refused():
+    """CUDA tensors handed to the C entry point without what a CUDA launch needs (the
+    stream, the loaded kernels, the workspace) raise a Python exception naming CUDA, before
+    any memory is touched, in every build (with or without CUDA kernels).
+    No GPU is needed: DLPack capsules that label host memory as CUDA stand in for device
+    tensors, and nothing may read or write through them."""
+    from test_fuzz import DL_CODES, make_capsule
+
+    hold: list = []
+    x = np.ones((2, 3, 4, 4), np.float32)
+    loss = np.full(2, -7.0)
+    grad = np.full(x.shape, -7.0, np.float32)
+    x_cuda = make_capsule(hold, x.ctypes.data, list(x.shape), None, *DL_CODES["float32"], device=2)
+    y_cuda = make_capsule(hold, x.ctypes.data, list(x.shape), None, *DL_CODES["float32"], device=2)
+    loss_cuda = make_capsule(hold, loss.ctypes.data, [2], None, *DL_CODES["float64"], device=2)
+    grad_cuda = make_capsule(hold, grad.ctypes.data, list(x.shape), None, *DL_CODES["float32"], device=2)
+    for grad_arg in (None, grad_cuda):
+        with pytest.raises((RuntimeError, ValueError), match="(?i)cuda"):
+            lpl_ext._C.feature_distance(x_cuda, y_cuda, None, loss_cuda, grad_arg, "shared", "mse", 1.0)
+    assert np.all(loss == -7.0) and np.all(grad == -7.0)  # nothing written
+    if torch.cuda.is_available() and not lpl_ext.build_info()["cuda"]:
+        # a GPU machine with a build that has no CUDA kernels: the public function says so
+        with pytest.raises(RuntimeError, match="(?i)cuda"):
+            lpl_ext.feature_distance(torch.ones(2, 3, 4, 4, device="cuda"), torch.ones(2, 3, 4, 4, device="cuda"))
 
 
 @pytest.mark.parametrize("setting", ["0", "1", "yes"])

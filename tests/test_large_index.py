@@ -36,23 +36,17 @@ def _zeros(shape: tuple, dtype: type) -> np.ndarray:
     return a
 
 
-def test_fd_shape_crosses_2_32() -> None:
-    n, c, h, w = FD_SHAPE
-    total = n * c * h * w
-    assert total > 2**32
-    # the written rows of planes (1, 1) and (2, 3) straddle offsets 2^31 and 2^32
-    first_written = lambda s, ch: ((s * c + ch) * h + h - ROWS) * w  # noqa: E731
-    end = lambda s, ch: (s * c + ch + 1) * h * w  # noqa: E731
-    assert first_written(1, 1) <= 2**31 < end(1, 1)
-    assert first_written(2, 3) <= 2**32 < end(2, 3)
-
-
 def _fd_inputs() -> tuple:
+    n, c, h, w = FD_SHAPE
+    # what the test relies on: the element count passes 2^32, and the written rows of planes
+    # (1, 1) and (2, 3) hold the elements at offsets 2^31 and 2^32
+    assert n * c * h * w > 2**32
+    for s, ch, offset in ((1, 1, 2**31), (2, 3, 2**32)):
+        assert ((s * c + ch) * h + h - ROWS) * w <= offset < (s * c + ch + 1) * h * w
     x = _zeros(FD_SHAPE, np.float16)
     y = _zeros(FD_SHAPE, np.float16)
     mask = _zeros(FD_SHAPE, np.uint8)
     rng = np.random.default_rng(0)
-    n, c, h, w = FD_SHAPE
     region = (slice(None), slice(None), slice(h - ROWS, h), slice(None))
     x[region] = rng.standard_normal((n, c, ROWS, w)) * np.arange(1, n + 1).reshape(-1, 1, 1, 1)
     y[region] = rng.standard_normal((n, c, ROWS, w))

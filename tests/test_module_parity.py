@@ -123,7 +123,8 @@ def assert_stats_close(got: Dict, want: Dict[str, float], what: str) -> None:
 def fixed_oracle(vae: nn.Module, x: torch.Tensor, y: torch.Tensor, *, num_blocks: int, norm: str,
                  loss_type: str, pow_law: bool, remove_outliers: bool) -> List[Dict]:
     """docs/spec.md sections 1-4 from plain-PyTorch pieces, per layer: features, mask,
-    loss (N,) (differentiable in x) and statistics."""
+    loss (N,) float64 (differentiable in x) and statistics. The features and the mask are
+    computed in the VAE's dtype, as the module does; the distance always in float64."""
     s, b = vae.config.scaling_factor, (vae.config.shift_factor or 0.0)
     fx = plain_decoder_features(vae, x / s + b, num_blocks)
     with torch.no_grad():
@@ -136,7 +137,8 @@ def fixed_oracle(vae: nn.Module, x: torch.Tensor, y: torch.Tensor, *, num_blocks
             keep = ref_outlier_mask(t, closing=closing, opening=opening)
         w = 2.0 ** -min(i, 3) if pow_law else 1.0
         layers.append({"x": a.detach(), "y": t, "mask": torch.ones_like(t, dtype=torch.bool) if keep is None else keep,
-                       "loss": ref_feature_distance(a, t, keep, norm=norm, distance=loss_type, weight=w),
+                       "loss": ref_feature_distance(a.double(), t.double(), keep, norm=norm, distance=loss_type,
+                                                    weight=w),
                        "stats": layer_stats(t, keep)})
     return layers
 

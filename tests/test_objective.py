@@ -9,8 +9,9 @@ from diffusers import DDPMScheduler
 
 import lpl_ext
 from lpl_ext import LatentPerceptualLoss, LPLObjective, predict_z0, snr_weights
-from reference_lpl import tiny_vae
+from reference_lpl import blob_vae, tiny_vae
 from test_lpl_loss import SyncCounter
+from test_module_parity import LATENT_SEED, fixed_oracle
 
 PRED_TYPES = ("epsilon", "v_prediction", "sample", "flow_matching")
 LAYER_KEYS = ("loss", "mean", "std", "outlier_ratio")
@@ -114,7 +115,7 @@ def test_threshold_selects_samples_and_logs(vae, scheduler):
     for i, layer in enumerate(hist):
         torch.testing.assert_close(logs[f"lpl_layer{i}_loss"], layer.mean(), rtol=1e-6, atol=0)
         for key in ("mean", "std", "outlier_ratio"):
-            torch.testing.assert_close(logs[f"lpl_layer{i}_{key}"], plain.last_feature_stats[i][key])
+            torch.testing.assert_close(logs[f"lpl_layer{i}_{key}"], plain.last_feature_stats_tensors[i][key])
     assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in logs.values())
     # Only the selected samples receive a gradient.
     lpl.backward()
@@ -250,3 +251,42 @@ def test_bad_calls_name_the_argument(vae, scheduler, change, arg):
         LPLObjective(vae)(pred, zt, z0, t, **{**kw, **change})
     with pytest.raises(ValueError, match="latents"):
         LPLObjective(vae)(pred, zt, z0[:1], t, **kw)
+
+
+def test_lpl_and_logs_match_the_oracle_with_real_outliers(scheduler):
+    """The whole objective on a VAE whose outlier removal really removes pixels (blob
+    artifacts on layers 2-4): the SNR-weighted LPL of the selected samples and every
+    per-layer log against float64 z0_hat and SNR weights and the spec's mask and distance
+    on the decoder's own blocks."""
+    vae = blob_vae("sdxl_like", dtype=torch.float32)
+    g = torch.Generator().manual_seed(LATENT_SEED)
+    blobby = torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64).float()  # targets with blobs
+    other = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(99))
+    z0 = torch.stack([blobby[0], other[0], blobby[1], other[1]])
+    eps = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(7))
+    t = torch.tensor([40, 600, 170, 900])
+    zt = scheduler.add_noise(z0, eps, t)
+    pred = (eps + 0.3 * torch.randn(eps.shape, generator=torch.Generator().manual_seed(8))).requires_grad_(True)
+    gamma = 5.0
+    obj = LPLObjective(vae, t_threshold=200, snr_gamma=gamma, scale=True)
+    lpl, logs = obj(pred, zt, z0, t, prediction_type="epsilon", alphas_cumprod=scheduler.alphas_cumprod)
+
+    sel = torch.tensor([0, 2])
+    z0_hat = z0_float64(pred.detach()[sel], zt[sel], t[sel], "epsilon", scheduler.alphas_cumprod)
+    layers = fixed_oracle(vae, z0_hat.float(), z0[sel], num_blocks=4, norm="shared", loss_type="mse",
+                          pow_law=True, remove_outliers=True)
+    ac = scheduler.alphas_cumprod.double()[t[sel]]
+    snr = ac / (1 - ac)
+    per_sample = sum(layer["loss"].detach() for layer in layers) / len(layers)
+    want = (per_sample * snr.clamp(max=gamma) / snr).mean()
+    # z0_hat - z0 is small next to z0 here: fp32 z0_hat and SNR (the objective) against
+    # float64 ones (the oracle) differ by ~5e-5 in the loss
+    torch.testing.assert_close(lpl.double(), want, rtol=2e-4, atol=0)
+    assert float(logs["lpl_num_samples"]) == 2 and float(logs["lpl_applied_ratio"]) == 0.5
+    for i, layer in enumerate(layers):
+        torch.testing.assert_close(logs[f"lpl_layer{i}_loss"].double(), layer["loss"].detach().mean(), rtol=2e-4,
+                                   atol=0)
+        for key in ("mean", "std", "outlier_ratio"):
+            assert float(logs[f"lpl_layer{i}_{key}"]) == pytest.approx(layer["stats"][key], rel=1e-5, abs=1e-7)
+        if i >= 2:  # the masked layers do lose pixels
+            assert float(logs[f"lpl_layer{i}_outlier_ratio"]) > 0.008

@@ -364,13 +364,30 @@ def test_c_entry_point_validates():
         _C.outlier_mask_workspace_bytes(-1, 3, 4, 4)
 
 
-def test_cuda_tensor_without_cuda_build_raises():
-    if lpl_ext.build_info()["cuda"]:
-        pytest.skip("lpl_ext was built with CUDA")
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA GPU visible to torch")
-    with pytest.raises(RuntimeError, match="without CUDA"):
-        lpl_ext.outlier_mask(torch.randn(1, 1, 8, 8, device="cuda"))
+def test_cuda_tensors_the_call_cannot_run_are_refused():
+    """CUDA tensors handed to the C entry point without what a CUDA launch needs (the
+    stream, the loaded kernels, the workspace) raise a Python exception naming CUDA, before
+    any memory is touched, in every build (with or without CUDA kernels).
+    No GPU is needed: DLPack capsules that label host memory as CUDA stand in for device
+    tensors, and nothing may read or write through them."""
+    from lpl_ext import _C
+    from test_fuzz import DL_CODES, make_capsule
+
+    hold: list = []
+    y = np.arange(64, dtype=np.float32).reshape(1, 1, 8, 8)
+    keep = np.zeros(y.shape, np.bool_)
+    stats = np.full(3, -7.0)
+    y_cuda = make_capsule(hold, y.ctypes.data, list(y.shape), None, *DL_CODES["float32"], device=2)
+    keep_cuda = make_capsule(hold, keep.ctypes.data, list(keep.shape), None, *DL_CODES["bool"], device=2)
+    stats_cuda = make_capsule(hold, stats.ctypes.data, [3], None, *DL_CODES["float64"], device=2)
+    for stats_arg in (None, stats_cuda):
+        with pytest.raises((RuntimeError, ValueError), match="(?i)cuda"):
+            _C.outlier_mask(y_cuda, keep_cuda, stats_arg, 0.02, 2.0, 3, 5)
+    assert not keep.any() and np.all(stats == -7.0)  # nothing written
+    if torch.cuda.is_available() and not lpl_ext.build_info()["cuda"]:
+        # a GPU machine with a build that has no CUDA kernels: the public function says so
+        with pytest.raises(RuntimeError, match="(?i)cuda"):
+            lpl_ext.outlier_mask(torch.randn(1, 1, 8, 8, device="cuda"))
 
 
 # ---------------------------------------------------------------- CUDA
@@ -410,13 +427,18 @@ class TestCuda:
             assert_same_mask(got.cpu(), torch.from_numpy(data["keep"]))
 
     def test_no_host_sync_and_stream(self):
-        y = make_features((2, 8, 128, 128), "spiky", seed=23).cuda()
+        """On a side stream, with torch's sync debug mode raising on any host sync: the
+        mask and statistics are those of the CPU kernels."""
+        y = make_features((2, 8, 128, 128), "spiky", seed=23).cuda()  # written on the current stream
         stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())  # y is complete before the side stream reads it
         with torch.cuda.stream(stream):
             torch.cuda.set_sync_debug_mode("error")
             try:
                 keep, stats = lpl_ext.outlier_mask(y, return_stats=True)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
-        stream.synchronize()
-        assert_same_mask(keep.cpu(), lpl_ext.outlier_mask(y.cpu()))
+        torch.cuda.current_stream().wait_stream(stream)  # the results come from the side stream
+        want_keep, want_stats = lpl_ext.outlier_mask(y.cpu(), return_stats=True)
+        assert_same_mask(keep.cpu(), want_keep)
+        np.testing.assert_allclose([float(s) for s in stats], [float(s) for s in want_stats], rtol=1e-10)

@@ -1,12 +1,29 @@
 """Executes every ```python block of the "Use it in your trainer" and "The kernels" sections
-of README.md."""
+of README.md, and checks what each one computed against the plain-PyTorch oracles.
+
+Each block runs unchanged. The lpl_ext classes it imports are replaced, for the run, by
+subclasses that record every call (arguments and results) and otherwise do nothing
+different, so that the losses, logs and gradients of every training step can be
+recomputed independently: float64 z0_hat and SNR weights, the spec's mask and distance
+(tests/reference.py) on the decoder's own blocks. Every block must have a checker: a new
+block without one fails ``test_every_block_is_checked``.
+"""
 
 from __future__ import annotations
 
+import ast
+import copy
 import re
 from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
 
 import pytest
+import torch
+import torch.nn.functional as F
+
+import lpl_ext
+from reference import ref_feature_distance, ref_outlier_mask
+from test_module_parity import fixed_oracle, layer_stats
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADING = "## Use it in your trainer"
@@ -26,24 +43,222 @@ def python_blocks(markdown: str) -> list[str]:
 
 SOURCE, SECTION = trainer_section()
 BLOCKS = python_blocks(SECTION)
+KERNEL_BLOCKS = python_blocks(trainer_section("## The kernels")[1])
 
+# LPLObjective's documented defaults (lpl_ext/objective.py)
+OBJECTIVE_DEFAULTS = dict(loss_type="mse", norm_type="shared", pow_law=True, num_blocks=4, remove_outliers=True,
+                          t_threshold=200, snr_gamma=None, scale=False, start_step=0)
+
+
+# ---------------------------------------------------------------- recording subclasses
+
+class Recorder:
+    """Patches lpl_ext.LPLObjective / LatentPerceptualLoss with recording subclasses."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.objective_calls: List[Dict[str, Any]] = []
+        self.loss_modules: List[Any] = []
+        calls, modules = self.objective_calls, self.loss_modules
+
+        class RecordingObjective(lpl_ext.LPLObjective):
+            def __init__(self, vae, **kwargs):
+                super().__init__(vae, **kwargs)
+                object.__setattr__(self, "_recorded", (vae, dict(kwargs)))
+
+            def forward(self, model_pred, noisy_latents, latents, timesteps, **kwargs):
+                lpl, logs = super().forward(model_pred, noisy_latents, latents, timesteps, **kwargs)
+                vae, options = self._recorded
+                calls.append(dict(vae=copy.deepcopy(vae), options=options, model_pred=model_pred.detach().clone(),
+                                  noisy_latents=noisy_latents.detach().clone(), latents=latents.detach().clone(),
+                                  timesteps=timesteps.detach().clone(),
+                                  kwargs={k: v.detach().clone() if isinstance(v, torch.Tensor) else v
+                                          for k, v in kwargs.items()},
+                                  lpl=lpl.detach().clone(), logs={k: v.detach().clone() for k, v in logs.items()}))
+                return lpl, logs
+
+        class RecordingLoss(lpl_ext.LatentPerceptualLoss):
+            def __init__(self, vae, *args, **kwargs):
+                super().__init__(vae, *args, **kwargs)
+                modules.append((vae, args, kwargs))
+
+        monkeypatch.setattr(lpl_ext, "LPLObjective", RecordingObjective)
+        monkeypatch.setattr(lpl_ext, "LatentPerceptualLoss", RecordingLoss)
+
+
+def run_block(source: str, name: str) -> Dict[str, Any]:
+    namespace: Dict[str, Any] = {"__name__": name}
+    exec(compile(source, name, "exec"), namespace)
+    return namespace
+
+
+# ---------------------------------------------------------------- oracles
+
+def z0_hat_float64(model_pred, noisy_latents, timesteps, prediction_type, alphas_cumprod=None, sigmas=None):
+    pred, zt = model_pred.double(), noisy_latents.double()
+    if prediction_type == "sample":
+        return pred
+    if prediction_type == "flow_matching":
+        return zt - sigmas.double().reshape(-1, 1, 1, 1) * pred
+    ac = alphas_cumprod.double()[timesteps.long()].view(-1, 1, 1, 1)
+    if prediction_type == "epsilon":
+        return (zt - (1 - ac).sqrt() * pred) / ac.sqrt()
+    return ac.sqrt() * zt - (1 - ac).sqrt() * pred
+
+
+def snr_weights_float64(timesteps, gamma, prediction_type, alphas_cumprod=None, sigmas=None):
+    if prediction_type == "flow_matching":
+        s = sigmas.double().reshape(-1)
+        snr = ((1 - s) / s) ** 2
+        return snr.clamp(max=gamma) * s * s
+    ac = alphas_cumprod.double()[timesteps.long()]
+    snr = ac / (1 - ac)
+    return snr.clamp(max=gamma) / {"epsilon": snr, "v_prediction": snr + 1, "sample": torch.ones_like(snr)}[
+        prediction_type]
+
+
+def check_objective_call(call: Dict[str, Any], rtol: float = 2e-5) -> bool:
+    """Recomputes one LPLObjective call; returns whether any sample was selected."""
+    opts = dict(OBJECTIVE_DEFAULTS, **call["options"])
+    kw = call["kwargs"]
+    t = call["timesteps"].reshape(-1)
+    logs = call["logs"]
+    if kw.get("global_step", 0) < opts["start_step"]:
+        assert float(call["lpl"]) == 0.0
+        return False
+    sel = torch.ones_like(t, dtype=torch.bool) if opts["t_threshold"] is None else t < opts["t_threshold"]
+    assert float(logs["lpl_applied_ratio"]) == pytest.approx(sel.double().mean().item())
+    assert float(logs["lpl_num_samples"]) == int(sel.sum())
+    if not sel.any():
+        assert float(call["lpl"]) == 0.0 and float(logs["lpl_loss"]) == 0.0
+        return False
+    sigmas = kw.get("sigmas")
+    sel_sigmas = None if sigmas is None else sigmas.reshape(-1)[sel]
+    z0_hat = z0_hat_float64(call["model_pred"][sel], call["noisy_latents"][sel], t[sel], kw["prediction_type"],
+                            kw.get("alphas_cumprod"), sel_sigmas)
+    vae = call["vae"]
+    dtype = next(vae.parameters()).dtype
+    layers = fixed_oracle(vae, z0_hat.to(dtype), call["latents"][sel].to(dtype), num_blocks=opts["num_blocks"],
+                          norm=opts["norm_type"], loss_type=opts["loss_type"], pow_law=opts["pow_law"],
+                          remove_outliers=opts["remove_outliers"])
+    per_sample = sum(layer["loss"].detach() for layer in layers) / len(layers)
+    if opts["scale"]:
+        per_sample = per_sample * snr_weights_float64(t[sel], opts["snr_gamma"], kw["prediction_type"],
+                                                      kw.get("alphas_cumprod"), sel_sigmas)
+    want = per_sample.mean()
+    assert float(call["lpl"]) == pytest.approx(float(want), rel=rtol)
+    assert float(logs["lpl_loss"]) == pytest.approx(float(want), rel=rtol)
+    for i, layer in enumerate(layers):
+        assert float(logs[f"lpl_layer{i}_loss"]) == pytest.approx(float(layer["loss"].detach().mean()), rel=rtol)
+        for key in ("mean", "std", "outlier_ratio"):
+            assert float(logs[f"lpl_layer{i}_{key}"]) == pytest.approx(layer["stats"][key], rel=1e-5, abs=1e-6)
+    return True
+
+
+# ---------------------------------------------------------------- per-block checkers
+
+def check_drop_in(ns: Dict[str, Any], rec: Recorder, out: str) -> None:
+    """Drop-in LatentPerceptualLoss: per-sample loss, its gradient and the logged stats."""
+    (vae, args, kwargs), = rec.loss_modules
+    assert not args
+    z0_hat, z0 = ns["z0_hat"], ns["z0"]
+    layers = fixed_oracle(vae, z0_hat, z0, num_blocks=kwargs["num_mid_blocks"], norm=kwargs["norm_type"],
+                          loss_type=kwargs["loss_type"], pow_law=kwargs["pow_law"],
+                          remove_outliers=kwargs["remove_outliers"])
+    want = sum(layer["loss"] for layer in layers) / len(layers)
+    torch.testing.assert_close(ns["per_sample"].detach().double(), want.detach(), rtol=2e-5, atol=0)
+    (want_grad,) = torch.autograd.grad(want.mean(), z0_hat)
+    torch.testing.assert_close(z0_hat.grad.double(), want_grad.double(), rtol=1e-4,
+                               atol=1e-4 * float(want_grad.abs().max()))
+    for got, layer in zip(ns["stats"], layers):
+        for key in ("mean", "std", "outlier_ratio"):
+            assert float(got[key]) == pytest.approx(layer["stats"][key], rel=1e-5, abs=1e-6)
+
+
+def check_training_loop(ns: Dict[str, Any], rec: Recorder, out: str) -> None:
+    """The diffusers-style loop: every step's LPL term and logs, the total loss of the last
+    step, and the printed logs."""
+    calls = rec.objective_calls
+    assert len(calls) == 3
+    selected = [check_objective_call(call) for call in calls]
+    # A loop whose batches never reach below t_threshold shows no LPL at all (and checks
+    # nothing above): the snippet's seed must draw at least one such timestep.
+    assert any(selected), ("README loop: no step has a timestep below t_threshold, LPL is never applied "
+                           f"(timesteps {[c['timesteps'].tolist() for c in calls]})")
+    torch.testing.assert_close(ns["loss"], ns["diffusion_loss"] + ns["lpl_weight"] * ns["lpl"])
+    assert calls[-1]["lpl"].item() == ns["lpl"].item()
+    printed = [line for line in out.splitlines() if re.match(r"^\d+ \{", line)]
+    assert len(printed) == 3
+    for step, (line, call) in enumerate(zip(printed, calls)):
+        number, _, text = line.partition(" ")
+        logged = ast.literal_eval(text)
+        assert int(number) == step and logged["lpl_loss"] == round(call["logs"]["lpl_loss"].item(), 6)
+        assert logged["lpl_applied_ratio"] == round(call["logs"]["lpl_applied_ratio"].item(), 6)
+
+
+def check_loss_hook(ns: Dict[str, Any], rec: Recorder, out: str) -> None:
+    """The loss hook of a flow-matching trainer: clean latents recovered from the target,
+    the LPL term of the selected samples, the total."""
+    (call,) = rec.objective_calls
+    assert check_objective_call(call)
+    torch.testing.assert_close(call["latents"], ns["z0"], rtol=0, atol=1e-5)  # predict_z0(target) = z0
+    diffusion = F.mse_loss(ns["model_pred"].detach(), ns["eps"] - ns["z0"])
+    torch.testing.assert_close(ns["loss"].detach(), diffusion + ns["lpl_weight"] * call["lpl"], rtol=1e-6, atol=0)
+
+
+def check_kernels(ns: Dict[str, Any], rec: Recorder, out: str) -> None:
+    """The kernel snippet: mask bit for bit, statistics, loss and gradient."""
+    x, y, keep, stats, loss = ns["x"], ns["y"], ns["keep"], ns["stats"], ns["loss"]
+    assert torch.equal(keep, ref_outlier_mask(y))
+    want_stats = layer_stats(y, keep)
+    for key in ("mean", "std", "outlier_ratio"):
+        assert float(getattr(stats, key)) == pytest.approx(want_stats[key], rel=1e-9, abs=1e-12)
+    x64 = x.detach().double().requires_grad_(True)
+    want = ref_feature_distance(x64, y.double(), keep, norm="shared", distance="mse", weight=1.0)
+    torch.testing.assert_close(loss.detach().double(), want.detach(), rtol=1e-5, atol=0)
+    (want_grad,) = torch.autograd.grad(want.mean(), x64)
+    torch.testing.assert_close(x.grad.double(), want_grad, rtol=1e-4, atol=1e-5 * float(want_grad.abs().max()))
+
+
+CHECKERS: List[tuple[str, Callable[[str], bool], Callable]] = [
+    ("drop-in", lambda src: "LatentPerceptualLoss(vae" in src, check_drop_in),
+    ("training loop", lambda src: "for global_step in range" in src and "LPLObjective(" in src, check_training_loop),
+    ("loss hook", lambda src: "def compute_loss" in src and "predict_z0" in src, check_loss_hook),
+]
+
+
+def checker_for(source: str) -> Optional[Callable]:
+    matches = [check for _, matches, check in CHECKERS if matches(source)]
+    return matches[0] if len(matches) == 1 else None
+
+
+# ---------------------------------------------------------------- tests
 
 def test_section_has_the_trainer_snippets():
     assert len(BLOCKS) >= 3, f"{SOURCE}: expected the drop-in, diffusers-loop and hook snippets"
     joined = "\n".join(BLOCKS)
     assert "LatentPerceptualLoss" in joined and "LPLObjective" in joined and "predict_z0" in joined
+    found = {name for name, matches, _ in CHECKERS for block in BLOCKS if matches(block)}
+    assert found == {name for name, _, _ in CHECKERS}
+
+
+def test_every_block_is_checked():
+    """A snippet that only runs asserts nothing: each one has its checker."""
+    for i, block in enumerate(BLOCKS):
+        assert checker_for(block) is not None, f"{SOURCE} python block {i} has no (or several) checker(s)"
+    assert KERNEL_BLOCKS, "README.md: 'The kernels' has no python block"
 
 
 @pytest.mark.parametrize("index", range(len(BLOCKS)), ids=lambda i: f"block{i}")
-def test_snippet_runs(index, capsys):
-    namespace = {"__name__": f"readme_snippet_{index}"}
-    exec(compile(BLOCKS[index], f"{SOURCE}[python block {index}]", "exec"), namespace)
-
-
-KERNEL_BLOCKS = python_blocks(trainer_section("## The kernels")[1])
+def test_snippet_runs_and_computes_the_right_values(index, capsys, monkeypatch):
+    rec = Recorder(monkeypatch)
+    ns = run_block(BLOCKS[index], f"{SOURCE}[python block {index}]")
+    check = checker_for(BLOCKS[index])
+    assert check is not None
+    check(ns, rec, capsys.readouterr().out)
 
 
 @pytest.mark.parametrize("index", range(len(KERNEL_BLOCKS)), ids=lambda i: f"kernels{i}")
-def test_kernel_snippet_runs(index):
-    assert KERNEL_BLOCKS, "README.md: 'The kernels' has no python block"
-    exec(compile(KERNEL_BLOCKS[index], f"README.md[kernels block {index}]", "exec"), {"__name__": "readme_kernels"})
+def test_kernel_snippet_runs_and_computes_the_right_values(index, capsys, monkeypatch):
+    rec = Recorder(monkeypatch)
+    ns = run_block(KERNEL_BLOCKS[index], f"README.md[kernels block {index}]")
+    check_kernels(ns, rec, capsys.readouterr().out)

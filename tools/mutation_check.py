@@ -53,20 +53,66 @@ def _sub(pattern: str, repl: str, text: str, what: str, flags: int = 0) -> str:
     return new
 
 
+def _calls(text: str, name: str) -> List[Tuple[int, int]]:
+    """(start, end) of the argument text of every call ``name(...)`` (not ``x.name(``,
+    not a ``def``), parentheses matched."""
+    spans = []
+    for m in re.finditer(r"(?<![\w.])" + re.escape(name) + r"\(", text):
+        if text[max(0, m.start() - 4):m.start()] == "def ":
+            continue
+        depth, i = 1, m.end()
+        while depth:
+            depth += {"(": 1, ")": -1}.get(text[i], 0)
+            i += 1
+        spans.append((m.end(), i - 1))
+    return spans
+
+
+def _split_top_level(args: str) -> List[str]:
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(args):
+        depth += {"(": 1, "[": 1, "{": 1, ")": -1, "]": -1, "}": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            parts.append(args[start:i])
+            start = i + 1
+    parts.append(args[start:])
+    return parts
+
+
 def mutate_margin(text: str) -> str:
-    """margin_std 2.0 -> 2.1 in every outlier_mask call of lpl_loss.py."""
-    if re.search(r"margin_std\s*=\s*2(\.0*)?\b", text):
-        return _sub(r"(margin_std\s*=\s*)2(\.0*)?\b", r"\g<1>2.1", text, "margin")
-    # no explicit margin: add it after the first argument of each call
-    return _sub(r"(\boutlier_mask\(\s*[\w.]+(?:\.detach\(\))?\s*),", r"\1, margin_std=2.1,", text, "margin")
+    """margin_std=2.1 in the outlier_mask calls of lpl_loss.py that rely on the default
+    2.0 (LatentPerceptualLoss's own); if every call passes one, those values become 2.1."""
+    spans = _calls(text, "outlier_mask")
+    if not spans:
+        raise MutantError("margin: no outlier_mask(...) call")
+    implicit = [(a, b) for a, b in spans if "margin_std" not in text[a:b]]
+    for start, end in reversed(implicit or spans):
+        args = text[start:end]
+        if "margin_std" in args:
+            new = re.sub(r"(margin_std\s*=\s*)[\d.]+", r"\g<1>2.1", args)
+        else:
+            parts = _split_top_level(args)
+            new = ",".join([parts[0], " margin_std=2.1"] + parts[1:])
+        text = text[:start] + new + text[end:]
+    return text
 
 
 def mutate_no_mask(text: str) -> str:
-    """The distance kernel gets no mask (feature_distance(x, y, None, ...))."""
-    if re.search(r"\bfeature_distance\([^)]*\bmask\s*=", text):
-        return _sub(r"(\bfeature_distance\([^)]*\bmask\s*=\s*)[\w.]+", r"\1None", text, "no_mask")
-    return _sub(r"(\bfeature_distance\(\s*[^,()]+(?:\([^()]*\))?\s*,\s*[^,()]+(?:\([^()]*\))?\s*,\s*)[\w.]+",
-                r"\1None", text, "no_mask")
+    """The distance kernel gets no mask: feature_distance(x, y, None, ...)."""
+    spans = _calls(text, "feature_distance")
+    if not spans:
+        raise MutantError("no_mask: no feature_distance(...) call")
+    for start, end in reversed(spans):
+        parts = _split_top_level(text[start:end])
+        keyword = [i for i, part in enumerate(parts) if re.match(r"\s*mask\s*=", part)]
+        if keyword:
+            parts[keyword[0]] = " mask=None"
+        elif len(parts) >= 3 and "=" not in parts[2]:
+            parts[2] = " None"
+        else:
+            raise MutantError(f"no_mask: no mask argument in feature_distance({text[start:end]})")
+        text = text[:start] + ",".join(parts) + text[end:]
+    return text
 
 
 def mutate_windows(text: str) -> str:
