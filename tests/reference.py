@@ -1,4 +1,4 @@
-"""Plain-PyTorch formulations of LPL_SPEC.md, written for the tests: the naive oracle the
+"""Plain-PyTorch formulations of docs/spec.md, written for the tests: the naive oracle the
 fused kernels are compared against. Nothing here is used by lpl_ext itself."""
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ def ref_feature_distance(
     distance: str = "mse",
     weight: float = 1.0,
 ) -> torch.Tensor:
-    """Spec sections 3-4 for one layer, differentiable in x. Returns (N,)."""
+    """docs/spec.md, "Normalization" and "Feature distance", for one layer, differentiable
+    in x. Returns (N,)."""
     keep = torch.ones_like(y, dtype=torch.bool) if mask is None else mask.bool()
     ym = torch.where(keep, y, torch.zeros_like(y))
     k = keep.to(x.dtype)
@@ -59,7 +60,7 @@ def outlier_windows(down_factor: int) -> tuple[int, int]:
 def ref_outlier_mask(
     y: torch.Tensor, quantile: float = 0.02, margin_std: float = 2.0, closing: int = 3, opening: int = 5
 ) -> torch.Tensor:
-    """Spec section 2 (kthvalue, std, max_pool2d), with k clamped into [1, L] and
+    """docs/spec.md, "Outlier mask" (kthvalue, std, max_pool2d), with k clamped into [1, L] and
     non-finite values never kept nor counted. Bool (N, C, H, W)."""
     n, c, h, w = y.shape
     flat = y.reshape(n * c, h * w)

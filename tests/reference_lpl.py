@@ -2,7 +2,7 @@
 (diffusers ``examples/research_projects/lpl/lpl_loss.py``), quirks included, written for the
 tests and the memory benchmark. Nothing in lpl_ext uses it.
 
-Reproduced behaviour (LPL_SPEC.md section 6):
+Reproduced behaviour (docs/spec.md, "Reference defects and what lpl_ext does instead"):
 - the decoder input is ``shift + z / scale`` fed straight into ``decoder.conv_in``:
   ``post_quant_conv`` is skipped;
 - all prediction features are computed first (optionally checkpointing mid and up blocks),
@@ -165,7 +165,7 @@ class ReferenceLPL(nn.Module):
 
 
 def plain_decoder_features(vae, z: torch.Tensor, num_blocks: int, *, post_quant_conv: bool = True) -> List[torch.Tensor]:
-    """Spec section 1 written out: [mid, up_0, ..., up_{K-1}] of decoder-space latents z
+    """docs/spec.md, "Loss module", decoder input and features written out: [mid, up_0, ..., up_{K-1}] of decoder-space latents z
     (``z / scale + shift`` already applied), with post_quant_conv when asked and present."""
     dec = vae.decoder
     if post_quant_conv and getattr(vae, "post_quant_conv", None) is not None:

@@ -53,7 +53,8 @@ def scale_shift(vae):
 
 
 def fixed_oracle(vae, x, y, *, num_blocks, norm, loss_type, pow_law, remove_outliers):
-    """Spec sections 1-4 composed from plain-PyTorch pieces: per-layer (N,) losses."""
+    """docs/spec.md ("Loss module" with its mask, normalization and distance) composed from
+    plain-PyTorch pieces: per-layer (N,) losses."""
     s, b = scale_shift(vae)
     fx = plain_decoder_features(vae, x / s + b, num_blocks)
     with torch.no_grad():

@@ -14,7 +14,8 @@ Per layer, for each option set, in fixed mode and in ``reference_compat``:
   gradient of that layer's loss and the logged statistics.
 
 Oracles:
-- fixed mode: docs/spec.md sections 1-4 composed from plain-PyTorch pieces
+- fixed mode: docs/spec.md ("Loss module", "Outlier mask", "Normalization", "Feature
+  distance") composed from plain-PyTorch pieces
   (``reference.py``: kthvalue/std/max_pool2d mask, formula distance) on the decoder's own
   blocks, with post_quant_conv;
 - compat mode: ``reference_lpl.ReferenceLPL`` (the restatement of the public reference)
@@ -44,7 +45,7 @@ from reference import outlier_windows, ref_feature_distance, ref_outlier_mask
 from reference_lpl import ReferenceLPL, blob_vae, plain_decoder_features
 
 DATA = Path(__file__).parent / "data"
-DOWN = {2: 2, 3: 1, 4: 1}  # masked layer -> down factor of its windows (docs/spec.md section 2)
+DOWN = {2: 2, 3: 1, 4: 1}  # masked layer -> down factor of its windows (docs/spec.md, "Outlier mask")
 LATENT_SEED = 8  # target latents whose blobs trigger the outlier removal on layers 2-4 (>= 1% of every sample)
 MIN_OUTLIER_RATIO = 0.008  # per sample and masked layer (the seed gives >= 1.0% in every case)
 
@@ -105,7 +106,7 @@ def assert_grad_close(got: torch.Tensor, want: torch.Tensor, rtol: float = GRAD_
 
 
 def layer_stats(y: torch.Tensor, keep: Optional[torch.Tensor]) -> Dict[str, float]:
-    """docs/spec.md section 2 logging statistics in float64: mean and unbiased std of the
+    """docs/spec.md "Layer statistics" in float64: mean and unbiased std of the
     masked target features, outlier ratio 1 - mean(keep)."""
     ym = y if keep is None else torch.where(keep, y, torch.zeros_like(y))
     std, mean = torch.std_mean(ym.double())
@@ -122,7 +123,7 @@ def assert_stats_close(got: Dict, want: Dict[str, float], what: str) -> None:
 
 def fixed_oracle(vae: nn.Module, x: torch.Tensor, y: torch.Tensor, *, num_blocks: int, norm: str,
                  loss_type: str, pow_law: bool, remove_outliers: bool) -> List[Dict]:
-    """docs/spec.md sections 1-4 from plain-PyTorch pieces, per layer: features, mask,
+    """docs/spec.md, "Loss module", from plain-PyTorch pieces, per layer: features, mask,
     loss (N,) float64 (differentiable in x) and statistics. The features and the mask are
     computed in the VAE's dtype, as the module does; the distance always in float64."""
     s, b = vae.config.scaling_factor, (vae.config.shift_factor or 0.0)

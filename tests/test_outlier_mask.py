@@ -1,4 +1,4 @@
-"""lpl_ext.outlier_mask against the plain-PyTorch formulation of LPL_SPEC.md section 2
+"""lpl_ext.outlier_mask against the plain-PyTorch formulation of docs/spec.md, "Outlier mask"
 (tests/reference.py: kthvalue, std, max_pool2d per plane) bit for bit, against the
 reference implementation's own masks (tests/data/outlier_*.npz), and its statistics
 against torch."""

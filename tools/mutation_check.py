@@ -121,7 +121,7 @@ def mutate_windows(text: str) -> str:
 
 
 def mutate_eps(text: str) -> str:
-    """Shared-norm eps 1e-6 -> 1e-5 (docs/spec.md section 3)."""
+    """Shared-norm eps 1e-6 -> 1e-5 (docs/spec.md, "Normalization")."""
     return _sub(r"(#define\s+LPL_EPS_SHARED\s+)1(?:\.0*)?e-6\b", r"\g<1>1e-5", text, "eps")
 
 
