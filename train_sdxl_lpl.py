@@ -292,6 +292,14 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         parser.error("--lpl_scale weights LPL by min(SNR, gamma)/SNR and therefore needs --snr_gamma "
                      "(e.g. --snr_gamma 5.0); without it the flag would do nothing. Add --snr_gamma or "
                      "drop --lpl_scale.")
+    if args.prediction_type == "flow_matching":
+        import inspect
+
+        from diffusers import DPMSolverMultistepScheduler
+
+        if "use_flow_sigmas" not in inspect.signature(DPMSolverMultistepScheduler.__init__).parameters:
+            parser.error("--prediction_type flow_matching needs a newer diffusers (DPMSolverMultistepScheduler "
+                         "with use_flow_sigmas, the sampler saved with the pipeline): pip install -U diffusers")
     if args.prediction_type == "flow_matching" and args.snr_gamma is not None:
         parser.error("--snr_gamma (min-SNR weighting) is defined for the DDPM prediction types "
                      "(epsilon, v_prediction, sample), not for --prediction_type flow_matching")
@@ -400,6 +408,14 @@ def _validate_lora(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         import peft  # noqa: F401
     except ImportError:
         parser.error("--rank (LoRA) needs the peft package: pip install peft")
+    import inspect
+
+    from diffusers import StableDiffusionXLPipeline
+
+    if "unet_lora_adapter_metadata" not in inspect.signature(StableDiffusionXLPipeline.save_lora_weights).parameters:
+        # Without the adapters' rank and alpha in the file, load_lora_weights would assume alpha = rank.
+        parser.error("--rank (LoRA) needs a newer diffusers, whose save_lora_weights stores the adapter "
+                     "metadata: pip install -U diffusers")
 
 
 def _probe_device() -> str:
