@@ -1206,8 +1206,8 @@ def test_sanitized_build_in_use() -> None:
     """Under tests/sanitize_run.sh the imported extension must be the sanitized build."""
     if os.environ.get("LPL_EXT_EXPECT_SANITIZE") != "1":
         pytest.skip("checks the sanitized build, which only tests/sanitize_run.sh imports; run it with "
-                    "`bash tests/sanitize_run.sh tests/test_fuzz.py -k sanitized_build_in_use` "
-                    "(CI runs it as part of `bash tests/sanitize_run.sh`)")
+                    "`bash tests/sanitize_run.sh \"$PWD/tests/test_fuzz.py\" -k sanitized_build_in_use` "
+                    "from the repository root (CI runs it within `bash tests/sanitize_run.sh`)")
     from lpl_ext import _C
 
     assert _C.build_info()["sanitize"] is True, _C.__file__
