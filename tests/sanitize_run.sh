@@ -73,7 +73,10 @@ if [ $# -eq 0 ]; then
     done
     args+=(-m "not slow and not cuda")
 else
-    args=("$@")
+    args=()
+    for a in "$@"; do  # pytest runs from $WORK below: paths given relative to here must survive
+        if [ -e "$a" ] || [ -e "${a%%::*}" ]; then args+=("$(cd "$(dirname "$a")" && pwd)/$(basename "$a")"); else args+=("$a"); fi
+    done
 fi
 
 # cwd outside the repo: `python -m pytest` puts the cwd first on sys.path, and the repo's
