@@ -35,17 +35,19 @@ import re
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from lpl_ext.feature_distance import DISTANCES, NORMS
+from lpl_ext.objective import PREDICTION_TYPES, snr_weights
+
 logger = logging.getLogger("train_sdxl_lpl")
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow_matching")
-LPL_NORM_TYPES = ("default", "shared", "batch", "none")
-LPL_LOSS_TYPES = ("mse", "l1")
 MAX_LPL_BLOCKS = 4  # the SDXL VAE decoder has 4 up blocks
 CHECKPOINT_PREFIX = "checkpoint-"
 CHECKPOINT_STATE_FILE = "trainer_state.json"
@@ -238,8 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lpl_weight", type=float, default=1.0, help="LPL weight (1.0-2.0 recommended).")
     g.add_argument("--lpl_t_threshold", type=int, default=200,
                    help="Apply LPL only to samples with timestep t < threshold (high SNR).")
-    g.add_argument("--lpl_loss_type", type=str, default="mse", choices=LPL_LOSS_TYPES)
-    g.add_argument("--lpl_norm_type", type=str, default="shared", choices=LPL_NORM_TYPES)
+    g.add_argument("--lpl_loss_type", type=str, default="mse", choices=DISTANCES)
+    g.add_argument("--lpl_norm_type", type=str, default="shared", choices=NORMS)
     _bool_flag(g, "lpl_pow_law", True, "Layer weights 2^-min(i,3).")
     g.add_argument("--lpl_num_blocks", type=int, default=4, help="Decoder up blocks used (0-4).")
     _bool_flag(g, "lpl_remove_outliers", True, "Mask outliers of the target features (2%%/98%% quantiles).")
@@ -279,12 +281,6 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     if not 0 <= args.lpl_num_blocks <= MAX_LPL_BLOCKS:
         parser.error(f"--lpl_num_blocks must be between 0 and {MAX_LPL_BLOCKS} (the SDXL VAE decoder has "
                      f"{MAX_LPL_BLOCKS} up blocks; 0 = mid block only), got {args.lpl_num_blocks}")
-    if args.lpl_weight < 0:
-        parser.error(f"--lpl_weight must be >= 0, got {args.lpl_weight}")
-    if args.lpl_t_threshold < 0:
-        parser.error(f"--lpl_t_threshold must be >= 0, got {args.lpl_t_threshold}")
-    if args.lpl_start < 0:
-        parser.error(f"--lpl_start must be >= 0, got {args.lpl_start}")
     if args.snr_gamma is not None and args.snr_gamma <= 0:
         parser.error(f"--snr_gamma must be > 0, got {args.snr_gamma}")
     if args.lpl_scale and args.snr_gamma is None:
@@ -314,18 +310,17 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
                          f"per line with 'file_name' and '{args.caption_column}')")
     if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
         parser.error(f"--resolution must be a positive multiple of 8, got {args.resolution}")
+    for name in ("lpl_weight", "lpl_t_threshold", "lpl_start", "num_validation_images", "noise_offset"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name} must be >= 0, got {getattr(args, name)}")
     for name in ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "num_synthetic_examples"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     for name in ("max_train_steps", "checkpointing_steps", "checkpoints_total_limit", "validation_steps",
-                 "num_validation_inference_steps", "max_train_samples"):
+                 "validation_epochs", "num_validation_inference_steps", "max_train_samples"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name} must be >= 1, got {value}")
-    if args.num_validation_images < 0:
-        parser.error(f"--num_validation_images must be >= 0, got {args.num_validation_images}")
-    if args.noise_offset < 0:
-        parser.error(f"--noise_offset must be >= 0, got {args.noise_offset}")
     if args.resume_from_checkpoint is not None:
         path = resolve_checkpoint_path(args.output_dir, args.resume_from_checkpoint)
         if path is None and args.resume_from_checkpoint != "latest":
@@ -339,8 +334,6 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
                 parser.error(f"--seed {args.seed} differs from the seed {seed} of {path}; resume with --seed {seed}")
     if not 0.0 <= args.proportion_empty_prompts <= 1.0:
         parser.error(f"--proportion_empty_prompts must be in [0, 1], got {args.proportion_empty_prompts}")
-    if args.validation_epochs is not None and args.validation_epochs < 1:
-        parser.error(f"--validation_epochs must be >= 1, got {args.validation_epochs}")
     _validate_timestep_bias(parser, args)
     _validate_lora(parser, args)
     # Environment checks: a flag that cannot work here fails now, before any model is loaded.
@@ -600,7 +593,7 @@ class ImageCaptionSource:
             from lpl_ext.synthetic_data import SyntheticShapes
 
             self.synthetic = SyntheticShapes(args.num_synthetic_examples)
-        raw = len(self._raw_len())
+        raw = len(self.records if self.kind == "imagefolder" else self.hf if self.kind == "hf" else self.synthetic)
         if raw == 0:
             raise SystemExit("the training data is empty")
         # Indices into the raw data. --max_train_samples keeps N examples of a permutation seeded with --seed
@@ -610,13 +603,6 @@ class ImageCaptionSource:
             perm = torch.randperm(raw, generator=torch.Generator().manual_seed(args.seed))
             self.indices = perm[: args.max_train_samples].tolist()
         self.length = len(self.indices)
-
-    def _raw_len(self):
-        if self.kind == "imagefolder":
-            return self.records
-        if self.kind == "hf":
-            return range(len(self.hf))
-        return range(len(self.synthetic))
 
     @staticmethod
     def _read_imagefolder(folder: Path, caption_column: str) -> list[tuple[Path, str]]:
@@ -659,8 +645,7 @@ class ImageCaptionSource:
             caption = (rng or random).choice(caption)
         return image.convert("RGB"), str(caption)
 
-    def get(self, index: int, rng: random.Random | None = None):
-        return self.__getitem__(index, rng)
+    get = __getitem__
 
 
 def example_rng(seed: int, epoch: int | str, index: int, stream: str = "data") -> random.Random:
@@ -896,7 +881,7 @@ def sample_noisy_latents(latents: torch.Tensor, noise: torch.Tensor, prediction_
     sigma ~ U(0, 1), z_t = (1 - sigma) z0 + sigma eps, target eps - z0, timestep = sigma * T.
     ``timestep_probs`` (T,) (see ``timestep_weights``) biases the draw: integer t ~ probs; for flow matching
     sigma = (t + U(0, 1)) / T, which is U(0, 1) for uniform probs.
-    Keeping z_t in fp32 matters: LPL reconstructs z0_hat from it (spec §5).
+    Keeping z_t in fp32 matters: LPL reconstructs z0_hat from it (docs/spec.md, "Training integration").
     """
     latents, noise = latents.float(), noise.float()
     n = latents.shape[0]
@@ -927,24 +912,14 @@ def sample_noisy_latents(latents: torch.Tensor, noise: torch.Tensor, prediction_
     return {"noisy_latents": noisy, "target": target, "timesteps": timesteps, "sigmas": None}
 
 
-def snr_from_alphas(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    """SNR(t) = alpha_bar_t / (1 - alpha_bar_t), (N,) fp32."""
-    a = alphas_cumprod.to(device=timesteps.device, dtype=torch.float32)[timesteps]
-    return a / (1.0 - a)
-
-
 def diffusion_loss(model_pred: torch.Tensor, target: torch.Tensor, prediction_type: str,
                    snr_gamma: float | None = None, alphas_cumprod: torch.Tensor | None = None,
                    timesteps: torch.Tensor | None = None) -> torch.Tensor:
-    """MSE diffusion loss in fp32, optionally min-SNR-gamma weighted (Hang et al. 2023). 0-dim tensor."""
+    """MSE diffusion loss in fp32, optionally min-SNR-gamma weighted (Hang et al. 2023). 0-dim tensor.
+    The weights are ``lpl_ext.objective.snr_weights`` (DDPM types: ``alphas_cumprod`` (T,) at ``timesteps``)."""
     if snr_gamma is None:
         return F.mse_loss(model_pred.float(), target.float(), reduction="mean")
-    snr = snr_from_alphas(alphas_cumprod, timesteps)
-    weight = torch.clamp(snr, max=snr_gamma)
-    if prediction_type == "epsilon":
-        weight = weight / snr
-    elif prediction_type == "v_prediction":
-        weight = weight / (snr + 1.0)
+    weight = snr_weights(timesteps, snr_gamma, prediction_type=prediction_type, alphas_cumprod=alphas_cumprod)
     per_sample = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     return (per_sample * weight).mean()
 
@@ -1393,8 +1368,8 @@ def add_lora_adapters(unet, text_encoders=(), *, rank: int, alpha: float) -> lis
 
 
 def setup_models(args: argparse.Namespace, accelerator, m: SimpleNamespace) -> list[torch.nn.Parameter]:
-    """Freeze, add LoRA adapters, place and cast the models. Sets ``m.weight_dtype`` and
-    ``m.trained_text_encoders``; returns the parameters to optimise."""
+    """Freeze, add LoRA adapters, place and cast the models; the EMA (--use_ema). Sets ``m.weight_dtype``,
+    ``m.trained_text_encoders`` and ``m.ema_unet`` (None without --use_ema); returns the parameters to optimise."""
     m.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     for frozen in (m.vae, m.text_encoder, m.text_encoder_2):
         frozen.requires_grad_(False)
@@ -1418,13 +1393,21 @@ def setup_models(args: argparse.Namespace, accelerator, m: SimpleNamespace) -> l
             encoder.gradient_checkpointing_enable()
     # The VAE stays fp32 (SDXL's VAE overflows in fp16; LPL decodes through it); text encoders may be low precision.
     m.vae.to(accelerator.device)
-    m.text_encoder.to(accelerator.device, dtype=m.weight_dtype)
-    m.text_encoder_2.to(accelerator.device, dtype=m.weight_dtype)
+    for encoder in (m.text_encoder, m.text_encoder_2):
+        encoder.to(accelerator.device, dtype=m.weight_dtype)
     if args.rank is not None:
         for p in params:  # adapters in fp32 whatever the base dtype (diffusers' cast_training_params)
             p.data = p.data.float()
     for encoder in m.trained_text_encoders:
         encoder.train()
+    m.ema_unet = None
+    if args.use_ema:
+        from diffusers import UNet2DConditionModel
+        from diffusers.training_utils import EMAModel
+
+        m.ema_unet = EMAModel(m.unet.parameters(), decay=args.ema_decay, model_cls=UNet2DConditionModel,
+                              model_config=m.unet.config)
+        m.ema_unet.to(accelerator.device)
     return params
 
 
@@ -1513,13 +1496,12 @@ def restore_ema(ema_unet, folder: str | os.PathLike, device) -> None:
     del loaded
 
 
-def register_checkpoint_hooks(accelerator, args: argparse.Namespace, m: SimpleNamespace, ema_unet) -> None:
+def register_checkpoint_hooks(accelerator, args: argparse.Namespace, m: SimpleNamespace) -> None:
     """Save/load hooks giving each ``checkpoint-N`` the diffusers layout, as diffusers' SDXL scripts do:
     ``unet/`` (and ``unet_ema/``) loadable with ``from_pretrained``, or, with --rank, the adapters as
     ``pytorch_lora_weights.safetensors`` loadable with ``load_lora_weights``. accelerate still saves the
     optimizer, scheduler, sampler and RNG states next to them."""
-    unet = m.unet
-    encoders = m.trained_text_encoders
+    unet, encoders, ema_unet = m.unet, m.trained_text_encoders, m.ema_unet
 
     def is_model(candidate, target) -> bool:
         return accelerator.unwrap_model(candidate) is target
@@ -1634,8 +1616,8 @@ def push_output_to_hub(args: argparse.Namespace, repo_id: str, output_dir: Path)
                          f"hf upload {repo_id} {output_dir} --exclude '{CHECKPOINT_PREFIX}*'") from exc
 
 
-def save_final_model(args: argparse.Namespace, accelerator, m: SimpleNamespace, unet, ema_unet,
-                     output_dir: Path, unet_state: dict | None = None) -> None:
+def save_final_model(args: argparse.Namespace, accelerator, m: SimpleNamespace, unet, output_dir: Path,
+                     unet_state: dict | None = None) -> None:
     """Main process: the LoRA weights (--rank) or the whole pipeline, in --save_precision. ``unet_state``: the
     UNet's full state dict, gathered from the FSDP shards by every process beforehand."""
     from diffusers import StableDiffusionXLPipeline
@@ -1655,8 +1637,8 @@ def save_final_model(args: argparse.Namespace, accelerator, m: SimpleNamespace, 
         return
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    if ema_unet is not None:
-        ema_unet.copy_to(model.parameters())
+    if m.ema_unet is not None:
+        m.ema_unet.copy_to(model.parameters())
     model.to(dtype)
     encoders = []
     for encoder, cls, sub in ((m.text_encoder, CLIPTextModel, "text_encoder"),
@@ -1673,7 +1655,7 @@ def save_final_model(args: argparse.Namespace, accelerator, m: SimpleNamespace, 
 
 
 # ----------------------------------------------------------------------------------------------------
-# Main
+# Training phases (main calls them top-down)
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -1684,77 +1666,31 @@ def _has_accelerator_device() -> bool:
     return bool(mps is not None and mps.is_available())
 
 
-RELAUNCH_ENV_VAR = "LPL_EXT_NO_CPU_RELAUNCH"
-
-
-def _requested_num_processes(launcher_argv: list[str], script: str) -> int | None:
-    """`--num_processes N` from an `accelerate launch` command line (only the launcher's own
-    options, i.e. the tokens before the training script), or None."""
-    script_name = os.path.basename(script)
-    end = next((i for i, tok in enumerate(launcher_argv) if os.path.basename(tok) == script_name),
-               len(launcher_argv))
-    opts = launcher_argv[:end]
-    for i, tok in enumerate(opts):
-        for flag in ("--num_processes", "--num-processes"):
-            value = None
-            if tok == flag and i + 1 < len(opts):
-                value = opts[i + 1]
-            elif tok.startswith(flag + "="):
-                value = tok.split("=", 1)[1]
-            if value is not None:
-                try:
-                    return int(value)
-                except ValueError:
-                    return None
-    return None
-
-
-def _relaunch_cpu_processes_if_requested(argv: list[str]) -> None:
-    """`accelerate launch --num_processes N` on a machine without GPUs runs ONE process
-    (accelerate picks its single-process launcher unless `--multi_gpu` is given) and says
-    nothing. Then restart this script under torchrun with N gloo processes, as
-    `accelerate launch --multi_gpu --num_processes N` would. Set LPL_EXT_NO_CPU_RELAUNCH=1
-    to keep accelerate's behaviour."""
-    if os.environ.get(RELAUNCH_ENV_VAR, "0") not in ("", "0"):
+def check_launch() -> None:
+    """Stop, naming the command that works, when accelerate was asked for several processes but started one:
+    without GPUs, ``accelerate launch --num_processes N`` (no ``--multi_gpu``) runs accelerate's one-process
+    launcher, which exports MASTER_ADDR for the processes it does not start, and no launcher set a world size."""
+    env = os.environ
+    if "ACCELERATE_USE_CPU" not in env or "MASTER_ADDR" not in env or _has_accelerator_device():
         return
-    if "ACCELERATE_USE_CPU" not in os.environ:  # not started by accelerate's simple launcher
+    if any(name in env for name in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")):
         return
-    if any(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")) or _has_accelerator_device():
-        return
-    try:
-        with open(f"/proc/{os.getppid()}/cmdline", "rb") as fh:
-            launcher_argv = [t.decode(errors="replace") for t in fh.read().split(b"\0") if t]
-    except OSError:
-        return
-    if "launch" not in launcher_argv and "accelerate.commands.launch" not in launcher_argv:
-        return
-    n = _requested_num_processes(launcher_argv, sys.argv[0])
-    if n is None or n < 2:
-        return
-    import socket
+    import shlex
 
-    with socket.socket() as sock:  # a free rendezvous port on this machine
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n),
-           "--master_addr", "127.0.0.1", "--master_port", str(port), sys.argv[0], *argv]
-    print(f"train_sdxl_lpl: no GPU, and accelerate started 1 process for --num_processes {n}; "
-          f"restarting under torchrun with {n} CPU processes (gloo). Pass --multi_gpu to accelerate "
-          f"to skip this step, or set {RELAUNCH_ENV_VAR}=1 to keep one process.", file=sys.stderr, flush=True)
-    env = dict(os.environ, **{RELAUNCH_ENV_VAR: "1"})
-    os.execvpe(cmd[0], cmd, env)
+    raise SystemExit(f"train_sdxl_lpl: accelerate started 1 process but was asked for more: without GPUs, "
+                     f"`accelerate launch --num_processes N` starts N only with --multi_gpu (it exported "
+                     f"MASTER_ADDR={env['MASTER_ADDR']} for processes it did not start). Start N processes (gloo "
+                     f"on CPU) with:\n    accelerate launch --multi_gpu --num_processes N {shlex.join(sys.argv)}")
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-
+def start_run(args: argparse.Namespace):
+    """The accelerator, logging (libraries quiet except on the local main process), seeds, TF32 and the
+    output folder. Returns (accelerator, accelerate's process-aware logger)."""
     from accelerate.logging import get_logger
     from accelerate.utils import set_seed
 
-    output_dir = Path(args.output_dir)
     accelerator = make_accelerator(args)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    log = get_logger("train_sdxl_lpl")
     if not accelerator.is_local_main_process:
         import diffusers
         import transformers
@@ -1767,231 +1703,297 @@ def main(argv: list[str] | None = None) -> None:
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    return accelerator, get_logger("train_sdxl_lpl")
 
-    # Before any model is loaded: what FSDP cannot do, the Hub repository (network, token), then the data.
-    check_distributed_setup(args, accelerator)
-    repo_id = prepare_hub_repo(args, accelerator)
-    source = ImageCaptionSource(args)
-    m = load_models(args, accelerator, log)
-    prediction_type = m.prediction_type
-    params = setup_models(args, accelerator, m)
-    trainable = sum(p.numel() for p in params)
-    log.info(f"trainable parameters: {trainable} ({'LoRA adapters' if args.rank is not None else 'UNet'}); "
+
+@dataclass
+class Run:
+    """What the training phases share: the models of ``load_models`` / ``setup_models`` (``m``), their
+    accelerate-prepared versions, the optimiser, the data, the step schedule and the step counter."""
+
+    args: argparse.Namespace
+    accelerator: Any
+    log: Any
+    m: SimpleNamespace
+    unet: torch.nn.Module  # prepared: DDP- or FSDP-wrapped
+    trained_encoders: list  # prepared text encoders with LoRA adapters (--train_text_encoder), else []
+    text_encoders: tuple  # the two text encoders as the training step calls them
+    params: list  # the trained parameters, as the prepared optimizer holds them (sharded under FSDP)
+    optimizer: Any
+    lr_scheduler: Any
+    dataset: Any
+    dataloader: Any
+    lpl_objective: Any
+    alphas_cumprod: torch.Tensor  # (T,) fp32 on the device
+    updates_per_epoch: int
+    num_epochs: int
+    output_dir: Path
+    global_step: int = 0
+    resume_step: int | None = None  # the step resumed from
+    start_time: float = 0.0  # when the first step started (train)
+
+    @property
+    def done(self) -> bool:
+        return self.global_step >= self.args.max_train_steps
+
+
+def prepare_training(args: argparse.Namespace, accelerator, log, m: SimpleNamespace, source: ImageCaptionSource,
+                     params: list[torch.nn.Parameter]) -> Run:
+    """Optimiser, data, lr schedule and step counts, then ``accelerator.prepare``; the LPL objective and the
+    trackers."""
+    from diffusers.optimization import get_scheduler
+
+    log.info(f"trainable parameters: {sum(p.numel() for p in params)} "
+             f"({'LoRA adapters' if args.rank is not None else 'UNet'}); "
              f"UNet parameters: {sum(p.numel() for p in m.unet.parameters())}", main_process_only=True)
-
-    ema_unet = None
-    if args.use_ema:
-        from diffusers import UNet2DConditionModel
-        from diffusers.training_utils import EMAModel
-
-        ema_unet = EMAModel(m.unet.parameters(), decay=args.ema_decay, model_cls=UNet2DConditionModel,
-                            model_config=m.unet.config)
-        ema_unet.to(accelerator.device)
-    register_checkpoint_hooks(accelerator, args, m, ema_unet)
-
     lr = args.learning_rate
     if args.scale_lr:
         lr = lr * args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
     optimizer = build_optimizer(args, params, lr)
-    train_dataset, train_dataloader = build_dataloader(args, accelerator, source, m)
-
-    from diffusers.optimization import get_scheduler
-
+    dataset, dataloader = build_dataloader(args, accelerator, source, m)
     # Steps: computed from the per-process dataloader length, as accelerate shards it.
-    per_process_batches = math.ceil(len(train_dataloader) / accelerator.num_processes)
+    per_process_batches = math.ceil(len(dataloader) / accelerator.num_processes)
     updates_per_epoch = max(1, math.ceil(per_process_batches / args.gradient_accumulation_steps))
-    max_train_steps = args.max_train_steps or args.num_train_epochs * updates_per_epoch
-    args.max_train_steps = max_train_steps
+    args.max_train_steps = args.max_train_steps or args.num_train_epochs * updates_per_epoch
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-                                 num_training_steps=max_train_steps * accelerator.num_processes)
+                                 num_training_steps=args.max_train_steps * accelerator.num_processes)
 
-    prepared = accelerator.prepare(m.unet, *m.trained_text_encoders, optimizer, train_dataloader, lr_scheduler)
-    unet, trained_encoders = prepared[0], list(prepared[1:1 + len(m.trained_text_encoders)])
-    optimizer, train_dataloader, lr_scheduler = prepared[-3:]
-    text_encoders = tuple(trained_encoders) if trained_encoders else (m.text_encoder, m.text_encoder_2)
-    # FSDP replaces the UNet's parameters with sharded ones: clip what the optimizer now holds.
-    params = [p for model in (unet, *trained_encoders) for p in model.parameters() if p.requires_grad]
-    sharded = is_fsdp(accelerator)
-    updates_per_epoch = max(1, math.ceil(len(train_dataloader) / args.gradient_accumulation_steps))
-    num_epochs = math.ceil(max_train_steps / updates_per_epoch)
-
-    lpl_objective = build_lpl_objective(args, m.vae) if args.use_lpl else None
-    alphas_cumprod = m.noise_scheduler.alphas_cumprod.to(accelerator.device, dtype=torch.float32)
-
+    prepared = accelerator.prepare(m.unet, *m.trained_text_encoders, optimizer, dataloader, lr_scheduler)
+    unet, trained = prepared[0], list(prepared[1:1 + len(m.trained_text_encoders)])
+    optimizer, dataloader, lr_scheduler = prepared[-3:]
+    updates_per_epoch = max(1, math.ceil(len(dataloader) / args.gradient_accumulation_steps))
     if accelerator.is_main_process and args.report_to != "none":
         tracker_config = {k: v for k, v in vars(args).items()
                           if isinstance(v, (int, float, str, bool)) and k != "hub_token"}
         accelerator.init_trackers("sdxl-lpl", config=tracker_config)
+    return Run(
+        args=args, accelerator=accelerator, log=log, m=m, unet=unet, trained_encoders=trained,
+        text_encoders=tuple(trained) if trained else (m.text_encoder, m.text_encoder_2),
+        # FSDP replaces the UNet's parameters with sharded ones: clip what the optimizer now holds.
+        params=[p for model in (unet, *trained) for p in model.parameters() if p.requires_grad],
+        optimizer=optimizer, lr_scheduler=lr_scheduler, dataset=dataset, dataloader=dataloader,
+        lpl_objective=build_lpl_objective(args, m.vae) if args.use_lpl else None,
+        alphas_cumprod=m.noise_scheduler.alphas_cumprod.to(accelerator.device, dtype=torch.float32),
+        updates_per_epoch=updates_per_epoch,
+        num_epochs=math.ceil(args.max_train_steps / updates_per_epoch), output_dir=Path(args.output_dir))
 
-    global_step = 0
-    first_epoch = 0
-    resume_step = None
-    if args.resume_from_checkpoint:
-        path = resolve_checkpoint_path(output_dir, args.resume_from_checkpoint)
-        if path is None:
-            log.warning(f"no complete checkpoint found for --resume_from_checkpoint "
+
+def resume(run: Run) -> None:
+    """--resume_from_checkpoint: load the accelerate state (models through the checkpoint hooks) and the step
+    counter. Warns and starts anew when no complete checkpoint exists."""
+    args = run.args
+    if not args.resume_from_checkpoint:
+        return
+    path = resolve_checkpoint_path(run.output_dir, args.resume_from_checkpoint)
+    if path is None:
+        run.log.warning(f"no complete checkpoint found for --resume_from_checkpoint "
                         f"{args.resume_from_checkpoint!r}; starting a new run", main_process_only=True)
+        return
+    with open(path / CHECKPOINT_STATE_FILE, encoding="utf-8") as fh:
+        state = json.load(fh)
+    run.accelerator.load_state(str(path))
+    run.global_step = run.resume_step = int(state["global_step"])
+    run.log.info(f"resumed from {path} at step {run.global_step}", main_process_only=True)
+
+
+def training_step(run: Run, batch: dict, epoch: int, micro: int, step_metrics: StepMetrics,
+                  trace: SampleTrace) -> None:
+    """One micro-batch: latents, noise, prompt embeddings, the losses (``compute_losses``), backward. The
+    optimiser steps on the micro-batch where accelerate syncs the gradients (the last of an accumulation);
+    on the others accelerate makes the optimizer and lr-scheduler steps no-ops."""
+    args, accelerator, m = run.args, run.accelerator, run.m
+    with accelerator.accumulate(run.unet, *run.trained_encoders):
+        trace.write(run.global_step + 1, micro, epoch, batch["indices"])
+        generator = seeded_generator(args.seed, "train", accelerator.process_index, run.global_step, micro)
+        if "latents" in batch:
+            latents = batch["latents"].to(accelerator.device, dtype=torch.float32)
         else:
-            with open(path / CHECKPOINT_STATE_FILE, encoding="utf-8") as fh:
-                state = json.load(fh)
-            accelerator.load_state(str(path))
-            global_step = int(state["global_step"])
-            resume_step = global_step
-            first_epoch = global_step // updates_per_epoch
-            log.info(f"resumed from {path} at step {global_step}", main_process_only=True)
+            latents = encode_latents(m.vae, batch["pixel_values"], generator)
+        noise = torch.randn(latents.shape, generator=generator).to(latents.device)
+        if args.noise_offset:
+            noise = noise + args.noise_offset * torch.randn(
+                latents.shape[0], latents.shape[1], 1, 1, generator=generator).to(latents.device)
+        prompt_embeds, pooled = encode_prompts(run.text_encoders, [batch["input_ids"], batch["input_ids_2"]],
+                                               train=args.train_text_encoder)
+        loss, metrics = compute_losses(
+            unet=run.unet, batch_latents=latents, noise=noise, prompt_embeds=prompt_embeds, pooled_embeds=pooled,
+            add_time_ids=batch["add_time_ids"].to(accelerator.device), noise_scheduler=m.noise_scheduler,
+            prediction_type=m.prediction_type, args=args, lpl_objective=run.lpl_objective,
+            global_step=run.global_step, alphas_cumprod=run.alphas_cumprod, generator=generator,
+            timestep_probs=m.timestep_probs)
+        step_metrics.add(metrics, metric_weights(metrics))
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and args.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(run.params, args.max_grad_norm)
+        run.optimizer.step()
+        run.lr_scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
 
-    names = metric_names(args.lpl_num_blocks)
-    step_metrics = StepMetrics(names)
-    metrics_csv = MetricsCSV(output_dir / METRICS_CSV, names, resume_step) if accelerator.is_main_process else None
-    trace = SampleTrace(accelerator.process_index)
 
-    total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    log.info(f"examples={len(train_dataset)} epochs={num_epochs} steps={max_train_steps} "
-             f"batch/process={args.train_batch_size} total batch={total_batch} processes={accelerator.num_processes} "
-             f"mixed_precision={accelerator.mixed_precision} prediction_type={prediction_type} "
-             f"training={'LoRA rank ' + str(args.rank) if args.rank is not None else 'full UNet'} "
-             f"LPL={'on' if args.use_lpl else 'off'} "
-             f"(weight {args.lpl_weight}, t < {args.lpl_t_threshold}, from step {args.lpl_start})",
-             main_process_only=True)
+def end_step(run: Run, epoch: int, step_metrics: StepMetrics, progress, csv_file: MetricsCSV | None) -> None:
+    """After an optimiser step: the EMA, the step's metrics (progress bar, metrics.csv, trackers), then a
+    checkpoint and validation when their schedules say so."""
+    args, accelerator = run.args, run.accelerator
+    if run.m.ema_unet is not None:
+        run.m.ema_unet.step(run.unet.parameters())
+    run.global_step += 1
+    progress.update(1)
+    values = step_metrics.pop(accelerator)  # this step only; reset for the next one
+    lr = run.lr_scheduler.get_last_lr()[0]
+    progress.set_postfix(diff=f"{values['diffusion_loss']:.4f}",
+                         lpl=f"{values['lpl_loss']:.4f}" if args.use_lpl else "off",
+                         lpl_ratio=f"{values['lpl_applied_ratio']:.2f}" if args.use_lpl else "-", lr=f"{lr:.1e}")
+    if csv_file is not None:
+        csv_file.append({"step": run.global_step, "epoch": epoch, "lr": lr, **values,
+                         "elapsed_s": round(time.time() - run.start_time, 3)})
+    accelerator.log({k: v for k, v in values.items() if v == v} | {"lr": lr}, step=run.global_step)
+    if args.checkpointing_steps and run.global_step % args.checkpointing_steps == 0:
+        checkpoint(run, epoch)
+    if args.validation_steps and run.global_step % args.validation_steps == 0 and not run.done:
+        validate(run)
 
+
+def checkpoint(run: Run, epoch: int) -> None:
+    """``checkpoint-<step>`` (atomic; the hooks add the diffusers layout) and the loss plot so far."""
+    # The sampler's state: epoch e is permuted with seed + e (accelerate saves a SeedableRandomSampler only
+    # for iterable datasets, so it is recorded here).
+    path = save_checkpoint(run.accelerator, run.output_dir, run.global_step, run.args.checkpoints_total_limit,
+                           {"epoch": epoch, "seed": run.args.seed, "sampler": "SeedableRandomSampler"})
+    run.log.info(f"saved {path}", main_process_only=True)
+    if run.accelerator.is_main_process:
+        plot_loss_curves(run.output_dir / METRICS_CSV, run.output_dir / LOSS_PLOT)
+
+
+def validate(run: Run) -> None:
+    """Validation images of the current weights (the EMA's with --use_ema), saved by the main process."""
+    args, accelerator, m = run.args, run.accelerator, run.m
+    if not args.validation_prompts or args.num_validation_images == 0:
+        return
+    # With FSDP every UNet forward gathers the shards from all processes: all of them sample (the same
+    # images), the main process saves them.
+    if accelerator.is_main_process or is_fsdp(accelerator):
+        model = accelerator.unwrap_model(run.unet)
+        if m.ema_unet is not None:
+            m.ema_unet.store(model.parameters())
+            m.ema_unet.copy_to(model.parameters())
+        was_training = model.training
+        model.eval()
+        encoders = [accelerator.unwrap_model(e) for e in run.text_encoders]
+        components = dict(vae=m.vae, text_encoder=encoders[0], text_encoder_2=encoders[1],
+                          tokenizer=m.tokenizer, tokenizer_2=m.tokenizer_2)
+        # LoRA keeps the frozen base weights in the mixed-precision dtype: the UNet then samples under autocast.
+        lora_low_precision = args.rank is not None and m.weight_dtype != torch.float32
+        images = generate_validation_images(
+            components, model, args.validation_prompts, args.num_validation_images, args.resolution,
+            args.num_validation_inference_steps, m.prediction_type, m.scheduler_config, args.seed,
+            accelerator.device, autocast_dtype=m.weight_dtype if lora_low_precision else None)
+        model.train(was_training)
+        if m.ema_unet is not None:
+            m.ema_unet.restore(model.parameters())
+    if accelerator.is_main_process:
+        save_validation_images(images, run.output_dir / "validation", run.global_step)
+        for tracker in accelerator.trackers:
+            if tracker.name == "tensorboard":
+                import numpy as np
+
+                for p_idx, (_, imgs) in enumerate(images):
+                    tracker.writer.add_images(f"validation/prompt{p_idx}", np.stack([np.asarray(i) for i in imgs]),
+                                              run.global_step, dataformats="NHWC")
+    accelerator.wait_for_everyone()
+
+
+def train(run: Run) -> None:
+    """The epochs from the resumed position: ``training_step`` per micro-batch; per optimiser step the EMA,
+    the metrics (progress bar, metrics.csv, trackers), checkpoints and validation on their schedules."""
     from tqdm.auto import tqdm
 
-    progress = tqdm(range(max_train_steps), initial=global_step, desc="steps",
+    args, accelerator = run.args, run.accelerator
+    total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    run.log.info(f"examples={len(run.dataset)} epochs={run.num_epochs} steps={args.max_train_steps} "
+                 f"batch/process={args.train_batch_size} total batch={total_batch} "
+                 f"processes={accelerator.num_processes} mixed_precision={accelerator.mixed_precision} "
+                 f"prediction_type={run.m.prediction_type} "
+                 f"training={'LoRA rank ' + str(args.rank) if args.rank is not None else 'full UNet'} "
+                 f"LPL={'on' if args.use_lpl else 'off'} "
+                 f"(weight {args.lpl_weight}, t < {args.lpl_t_threshold}, from step {args.lpl_start})",
+                 main_process_only=True)
+    names = metric_names(args.lpl_num_blocks)
+    step_metrics = StepMetrics(names)
+    csv_file = MetricsCSV(run.output_dir / METRICS_CSV, names, run.resume_step) if accelerator.is_main_process else None
+    trace = SampleTrace(accelerator.process_index)
+    progress = tqdm(range(args.max_train_steps), initial=run.global_step, desc="steps",
                     disable=not accelerator.is_local_main_process, dynamic_ncols=True)
-    # LoRA keeps the frozen base weights in the mixed-precision dtype: validation then runs under autocast.
-    validation_autocast = m.weight_dtype if (args.rank is not None and m.weight_dtype != torch.float32) else None
-
-    def validate(step: int) -> None:
-        if not args.validation_prompts or args.num_validation_images == 0:
-            return
-        # With FSDP every UNet forward gathers the shards from all processes: all of them sample (the same
-        # images), the main process saves them.
-        if accelerator.is_main_process or sharded:
-            model = accelerator.unwrap_model(unet)
-            if ema_unet is not None:
-                ema_unet.store(model.parameters())
-                ema_unet.copy_to(model.parameters())
-            was_training = model.training
-            model.eval()
-            encoders = [accelerator.unwrap_model(e) for e in text_encoders]
-            components = dict(vae=m.vae, text_encoder=encoders[0], text_encoder_2=encoders[1],
-                              tokenizer=m.tokenizer, tokenizer_2=m.tokenizer_2)
-            images = generate_validation_images(
-                components, model, args.validation_prompts, args.num_validation_images, args.resolution,
-                args.num_validation_inference_steps, prediction_type, m.scheduler_config, args.seed,
-                accelerator.device, autocast_dtype=validation_autocast)
-            model.train(was_training)
-            if ema_unet is not None:
-                ema_unet.restore(model.parameters())
-        if accelerator.is_main_process:
-            save_validation_images(images, output_dir / "validation", step)
-            for tracker in accelerator.trackers:
-                if tracker.name == "tensorboard":
-                    import numpy as np
-
-                    for p_idx, (_, imgs) in enumerate(images):
-                        tracker.writer.add_images(f"validation/prompt{p_idx}",
-                                                  np.stack([np.asarray(i) for i in imgs]), step, dataformats="NHWC")
-        accelerator.wait_for_everyone()
-
-    start_time = time.time()
-    done = global_step >= max_train_steps
+    run.start_time = time.time()
     micro = 0  # micro-batch within the current optimiser step
-    for epoch in range(first_epoch, num_epochs):
-        if done:
+    first_epoch = run.global_step // run.updates_per_epoch
+    for epoch in range(first_epoch, run.num_epochs):
+        if run.done:
             break
         # The sampler permutes epoch e with seed + e; the dataset draws augmentations per (epoch, example).
-        train_dataloader.set_epoch(epoch)
-        train_dataset.set_epoch(epoch)
-        dataloader = train_dataloader
-        if resume_step is not None and epoch == first_epoch:
-            skip = (resume_step - first_epoch * updates_per_epoch) * args.gradient_accumulation_steps
+        run.dataloader.set_epoch(epoch)
+        run.dataset.set_epoch(epoch)
+        batches = run.dataloader
+        if run.resume_step is not None and epoch == first_epoch:
+            skip = (run.resume_step - first_epoch * run.updates_per_epoch) * args.gradient_accumulation_steps
             if skip > 0:
-                dataloader = accelerator.skip_first_batches(train_dataloader, skip)
-        for batch in dataloader:
-            with accelerator.accumulate(unet, *trained_encoders):
-                trace.write(global_step + 1, micro, epoch, batch["indices"])
-                generator = seeded_generator(args.seed, "train", accelerator.process_index, global_step, micro)
-                if "latents" in batch:
-                    latents = batch["latents"].to(accelerator.device, dtype=torch.float32)
-                else:
-                    latents = encode_latents(m.vae, batch["pixel_values"], generator)
-                noise = torch.randn(latents.shape, generator=generator).to(latents.device)
-                if args.noise_offset:
-                    noise = noise + args.noise_offset * torch.randn(
-                        latents.shape[0], latents.shape[1], 1, 1, generator=generator).to(latents.device)
-                prompt_embeds, pooled = encode_prompts(text_encoders, [batch["input_ids"], batch["input_ids_2"]],
-                                                       train=args.train_text_encoder)
-                loss, metrics = compute_losses(
-                    unet=unet, batch_latents=latents, noise=noise, prompt_embeds=prompt_embeds,
-                    pooled_embeds=pooled, add_time_ids=batch["add_time_ids"].to(accelerator.device),
-                    noise_scheduler=m.noise_scheduler, prediction_type=prediction_type, args=args,
-                    lpl_objective=lpl_objective, global_step=global_step, alphas_cumprod=alphas_cumprod,
-                    generator=generator, timestep_probs=m.timestep_probs)
-                step_metrics.add(metrics, metric_weights(metrics))
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(params, args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-
+                batches = accelerator.skip_first_batches(run.dataloader, skip)
+        for batch in batches:
+            training_step(run, batch, epoch, micro, step_metrics, trace)
             if not accelerator.sync_gradients:
                 micro += 1
                 continue
             micro = 0
-            if ema_unet is not None:
-                ema_unet.step(unet.parameters())
-            global_step += 1
-            progress.update(1)
-            values = step_metrics.pop(accelerator)  # this step only; reset for the next one
-            current_lr = lr_scheduler.get_last_lr()[0]
-            progress.set_postfix(diff=f"{values['diffusion_loss']:.4f}",
-                                 lpl=f"{values['lpl_loss']:.4f}" if args.use_lpl else "off",
-                                 lpl_ratio=f"{values['lpl_applied_ratio']:.2f}" if args.use_lpl else "-",
-                                 lr=f"{current_lr:.1e}")
-            if metrics_csv is not None:
-                metrics_csv.append({"step": global_step, "epoch": epoch, "lr": current_lr, **values,
-                                    "elapsed_s": round(time.time() - start_time, 3)})
-            accelerator.log({k: v for k, v in values.items() if v == v} | {"lr": current_lr}, step=global_step)
-            if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
-                # The sampler's state: epoch e is permuted with seed + e (accelerate saves a SeedableRandomSampler
-                # only for iterable datasets, so it is recorded here).
-                path = save_checkpoint(accelerator, output_dir, global_step, args.checkpoints_total_limit,
-                                       {"epoch": epoch, "seed": args.seed, "sampler": "SeedableRandomSampler"})
-                log.info(f"saved {path}", main_process_only=True)
-                if accelerator.is_main_process:
-                    plot_loss_curves(output_dir / METRICS_CSV, output_dir / LOSS_PLOT)
-            if args.validation_steps and global_step % args.validation_steps == 0 and global_step < max_train_steps:
-                validate(global_step)
-            if global_step >= max_train_steps:
-                done = True
+            end_step(run, epoch, step_metrics, progress, csv_file)
+            if run.done:
                 break
         # diffusers' schedule: after epochs 0, N, 2N, ... (the end of training validates anyway).
-        if args.validation_epochs and epoch % args.validation_epochs == 0 and not done:
-            validate(global_step)
+        if args.validation_epochs and epoch % args.validation_epochs == 0 and not run.done:
+            validate(run)
     progress.close()
 
+
+def save_outputs(run: Run, repo_id: str | None) -> None:
+    """The final save: the pipeline or LoRA weights (``save_final_model``), the loss plot, the model card."""
+    args, accelerator = run.args, run.accelerator
+    unet_state = accelerator.get_state_dict(run.unet) if is_fsdp(accelerator) else None  # collective: every process
+    if not accelerator.is_main_process:
+        return
+    save_final_model(args, accelerator, run.m, run.unet, run.output_dir, unet_state)
+    plot_loss_curves(run.output_dir / METRICS_CSV, run.output_dir / LOSS_PLOT)
+    if repo_id is not None:
+        write_model_card(args, run.output_dir, repo_id, args.pretrained_model_name_or_path or run.m.model_path)
+    saved = (f"{LORA_WEIGHT_NAME} (load into {run.m.model_path} with load_lora_weights)" if args.rank is not None
+             else "pipeline")
+    run.log.info(f"done: {run.global_step} steps in {time.time() - run.start_time:.1f}s; {saved}, {METRICS_CSV}, "
+                 f"{LOSS_PLOT} and validation images in {run.output_dir}", main_process_only=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    check_launch()
+    accelerator, log = start_run(args)
+    # Before any model is loaded: what FSDP cannot do, the Hub repository (network, token), then the data.
+    check_distributed_setup(args, accelerator)
+    repo_id = prepare_hub_repo(args, accelerator)
+    source = ImageCaptionSource(args)
+    # Models: loaded, frozen or given adapters, placed, cast; checkpoints in the diffusers layout.
+    m = load_models(args, accelerator, log)
+    params = setup_models(args, accelerator, m)
+    register_checkpoint_hooks(accelerator, args, m)
+    # Data, optimiser and schedule, wrapped by accelerate; then the state of the checkpoint resumed from.
+    run = prepare_training(args, accelerator, log, m, source, params)
+    resume(run)
+    train(run)
     accelerator.wait_for_everyone()
-    validate(global_step)
-    unet_state = accelerator.get_state_dict(unet) if sharded else None  # collective: every process
-    if accelerator.is_main_process:
-        save_final_model(args, accelerator, m, unet, ema_unet, output_dir, unet_state)
-        plot_loss_curves(output_dir / METRICS_CSV, output_dir / LOSS_PLOT)
-        if repo_id is not None:
-            write_model_card(args, output_dir, repo_id, args.pretrained_model_name_or_path or m.model_path)
-        saved = (f"{LORA_WEIGHT_NAME} (load into {m.model_path} with load_lora_weights)" if args.rank is not None
-                 else "pipeline")
-        log.info(f"done: {global_step} steps in {time.time() - start_time:.1f}s; {saved}, {METRICS_CSV}, "
-                 f"{LOSS_PLOT} and validation images in {output_dir}", main_process_only=True)
+    validate(run)
+    save_outputs(run, repo_id)
     accelerator.end_training()
     if repo_id is not None:
         # The last step: everything above is on disk whether or not the upload succeeds.
-        push_output_to_hub(args, repo_id, output_dir)
+        push_output_to_hub(args, repo_id, run.output_dir)
 
 
 if __name__ == "__main__":
-    _relaunch_cpu_processes_if_requested(sys.argv[1:])
     main(sys.argv[1:])
