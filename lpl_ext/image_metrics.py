@@ -9,8 +9,9 @@ picture, with no model, only the palette and the shapes' geometry:
   the blended pixels along the edge (red on white is pink, which is nearest to orange) do not vote;
 - **shape**: the pixels nearer to the measured foreground colour than to the background colour form the
   shape mask (its largest 4-connected part); each of circle, square, triangle and cross is drawn as a
-  template filling the mask's bounding box (all four shapes fill a square box of side 2r in the data) and
-  the template with the highest IoU with the mask is the shape;
+  template filling the mask's bounding box (all four shapes fill a square box of side 2r in the data), also
+  slightly shrunk or moved (:data:`FIT_SCALES`, :data:`FIT_SHIFTS_PX`) so that one stray bump on the
+  outline does not decide, and the template with the highest IoU with the mask is the shape;
 - **size**: the bounding box side; above :data:`SIZE_SPLIT_PX` (between the data's small and large sizes,
   26 and 44 px at 64 px) is ``large``;
 - **edge width** (px): pixels in transition between the two colours (projection on the background ->
@@ -24,6 +25,7 @@ picture, with no model, only the palette and the shapes' geometry:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import deque
 from dataclasses import asdict, dataclass
@@ -40,6 +42,9 @@ SIZE_SPLIT_PX = 34.0
 # Fewer foreground pixels than this (at 64 px) means no shape was drawn.
 MIN_SHAPE_PX = 12
 TRANSITION_LOW, TRANSITION_HIGH = 0.1, 0.9
+# Template fit around the bounding box: half-size r * scale, centre moved by (dx, dy) (px at 64 px).
+FIT_SCALES = (0.85, 0.9, 0.95, 1.0, 1.05)
+FIT_SHIFTS_PX = (-2.0, 0.0, 2.0)
 
 
 @dataclass
@@ -123,9 +128,17 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
     return labels == best if best else np.zeros_like(mask)
 
 
+@functools.lru_cache(maxsize=8)
+def _pixel_centres(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32) + 0.5
+    y.setflags(write=False)
+    x.setflags(write=False)
+    return y, x
+
+
 def shape_template(shape: str, cx: float, cy: float, r: float, height: int, width: int) -> np.ndarray:
     """Boolean (height, width) mask of ``shape`` as synthetic_data draws it: centre (cx, cy), half-size r."""
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32) + 0.5  # pixel centres
+    y, x = _pixel_centres(height, width)
     ax, ay = np.abs(x - cx), np.abs(y - cy)
     if shape == "circle":
         return (x - cx) ** 2 + (y - cy) ** 2 <= r * r
@@ -178,7 +191,8 @@ def analyze_image(image) -> ImageAnalysis:
     x0, x1, y0, y1 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
     side = float(max(x1 - x0, y1 - y0))
     cx, cy, r = (x0 + x1) / 2, (y0 + y1) / 2, side / 2
-    ious = {s: _iou(mask, shape_template(s, cx, cy, r, h, w)) for s in sd.SHAPES}
+    ious = {s: max(_iou(mask, shape_template(s, cx + dx * scale, cy + dy * scale, r * k, h, w))
+                   for k in FIT_SCALES for dx in FIT_SHIFTS_PX for dy in FIT_SHIFTS_PX) for s in sd.SHAPES}
     shape = max(ious, key=ious.get)
 
     boundary = mask & ~_erode(mask)

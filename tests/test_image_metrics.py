@@ -28,8 +28,8 @@ def test_every_drawn_combination_is_read_back():
         # PIL draws without antialiasing: no pixel lies between the two colours.
         assert s["edge_width_px"] == 0.0
         assert s["fg_error"] == 0.0 and s["bg_error"] == 0.0
-        # Template vs PIL rasterisation: measured min 0.838 (small crosses), mean 0.955.
-        assert s["shape_iou"] > 0.8, (caption, s["shape_iou"])
+        # Fitted template vs PIL rasterisation: measured min 0.913 (a small cross), mean 0.971.
+        assert s["shape_iou"] > 0.88, (caption, s["shape_iou"])
 
 
 def test_64px_canvas_drawings_are_read_back():
@@ -101,8 +101,9 @@ def test_dataset_reference_through_the_vae_is_softer_but_right():
 
     ref = im.dataset_reference(16, vae=ts.build_tiny_vae().eval())
     assert ref["raw"]["all_acc"] == 1.0 and ref["raw"]["edge_width_px"] == 0.0
-    # Measured: the shipped VAE's reconstructions of 64 examples keep 98% right, edges 1.85 px wide.
-    assert ref["vae"]["all_acc"] >= 0.85
+    # Measured: the shipped VAE's reconstructions keep 15 of these 16 right (97% of 64; small crosses lose
+    # their arms and read as circles), edges 1.6 px wide (1.85 px on 64).
+    assert ref["vae"]["all_acc"] >= 0.8
     assert 0.5 < ref["vae"]["edge_width_px"] < 3.5
 
 

@@ -107,13 +107,20 @@ def loss_stats(m: dict[str, np.ndarray], lpl_weight: float) -> dict:
         out["lpl_to_diffusion_overall"] = float(np.nansum(lpl_weight * np.nan_to_num(lpl)) / np.nansum(diff))
     elapsed = m["elapsed_s"]
     if len(elapsed) > 2:
-        out["s_per_step_median"] = float(np.median(np.diff(elapsed)))
+        dt = np.diff(elapsed)  # dt[i]: time of step i + 2 (the first step also holds start-up work)
+        out["s_per_step_median"] = float(np.median(dt))
+        if "lpl_applied_ratio" in m:
+            # Same run, same machine load: steps that decoded LPL samples vs steps that had none.
+            applied = np.nan_to_num(m["lpl_applied_ratio"][1:]) > 0
+            if applied.any() and (~applied).any():
+                out["s_per_step_with_lpl"] = float(np.median(dt[applied]))
+                out["s_per_step_without_lpl"] = float(np.median(dt[~applied]))
     return out
 
 
 def evaluate_pipeline(model_dir: Path, num_images: int, seed: int, out_dir: Path) -> dict:
-    """Sample the evaluation prompts with the pipeline saved in ``model_dir`` and score them; writes
-    ``eval.json`` and ``eval_grid.png`` (rows: prompts) into ``out_dir``."""
+    """Sample the evaluation prompts with the pipeline saved in ``model_dir`` into ``out_dir/eval_grid.png``
+    (rows: prompts, ``num_images`` columns) and score them (:func:`score_grid`)."""
     import torch
     from diffusers import StableDiffusionXLPipeline
 
@@ -122,12 +129,31 @@ def evaluate_pipeline(model_dir: Path, num_images: int, seed: int, out_dir: Path
     pipe = StableDiffusionXLPipeline.from_pretrained(str(model_dir), torch_dtype=torch.float32,
                                                      local_files_only=True)
     prompts = im.evaluation_prompts()
-    images, captions = im.generate(pipe, prompts, num_images, seed)
-    scores = im.score_images(images, captions)
-    summary = im.summarize(scores)
-    per_prompt = {p: im.summarize([s for s in scores if s["caption"] == p]) for p in prompts}
+    images, _ = im.generate(pipe, prompts, num_images, seed)
     save_grid(images, len(prompts), num_images, out_dir / "eval_grid.png")
-    result = {"summary": summary, "per_prompt": per_prompt, "images_per_prompt": num_images, "seed": seed}
+    (out_dir / "eval_settings.json").write_text(json.dumps({"images_per_prompt": num_images, "seed": seed}) + "\n")
+    return score_grid(out_dir)
+
+
+def score_grid(out_dir: Path) -> dict:
+    """Score the images of ``out_dir/eval_grid.png`` (lossless PNG: the tiles are the generated images) with
+    ``lpl_ext.image_metrics``; writes and returns ``eval.json`` (summary and per-prompt summaries)."""
+    from PIL import Image
+
+    from lpl_ext import image_metrics as im
+
+    settings = json.loads((out_dir / "eval_settings.json").read_text())
+    cols = settings["images_per_prompt"]
+    prompts = im.evaluation_prompts()
+    grid = Image.open(out_dir / "eval_grid.png").convert("RGB")
+    tile_w, tile_h = grid.width // cols, grid.height // len(prompts)
+    images = [grid.crop((c * tile_w, r * tile_h, (c + 1) * tile_w, (r + 1) * tile_h))
+              for r in range(len(prompts)) for c in range(cols)]
+    captions = [p for p in prompts for _ in range(cols)]
+    scores = im.score_images(images, captions)
+    result = {"summary": im.summarize(scores),
+              "per_prompt": {p: im.summarize([s for s in scores if s["caption"] == p]) for p in prompts},
+              **settings}
     (out_dir / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
     return result
 
@@ -283,14 +309,16 @@ def markdown_tables(results: dict) -> str:
                          f"{100 * r['bg_acc']:.1f} | {100 * r['shape_acc']:.1f} | {100 * r['size_acc']:.1f} | "
                          f"{r['shape_iou']:.3f} | {r['edge_width_px']:.2f} | {r['fg_error']:.1f} |")
     lines += ["", "| arm | diffusion loss | LPL loss (steps with LPL) | weighted LPL / diffusion (those steps) "
-              "| weighted LPL / diffusion (all steps) | steps with LPL % | s / step (median) |",
-              "|---|---|---|---|---|---|---|"]
+              "| weighted LPL / diffusion (all steps) | steps with LPL % | s / step (median) "
+              "| s / step, steps with / without LPL samples |",
+              "|---|---|---|---|---|---|---|---|"]
     for arm, a in agg.items():
         lines.append(
             f"| {ARM_LABELS.get(arm, arm)} | {fmt(a.get('diffusion_loss_mean'))} | "
             f"{fmt(a.get('lpl_loss_mean_when_applied'))} | {fmt(a.get('lpl_to_diffusion_when_applied'))} | "
             f"{fmt(a.get('lpl_to_diffusion_overall'))} | {fmt(a.get('lpl_applied_step_fraction'), pct=True)} | "
-            f"{fmt(a.get('s_per_step_median'))} |")
+            f"{fmt(a.get('s_per_step_median'))} | "
+            f"{fmt(a.get('s_per_step_with_lpl'))} / {fmt(a.get('s_per_step_without_lpl'))} |")
     probes = results.get("gradient_probe", {})
     if probes:
         lines += ["", "| arm | weighted LPL grad / diffusion grad (t uniform) | cosine | "
@@ -363,6 +391,7 @@ def plot_curves(out: Path, results: dict, arms: list[str], seeds: list[int], pat
         if lpls:
             axes[1].plot(steps, np.nanmean(lpls, 0), color=colors[a_idx], label=ARM_LABELS.get(arm, arm))
     axes[0].set(title="diffusion loss (EMA 0.95, mean of seeds)", xlabel="step")
+    axes[0].text(0.02, 0.02, "arms with w <= 2 lie under one another", transform=axes[0].transAxes, fontsize=7)
     axes[1].set(title="LPL loss on steps with LPL samples (unweighted)", xlabel="step")
     for ax in axes[:2]:
         ax.legend(fontsize=7)
@@ -476,10 +505,16 @@ def main(argv: list[str] | None = None) -> None:
         "settings": {k: v for k, v in vars(args).items()},
         "common_trainer_flags": common_flags(args),
         "arm_flags": {a: ARMS[a] for a in args.arms},
-        "base": json.loads((out / "base" / "eval.json").read_text()),
+        "base": score_grid(out / "base"),
         "runs": {arm: {str(s): json.loads((out / "runs" / arm / f"seed{s}" / DONE_MARKER).read_text())
                        for s in args.seeds} for arm in args.arms},
     }
+    for arm in args.arms:  # scores and loss statistics from the saved grids and metrics files, so a change of
+        for s in args.seeds:  # lpl_ext.image_metrics or loss_stats applies to finished runs too
+            run = results["runs"][arm][str(s)]
+            run["eval"] = {"summary": score_grid(out / "runs" / arm / f"seed{s}")["summary"]}
+            run["losses"] = loss_stats(read_metrics(out / "runs" / arm / f"seed{s}" / "metrics.csv"),
+                                       lpl_weight_of(common_flags(args) + ARMS[arm]))
     results["arms"] = aggregate(results, args.arms, args.seeds)
     probe_path = out / "gradient_probe.json"
     probes = json.loads(probe_path.read_text()) if probe_path.is_file() else {}
