@@ -32,6 +32,7 @@ import math
 import os
 import random
 import re
+import shlex
 import shutil
 import sys
 import time
@@ -1675,8 +1676,6 @@ def check_launch() -> None:
         return
     if any(name in env for name in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")):
         return
-    import shlex
-
     raise SystemExit(f"train_sdxl_lpl: accelerate started 1 process but was asked for more: without GPUs, "
                      f"`accelerate launch --num_processes N` starts N only with --multi_gpu (it exported "
                      f"MASTER_ADDR={env['MASTER_ADDR']} for processes it did not start). Start N processes (gloo "
@@ -1783,13 +1782,13 @@ def prepare_training(args: argparse.Namespace, accelerator, log, m: SimpleNamesp
 def resume(run: Run) -> None:
     """--resume_from_checkpoint: load the accelerate state (models through the checkpoint hooks) and the step
     counter. Warns and starts anew when no complete checkpoint exists."""
-    args = run.args
-    if not args.resume_from_checkpoint:
+    spec = run.args.resume_from_checkpoint
+    if not spec:
         return
-    path = resolve_checkpoint_path(run.output_dir, args.resume_from_checkpoint)
+    path = resolve_checkpoint_path(run.output_dir, spec)
     if path is None:
-        run.log.warning(f"no complete checkpoint found for --resume_from_checkpoint "
-                        f"{args.resume_from_checkpoint!r}; starting a new run", main_process_only=True)
+        run.log.warning(f"no complete checkpoint found for --resume_from_checkpoint {spec!r}; starting a new run",
+                        main_process_only=True)
         return
     with open(path / CHECKPOINT_STATE_FILE, encoding="utf-8") as fh:
         state = json.load(fh)
