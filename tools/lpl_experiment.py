@@ -249,6 +249,27 @@ def gradient_probe(trainer: Path, model_dir: Path, arm_flags: list[str], common:
             "batches": num_batches, "batch_size": batch_size}
 
 
+def pixel_differences(out: Path, arms: list[str], seeds: list[int]) -> dict:
+    """Mean absolute difference (0..255) between the evaluation grids of each arm and of ``off`` trained with
+    the same seed (same sampling seeds), and between ``off`` runs of different training seeds: how much an
+    arm changes the pictures, against the run-to-run spread."""
+    from PIL import Image
+
+    def grid(arm: str, s: int) -> np.ndarray:
+        return np.asarray(Image.open(out / "runs" / arm / f"seed{s}" / "eval_grid.png").convert("RGB"), np.float32)
+
+    res = {}
+    if "off" not in arms:
+        return res
+    for arm in arms:
+        if arm != "off":
+            res[arm] = mean_std([float(np.abs(grid(arm, s) - grid("off", s)).mean()) for s in seeds])
+    pairs = [(a, b) for i, a in enumerate(seeds) for b in seeds[i + 1:]]
+    if pairs:
+        res["off_between_seeds"] = mean_std([float(np.abs(grid("off", a) - grid("off", b)).mean()) for a, b in pairs])
+    return res
+
+
 def mean_std(values: list[float]) -> dict:
     """Mean and sample std (ddof 1; 0 for one value) of the finite values, with their count."""
     v = np.array([x for x in values if x is not None and math.isfinite(x)], dtype=np.float64)
@@ -319,6 +340,13 @@ def markdown_tables(results: dict) -> str:
             f"{fmt(a.get('lpl_to_diffusion_overall'))} | {fmt(a.get('lpl_applied_step_fraction'), pct=True)} | "
             f"{fmt(a.get('s_per_step_median'))} | "
             f"{fmt(a.get('s_per_step_with_lpl'))} / {fmt(a.get('s_per_step_without_lpl'))} |")
+    pix = results.get("pixel_difference_to_off", {})
+    if pix:
+        lines += ["", "| arm | mean abs. pixel difference (0-255) of its samples to LPL off, same training seed |",
+                  "|---|---|"]
+        lines += [f"| {ARM_LABELS.get(arm, arm)} | {fmt(pix[arm])} |" for arm in agg if arm in pix]
+        if "off_between_seeds" in pix:
+            lines.append(f"| (LPL off, between training seeds) | {fmt(pix['off_between_seeds'])} |")
     probes = results.get("gradient_probe", {})
     if probes:
         lines += ["", "| arm | weighted LPL grad / diffusion grad (t uniform) | cosine | "
@@ -357,8 +385,13 @@ def plot_samples(out: Path, arms: list[str], seed: int, rows: int, cols: int, pa
     fig.suptitle(f"samples after fine-tuning\n(training seed {seed}; same sampling seeds in every panel)",
                  fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=110)
     plt.close(fig)
+    # 256-colour PNG: the panels hold few colours; keeps the committed figure small.
+    Image.open(buf).convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
 
 
 def plot_curves(out: Path, results: dict, arms: list[str], seeds: list[int], path: Path) -> None:
@@ -516,6 +549,7 @@ def main(argv: list[str] | None = None) -> None:
             run["losses"] = loss_stats(read_metrics(out / "runs" / arm / f"seed{s}" / "metrics.csv"),
                                        lpl_weight_of(common_flags(args) + ARMS[arm]))
     results["arms"] = aggregate(results, args.arms, args.seeds)
+    results["pixel_difference_to_off"] = pixel_differences(out, args.arms, args.seeds)
     probe_path = out / "gradient_probe.json"
     probes = json.loads(probe_path.read_text()) if probe_path.is_file() else {}
     for arm in args.arms:
