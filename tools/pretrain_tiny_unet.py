@@ -148,8 +148,8 @@ def evaluate(weights: Path, num_images: int, seed: int) -> dict:
     pipe = StableDiffusionXLPipeline(**comps)
     images, used = im.generate(pipe, im.evaluation_prompts(), num_images, seed)
     summary = im.summarize(im.score_images(images, used))
-    return {"prompts": len(im.evaluation_prompts()), "images_per_prompt": num_images, "sampler": "Euler, 10 steps, guidance 5",
-            "seed": seed, **summary}
+    return {"prompts": len(im.evaluation_prompts()), "images_per_prompt": num_images,
+            "sampler": "Euler, 10 steps, guidance 5", "seed": seed, **summary}
 
 
 def main() -> None:
@@ -210,8 +210,10 @@ def main() -> None:
     alphas_cumprod = sched.alphas_cumprod.float()
     snr = alphas_cumprod / (1 - alphas_cumprod)
     opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)))
+    def lr_factor(s: int) -> float:  # linear warmup, cosine decay to 0 at the last step
+        return min(1.0, (s + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps))
+
+    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     gen = torch.Generator().manual_seed(args.seed + 1)
     t_train = time.time()
     running, history = 0.0, []
