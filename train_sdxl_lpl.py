@@ -73,7 +73,7 @@ SAMPLE_TRACE_ENV_VAR = "LPL_EXT_SAMPLE_TRACE"
 DEMO_DEFAULTS = dict(
     resolution=64,
     max_train_steps=150,
-    learning_rate=1e-3,
+    learning_rate=5e-5,  # fine-tunes the pretrained tiny base without undoing it
     checkpointing_steps=50,
     checkpoints_total_limit=2,
     num_validation_inference_steps=10,
@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cache_dir", type=str, default=None,
                    help="Hub download cache; also where the offline tiny pipeline is cached "
                         "(default $LPL_EXT_CACHE_DIR or ~/.cache/lpl_ext).")
-    g.add_argument("--tiny_model_seed", type=int, default=0, help="Seed of the offline tiny pipeline's weights.")
+    g.add_argument("--tiny_model_seed", type=int, default=0, help="Seed of the offline tiny pipeline's weights (with the shipped pretrained weights every seed gives the same model).")
 
     g = p.add_argument_group("data")
     g.add_argument("--dataset_name", type=str, default=None, help="Hugging Face dataset (needs `datasets`).")
@@ -164,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max_train_steps", type=int, default=None, help="Optimiser steps (demo default 150).")
     g.add_argument("--gradient_accumulation_steps", type=int, default=1)
     g.add_argument("--gradient_checkpointing", action="store_true", help="UNet gradient checkpointing.")
-    g.add_argument("--learning_rate", type=float, default=None, help="Demo 1e-3, else 1e-5.")
+    g.add_argument("--learning_rate", type=float, default=None, help="Demo 5e-5, else 1e-5.")
     g.add_argument("--scale_lr", action="store_true", help="Multiply lr by processes x batch x accumulation.")
     g.add_argument("--lr_scheduler", type=str, default="constant",
                    choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",

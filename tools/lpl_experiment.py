@@ -78,7 +78,7 @@ def run_trainer(trainer: Path, run_dir: Path, seed: int, flags: list[str], cache
     cmd = [sys.executable, str(trainer), "--output_dir", str(run_dir), "--seed", str(seed),
            "--cache_dir", str(cache_dir), *flags]
     (run_dir / "command.txt").write_text(shlex.join(cmd) + "\n")
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), LPL_EXT_NO_CPU_RELAUNCH="1")
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     log = open(run_dir / "train.log", "w")
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(trainer.parent))
 
