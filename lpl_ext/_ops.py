@@ -10,7 +10,7 @@ feature distance with an autograd registration:
     loss (N,) in x's dtype; grad, d(sum loss)/dx in x's shape and dtype, computed by the
     same fused pass when ``need_grad`` (an empty (0,) tensor otherwise). Backward only
     rescales the saved grad by the incoming (N,) gradient, in place unless
-    ``reentrant`` (docs/spec.md section 4).
+    ``reentrant`` (docs/spec.md, "Feature distance").
 
 ``lpl_ext::outlier_mask(y, quantile, margin_std, closing, opening, return_stats)
 -> (keep, stats)``

@@ -1,4 +1,4 @@
-"""Fused LPL feature distance for one decoder layer (docs/spec.md sections 3-4).
+"""Fused LPL feature distance for one decoder layer (docs/spec.md, "Normalization" and "Feature distance").
 
 The C/CUDA kernel computes the per-sample loss and, in the same pass, its gradient with
 respect to the prediction features ``x``; backward only rescales that gradient by the

@@ -1,9 +1,10 @@
-"""Drop-in ``LatentPerceptualLoss`` for diffusers VAEs (docs/spec.md sections 1-4).
+"""Drop-in ``LatentPerceptualLoss`` for diffusers VAEs (docs/spec.md, "Loss module").
 
 Constructor-compatible with the diffusers research-project class of the same name
 (``examples/research_projects/lpl/lpl_loss.py``), running on the fused kernels
-``lpl_ext.feature_distance`` and ``lpl_ext.outlier_mask``, with the reference defects of
-docs/spec.md section 6 fixed. The reference module's other public names are here too, with
+``lpl_ext.feature_distance`` and ``lpl_ext.outlier_mask``, with the reference's defects
+fixed (docs/spec.md, "Reference defects and what lpl_ext does instead"). The reference
+module's other public names are here too, with
 its semantics: the functions ``normalize_tensor``, ``cross_normalize`` and
 ``remove_outliers``, and the members ``loss_fn``, ``get_features(z, latent_embeds,
 disable_grads)``, ``get_first_conv``, ``get_first_block`` and ``get_first_layer``.
@@ -54,7 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .feature_distance import feature_distance
+from .feature_distance import DISTANCES, NORMS, feature_distance
 from .outlier_mask import outlier_mask, outlier_windows
 
 try:  # torch >= 2.0
@@ -62,8 +63,8 @@ try:  # torch >= 2.0
 except ImportError:  # pragma: no cover
     from torch.nn.utils.stateless import functional_call as _functional_call
 
-LOSS_TYPES = ("mse", "l1")
-NORM_TYPES = ("default", "shared", "batch", "none")
+LOSS_TYPES = DISTANCES  # the reference's names for the kernel's options
+NORM_TYPES = NORMS
 FEATURE_TYPES = ("feature", "image")
 
 # Layer index -> down factor of the reference's outlier removal (layer 5 never exists).
@@ -71,7 +72,7 @@ OUTLIER_DOWN_FACTORS: Dict[int, int] = {2: 2, 3: 1, 4: 1, 5: 1}
 
 
 def _layer_weight(index: int, pow_law: bool) -> float:
-    """w_i = 2^-min(i, 3) with pow_law, else 1 (docs/spec.md section 4)."""
+    """w_i = 2^-min(i, 3) with pow_law, else 1 (docs/spec.md, "Feature distance")."""
     return 2.0 ** (-min(index, 3)) if pow_law else 1.0
 
 

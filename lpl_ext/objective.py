@@ -1,4 +1,4 @@
-"""Trainer-agnostic LPL objective (docs/spec.md section 5).
+"""Trainer-agnostic LPL objective (docs/spec.md, "Training integration").
 
 Built once from the VAE and the options, called once per step with the model prediction,
 the noisy latents, the clean latents, the timesteps and the noise schedule; returns the

@@ -1,4 +1,4 @@
-"""Outlier keep-mask of the target features (docs/spec.md section 2).
+"""Outlier keep-mask of the target features (docs/spec.md, "Outlier mask").
 
 Per (n, c) plane of y, over its finite values (count L_f):
 

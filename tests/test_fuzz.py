@@ -1,4 +1,4 @@
-"""Fuzz of every ``lpl_ext._C`` entry point and of the public API (issue 7, item 2).
+"""Fuzz of every ``lpl_ext._C`` entry point and of the public API (README "Hardening").
 
 Every call must either return the correct result (checked against tests/reference.py in
 float64) or raise a Python exception; none may crash the process. Each fuzz group runs in
