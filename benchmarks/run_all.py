@@ -1,7 +1,9 @@
-"""Regenerate every lpl_ext benchmark: benchmarks/results.csv, benchmarks/RESULTS.md and
-benchmarks/plot.png, in one command.
+"""Every lpl_ext benchmark, one command line.
 
-    python benchmarks/run_all.py                 # CPU suite (~10 min on 2 cores)
+The CSV suite (benches head, outlier, decoder) regenerates benchmarks/results.csv,
+benchmarks/RESULTS.md and benchmarks/plot.png:
+
+    python benchmarks/run_all.py                 # CPU suite (~15 min on 2 cores)
     python benchmarks/run_all.py --device cuda   # GPU suite (1024px, batch 4)
     python benchmarks/run_all.py --quick         # micro shapes, into a temporary folder
 
@@ -10,26 +12,47 @@ per variant). The copy bandwidth that defines the floors is measured once per ru
 this process, before the workers start. Rows are keyed by (device, torch version,
 lpl_ext version): a re-run replaces its own key's rows in results.csv and keeps others
 (e.g. GPU rows stay when the CPU suite is re-run).
+
+One layer, the eager formulation vs lpl_ext alternated in this process, with a check that
+they agree (``--only outlier``: the outlier mask alone):
+
+    python benchmarks/run_all.py --layer 2 256 256 256 [--norm shared] [--distance mse] [--mask] [--reps 3]
+    python benchmarks/run_all.py --only outlier --layer 1 128 512 512 [--dtype float32]
+
+The benches that print a markdown table instead (benchmarks/bench_decoder.py says what
+each measures; --json FILE also writes their rows):
+
+    python benchmarks/run_all.py --only sync_free [--quick] [--device cuda] [--reps 5] [--threads 1]
+    python benchmarks/run_all.py --only vae_memory [--res 512] [--no-ckpt] [--variants reference,lpl_ext]
+    python benchmarks/run_all.py --only loss_scale [--res 128] [--batch 4] [--tiny] [--vae PATH]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import json
 import math
 import os
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks import bench_decoder, bench_head, bench_outlier, common
+from benchmarks import bench_decoder, bench_head, common
 
-BENCHES = ("head", "outlier", "decoder")
-# Targets of issue 6 for lpl_ext's loss head.
+# bench -> (module with workloads() and measure(), variants)
+SUITE = {"head": (bench_head, bench_head.VARIANTS), "outlier": (bench_head, bench_head.VARIANTS),
+         "decoder": (bench_decoder, bench_decoder.VARIANTS)}
+PRINTED = {"sync_free": bench_decoder.SYNC_FREE_VARIANTS, "vae_memory": bench_decoder.MEMORY_VARIANTS,
+           "loss_scale": ()}
+ALL_VARIANTS = tuple(dict.fromkeys(bench_head.VARIANTS + bench_decoder.VARIANTS + bench_decoder.MEMORY_VARIANTS
+                                   + bench_decoder.SYNC_FREE_VARIANTS))
+# Targets for lpl_ext's loss head, per device kind.
 TARGETS = {
     "cpu": dict(vs_eager=5.0, vs_compile=2.0, over_floor=2.0, extra_over_features=1.25),
     "cuda": dict(vs_eager=10.0, vs_compile=None, over_floor=1.5, extra_over_features=1.25),
@@ -40,10 +63,9 @@ TARGETS = {
 
 def _f(v: Any) -> Optional[float]:
     try:
-        x = float(v)
+        return float(v) if math.isfinite(float(v)) else None
     except (TypeError, ValueError):
         return None
-    return x if math.isfinite(x) else None
 
 
 def _key(r: Dict[str, Any]) -> Tuple[str, ...]:
@@ -55,12 +77,8 @@ def _ordered(values: List[str], order: Sequence[str]) -> List[str]:
 
 
 def _medians(rows: List[Dict[str, Any]]) -> Dict[Tuple[str, str, str], float]:
-    out = {}
-    for r in rows:
-        m = _f(r.get("median_ms"))
-        if r.get("status") == "ok" and m:
-            out[(r["bench"], r["workload"], r["variant"])] = m
-    return out
+    return {(r["bench"], r["workload"], r["variant"]): _f(r.get("median_ms")) for r in rows
+            if r.get("status") == "ok" and _f(r.get("median_ms"))}
 
 
 def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
@@ -70,9 +88,7 @@ def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
 def _fmt(x: Optional[float], nd: int = 2, suffix: str = "") -> str:
     if x is None:
         return "–"
-    if abs(x) >= 100:
-        return f"{x:.0f}{suffix}"
-    return f"{x:.{nd}f}{suffix}"
+    return f"{x:.0f}{suffix}" if abs(x) >= 100 else f"{x:.{nd}f}{suffix}"
 
 
 # ---------------------------------------------------------------------------- markdown
@@ -82,16 +98,13 @@ def _bench_table(rows: List[Dict[str, Any]], bench: str, baseline: str) -> List[
     if not rows:
         return []
     med = _medians(rows)
-    variants_order = {"head": bench_head.VARIANTS, "outlier": bench_outlier.VARIANTS,
-                      "decoder": bench_decoder.VARIANTS}[bench]
     lines = [
         f"| workload | variant | median ms | p20–p80 ms | × vs {baseline} | floor ms | × floor | extra MiB "
         "| extra / features | first call s | note |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
-    workloads = list(dict.fromkeys(r["workload"] for r in rows))
-    for wl in workloads:
-        for v in _ordered([r["variant"] for r in rows if r["workload"] == wl], variants_order):
+    for wl in dict.fromkeys(r["workload"] for r in rows):
+        for v in _ordered([r["variant"] for r in rows if r["workload"] == wl], SUITE[bench][1]):
             r = next(x for x in rows if x["workload"] == wl and x["variant"] == v)
             if r["status"] != "ok":
                 lines.append(f"| {wl} | {v} | {r['status']} | | | | | | | | {r.get('note', '')} |")
@@ -127,17 +140,12 @@ def _targets_table(rows: List[Dict[str, Any]], kind: str) -> List[str]:
         m = med[("head", wl, "lpl_ext")]
         ve = _ratio(med.get(("head", wl, "eager")), m)
         vc = _ratio(med.get(("head", wl, "compile")), m)
-        of = _f(r.get("time_over_floor"))
-        ex = _f(r.get("extra_over_features"))
-        misses = []
-        if ve is not None and ve < t["vs_eager"]:
-            misses.append(f"eager {t['vs_eager'] / ve:.2f}× short")
-        if t["vs_compile"] and vc is not None and vc < t["vs_compile"]:
-            misses.append(f"compile {t['vs_compile'] / vc:.2f}× short")
-        if of is not None and of > t["over_floor"]:
-            misses.append(f"floor {of / t['over_floor']:.2f}× over")
-        if ex is not None and ex > t["extra_over_features"]:
-            misses.append(f"memory {ex / t['extra_over_features']:.2f}× over")
+        of, ex = _f(r.get("time_over_floor")), _f(r.get("extra_over_features"))
+        misses = [f"{what} {(goal / v if higher else v / goal):.2f}× {'short' if higher else 'over'}"
+                  for what, v, goal, higher in (("eager", ve, t["vs_eager"], True), ("compile", vc, t["vs_compile"], True),
+                                                ("floor", of, t["over_floor"], False),
+                                                ("memory", ex, t["extra_over_features"], False))
+                  if goal and v is not None and (v < goal if higher else v > goal)]
         verdict = "all met" if not misses else "missed: " + ", ".join(misses)
         lines.append(f"| {wl} | {_fmt(ve, 2, '×')} | {_fmt(vc, 2, '×')} | {_fmt(of)} | {_fmt(ex)} | {verdict} |")
     return lines
@@ -149,7 +157,6 @@ def write_results_md(path: Path, all_rows: List[Dict[str, Any]], command: str, w
     if current_key in keys:  # the run just made comes first
         keys.remove(current_key)
         keys.insert(0, current_key)
-    any_gpu = any("cuda" in str(r.get("note", "")) or _is_gpu_key(k) for k in keys for r in all_rows[:1])
     out = [
         "# lpl_ext benchmarks",
         "",
@@ -207,7 +214,6 @@ def write_results_md(path: Path, all_rows: List[Dict[str, Any]], command: str, w
             *_bench_table(rows, "decoder", "reference"),
             "",
         ]
-    del any_gpu
     path.write_text("\n".join(out) + "\n")
 
 
@@ -231,9 +237,7 @@ def write_plot(path: Path, rows: List[Dict[str, Any]]) -> None:
     def bars(ax: Any, bench: str, column: str, title: str, ylabel: str, log: bool, hline: Optional[float]) -> None:
         sel = [r for r in rows if r["bench"] == bench and r["status"] == "ok" and _f(r.get(column))]
         wls = list(dict.fromkeys(r["workload"] for r in sel))
-        order = {"head": bench_head.VARIANTS, "outlier": bench_outlier.VARIANTS,
-                 "decoder": bench_decoder.VARIANTS}[bench]
-        variants = _ordered([r["variant"] for r in sel], order)
+        variants = _ordered([r["variant"] for r in sel], SUITE[bench][1])
         width = 0.8 / max(len(variants), 1)
         for j, v in enumerate(variants):
             xs, ys = [], []
@@ -270,26 +274,12 @@ def write_plot(path: Path, rows: List[Dict[str, Any]]) -> None:
 
 # ---------------------------------------------------------------------------- main
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
-    p.add_argument("--quick", action="store_true", help="micro shapes (smoke run); writes to a temporary folder "
-                   "unless --out-dir is given")
-    p.add_argument("--out-dir", default=None, help="where results.csv, RESULTS.md, plot.png go "
-                   "(default: benchmarks/)")
-    p.add_argument("--only", default=None, help=f"comma list of {BENCHES}")
-    p.add_argument("--variants", default=None, help="head/outlier variants (eager,compile,lpl_ext)")
-    p.add_argument("--budget", type=float, default=None, help="seconds of timed calls per row")
-    p.add_argument("--filter", default=None, help="regular expression: run only the workloads whose name "
-                   "matches (a labelled subset; RESULTS.md says so)")
-    p.add_argument("--inprocess", action="store_true", help="run the variants in this process (faster smoke "
-                   "runs; peak memory is then not isolated per variant)")
-    args = p.parse_args(argv)
-
+def run_suite(args: argparse.Namespace, benches: Sequence[str], variants: Callable[[Sequence[str]], List[str]],
+              log: Callable[[str], None]) -> bool:
+    """The CSV suite: rows into results.csv, then RESULTS.md and plot.png. True when no
+    row is an error."""
     t_start = time.time()
     mode = "quick" if args.quick else ("gpu" if args.device.startswith("cuda") else "full")
-    benches = common.parse_list(args.only, BENCHES, "only")
-    variants = common.parse_list(args.variants, bench_head.VARIANTS, "variants")
     if args.out_dir:
         out_dir = Path(args.out_dir)
     elif args.quick:
@@ -298,28 +288,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         out_dir = common.BENCH_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
     quick = mode == "quick"
-    reps = 3 if quick else 7
-    head_budget = args.budget if args.budget is not None else (0.2 if quick else 6.0)
-    dec_budget = args.budget if args.budget is not None else (0.2 if quick else 20.0)
-
     env = common.env_info(args.device)
     bandwidth = common.copy_bandwidth(args.device, nbytes=(16 << 20) if quick else (256 << 20))
-    print(f"{env['device']}, torch {env['torch_version']}, lpl_ext {env['lpl_ext_version']}; "
-          f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; output in {out_dir}", flush=True)
-
-    def log(msg: str) -> None:
-        print(msg, flush=True)
-
+    log(f"{env['device']}, torch {env['torch_version']}, lpl_ext {env['lpl_ext_version']}; "
+        f"copy bandwidth {bandwidth / 1e9:.1f} GB/s; output in {out_dir}")
     rows: List[Dict[str, Any]] = []
-    if "head" in benches:
-        rows += bench_head.run(mode, args.device, variants, bandwidth, env, reps, head_budget, log,
-                                 inprocess=args.inprocess, name_filter=args.filter)
-    if "outlier" in benches:
-        rows += bench_outlier.run(mode, args.device, variants, bandwidth, env, reps, head_budget, log,
-                                 inprocess=args.inprocess, name_filter=args.filter)
-    if "decoder" in benches:
-        rows += bench_decoder.run(mode, args.device, bench_decoder.VARIANTS, env, 3 if quick else 5, dec_budget,
-                                   log, inprocess=args.inprocess, name_filter=args.filter)
+    for bench in benches:
+        module, own = SUITE[bench]
+        decoder = bench == "decoder"
+        default_budget = (0.2 if quick else 20.0) if decoder else (0.2 if quick else 6.0)
+        settings = dict(mode=mode, device=args.device, env=env, bandwidth=bandwidth,
+                        reps=args.reps or (3 if quick else 5 if decoder else 7),
+                        budget=default_budget if args.budget is None else args.budget)
+        rows += common.run_grid(bench, f"{module.__name__}:measure", module.workloads(bench, mode), args.filter,
+                                variants(own), settings, args.inprocess, log)
 
     # A --filter run adds to (replaces only its own rows of) the earlier rows of this key.
     all_rows = common.merge_csv(out_dir / "results.csv", rows, whole_key=not args.filter)
@@ -330,9 +312,95 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     wall = time.time() - t_start
     write_results_md(out_dir / "RESULTS.md", all_rows, command, wall, _key(rows[0]) if rows else None, subset)
     write_plot(out_dir / "plot.png", [r for r in all_rows if rows and _key(r) == _key(rows[0])])
-    print(f"wrote {out_dir / 'results.csv'}, {out_dir / 'RESULTS.md'}, {out_dir / 'plot.png'} "
-          f"in {wall / 60:.1f} min", flush=True)
-    return 0 if all(r["status"] != "error" for r in rows) else 1
+    log(f"wrote {out_dir / 'results.csv'}, {out_dir / 'RESULTS.md'}, {out_dir / 'plot.png'} in {wall / 60:.1f} min")
+    return all(r["status"] != "error" for r in rows)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    p.add_argument("--only", default=None, help=f"comma list of {list(SUITE) + list(PRINTED)} (default: the "
+                   "CSV suite)")
+    p.add_argument("--variants", default=None, help="comma list; each bench runs those of its variants listed "
+                   f"(default all): {list(ALL_VARIANTS)}")
+    p.add_argument("--quick", action="store_true", help="micro shapes (smoke run); the suite writes to a "
+                   "temporary folder unless --out-dir is given")
+    p.add_argument("--reps", type=int, default=None, help="timed calls per row (suite: 7, decoder 5, quick 3; "
+                   "--layer: 3; sync_free: 5)")
+    g = p.add_argument_group("CSV suite")
+    g.add_argument("--out-dir", default=None, help="where results.csv, RESULTS.md, plot.png go "
+                   "(default: benchmarks/)")
+    g.add_argument("--budget", type=float, default=None, help="seconds of timed calls per row (at least 3)")
+    g.add_argument("--filter", default=None, help="regular expression: run only the workloads whose name "
+                   "matches (a labelled subset; RESULTS.md says so)")
+    g.add_argument("--inprocess", action="store_true", help="run the variants in this process (faster smoke "
+                   "runs; peak memory is then not isolated per variant)")
+    g = p.add_argument_group("one layer (head, outlier)")
+    g.add_argument("--layer", type=int, nargs=4, default=None, metavar=("N", "C", "H", "W"),
+                   help="compare one layer of this shape instead of running the grid")
+    g.add_argument("--norm", default="shared", choices=bench_head.ref.NORMS)
+    g.add_argument("--distance", default="mse", choices=bench_head.ref.DISTANCES)
+    g.add_argument("--mask", action="store_true", help="with lpl_ext.outlier_mask(y) as keep-mask")
+    g.add_argument("--dtype", default="float32", choices=list(bench_head.ELEM_SIZE))
+    g = p.add_argument_group("sync_free, vae_memory, loss_scale")
+    g.add_argument("--threads", type=int, default=1, help="sync_free: torch CPU threads in the workers (default "
+                   "1: on a shared machine, idle OpenMP threads spinning at barriers would inflate the CPU time)")
+    g.add_argument("--res", type=int, default=None, help="image resolution, latents res/8 (vae_memory: 512, "
+                   "loss_scale: 128)")
+    g.add_argument("--no-ckpt", action="store_true", help="vae_memory: also every variant without checkpointing")
+    g.add_argument("--batch", type=int, default=4, help="loss_scale: batch")
+    g.add_argument("--seed", type=int, default=0, help="loss_scale: seed")
+    g.add_argument("--tiny", action="store_true", help="loss_scale: lpl_ext's tiny pretrained VAE on its "
+                   "synthetic shapes")
+    g.add_argument("--vae", default=None, help="loss_scale: a local diffusers AutoencoderKL folder")
+    g.add_argument("--json", default=None, help="also write the printed benches' rows to this file")
+    args = p.parse_args(argv)
+    benches = common.parse_list(args.only, list(SUITE) + list(PRINTED), "only") if args.only else (
+        ["head"] if args.layer else list(SUITE))
+    requested = common.parse_list(args.variants, ALL_VARIANTS, "variants") if args.variants else None
+    if args.layer and not set(benches) <= {"head", "outlier"}:
+        p.error(f"--layer: compares one layer of the head or outlier bench, not {benches}")
+    if "loss_scale" in benches and args.res is not None and (args.res % 8 or args.res < 32):
+        p.error(f"--res: expected a multiple of 8 >= 32, got {args.res}")
+
+    def variants(own: Sequence[str]) -> List[str]:
+        return [v for v in own if requested is None or v in requested]
+
+    log = functools.partial(print, flush=True)
+    if args.layer:
+        for bench in benches:
+            bench_head.compare_layer(bench, args.layer, args.norm, args.distance, args.mask, args.dtype,
+                                     args.reps or 3, log)
+        return 0
+    ok = True
+    if any(b in SUITE for b in benches):
+        ok = run_suite(args, [b for b in benches if b in SUITE], variants, log)
+    printed: List[Dict[str, Any]] = []
+    if "sync_free" in benches:
+        mode = "quick" if args.quick else ("gpu" if args.device.startswith("cuda") else "full")
+        rows = bench_decoder.run_sync_free(mode, args.device, variants(PRINTED["sync_free"]), args.reps or 5,
+                                           args.threads, log)
+        env = common.env_info(args.device)
+        log(f"\n{env['device']}, torch {env['torch_version']}, {args.threads} thread(s) per worker\n")
+        log(bench_decoder.sync_free_table(rows))
+        ok &= all("wall_ms" in r and "extra_mib" in r for r in rows)
+        printed += rows
+    if "vae_memory" in benches:
+        chosen = variants(PRINTED["vae_memory"])
+        rows = bench_decoder.run_vae_memory(chosen, args.res or 512, args.no_ckpt, log)
+        ok &= len(rows) == len(chosen) * (2 if args.no_ckpt else 1)
+        printed += rows
+    if "loss_scale" in benches:
+        res = args.res or 128
+        rows = bench_decoder.loss_scale(res, args.batch, args.seed, args.tiny, args.vae)
+        which = args.vae or ("tiny pretrained VAE, synthetic shapes" if args.tiny else
+                             "SDXL VAE config, random weights")
+        log(f"{which}; {args.batch}x{res}px; flags {bench_decoder.FLAGS}")
+        log(bench_decoder.loss_scale_table(rows))
+        printed += rows
+    if args.json:
+        Path(args.json).write_text(json.dumps(printed, indent=1))
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
