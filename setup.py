@@ -92,11 +92,11 @@ class BuildExt(build_ext):
         super().build_extension(ext)
         mode = _cuda_mode()
         kernel_dir = Path(self.get_ext_fullpath(ext.name)).parent / "_kernels"
-        self._previous = {}
-        if (kernel_dir / "manifest.json").is_file():  # cubins of the same sources are reused (nvcc is slow)
-            self._previous = json.loads((kernel_dir / "manifest.json").read_text())
-            self._previous["cubins"] = {a: (kernel_dir / n).read_bytes() for a, n in self._previous["archs"].items()
-                                        if (kernel_dir / n).is_file()}
+        previous = {}  # the last build's manifest and cubins: reused for the same sources (nvcc is slow)
+        if (kernel_dir / "manifest.json").is_file():
+            previous = json.loads((kernel_dir / "manifest.json").read_text())
+            previous["cubins"] = {a: (kernel_dir / n).read_bytes() for a, n in previous["archs"].items()
+                                  if (kernel_dir / n).is_file()}
         if kernel_dir.exists():
             shutil.rmtree(kernel_dir)  # nothing stale: a cubin of other sources must not ship
         if mode == "0":
@@ -118,7 +118,8 @@ class BuildExt(build_ext):
                 raise SystemExit("LPL_EXT_CUDA=1 but nvcc was not found; set CUDA_HOME or put nvcc on PATH")
             _log("nvcc not found: no cubins shipped; CUDA kernels will be compiled by NVRTC at first use")
         else:
-            manifest["toolkit"], manifest["archs"] = self._build_cubins(nvcc, ks, kernel_dir)
+            same_sources = previous.get("source_sha256") == manifest["source_sha256"]
+            manifest["toolkit"], manifest["archs"] = self._build_cubins(nvcc, ks, kernel_dir, previous if same_sources else {})
         (kernel_dir / ks.MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
 
     def _kernel_dirs(self) -> list[tuple[Path, Path]]:
@@ -146,7 +147,7 @@ class BuildExt(build_ext):
                 for f in sorted(built.glob("*")) if built.exists() else []:
                     yield str(f), str(inplace / f.name)
 
-    def _build_cubins(self, nvcc: str, ks, kernel_dir: Path) -> tuple[str, dict]:
+    def _build_cubins(self, nvcc: str, ks, kernel_dir: Path, previous: dict) -> tuple[str, dict]:
         out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=True).stdout
         m = re.search(r"release (\d+\.\d+)", out)
         toolkit = m.group(1) if m else "unknown"
@@ -159,9 +160,7 @@ class BuildExt(build_ext):
             else:
                 archs.append(a)
 
-        prev = self._previous
-        reuse = prev.get("cubins", {}) if (prev.get("source_sha256") == ks.source_hash(
-            ks.read_sources(CSRC, ks.REPO_LAYOUT)) and prev.get("toolkit") == toolkit) else {}
+        reuse = previous.get("cubins", {}) if previous.get("toolkit") == toolkit else {}
 
         def build(arch: str) -> tuple[str, str]:
             name = ks.cubin_name(arch)

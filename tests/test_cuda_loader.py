@@ -20,6 +20,7 @@ import pytest
 
 import lpl_ext
 from lpl_ext import _C, _cuda
+from test_fuzz import DL_CODES, make_capsule  # the suite's DLPack capsule builder
 from lpl_ext import _kernel_sources as ks
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -216,51 +217,20 @@ def test_unknown_kernel_mode(monkeypatch):
 # ---- the host path against a stand-in driver ---------------------------------------
 
 
-class _DLDevice(ctypes.Structure):
-    _fields_ = [("device_type", ctypes.c_int), ("device_id", ctypes.c_int32)]
-
-
-class _DLDataType(ctypes.Structure):
-    _fields_ = [("code", ctypes.c_uint8), ("bits", ctypes.c_uint8), ("lanes", ctypes.c_uint16)]
-
-
-class _DLTensor(ctypes.Structure):
-    _fields_ = [("data", ctypes.c_void_p), ("device", _DLDevice), ("ndim", ctypes.c_int32), ("dtype", _DLDataType),
-                ("shape", ctypes.POINTER(ctypes.c_int64)), ("strides", ctypes.POINTER(ctypes.c_int64)),
-                ("byte_offset", ctypes.c_uint64)]
-
-
-class _DLManaged(ctypes.Structure):
-    _fields_ = [("dl_tensor", _DLTensor), ("manager_ctx", ctypes.c_void_p), ("deleter", ctypes.c_void_p)]
-
-
-_DL_CODES = {"f": 2, "u": 1, "b": 6}  # kDLFloat, kDLUInt, kDLBool
-
-
 class FakeCudaArray:
     """A host numpy array presented through DLPack as if it lived on cuda:<device> (the
-    stand-in driver's "device memory" is host memory)."""
+    stand-in driver's "device memory" is host memory). bfloat16 data is stored as uint16."""
 
     def __init__(self, array: np.ndarray, device: int = 0, bfloat16: bool = False):
         self.array = np.ascontiguousarray(array)
         self.device = device
-        self.bfloat16 = bfloat16
-        self._keep = []
+        self.dtype = "bfloat16" if bfloat16 else self.array.dtype.name
+        self._keep = [self.array]
 
     def __dlpack__(self, stream=None):
         a = self.array
-        shape = (ctypes.c_int64 * a.ndim)(*a.shape)
-        managed = _DLManaged()
-        managed.dl_tensor.data = a.ctypes.data
-        managed.dl_tensor.device = _DLDevice(2, self.device)  # kDLCUDA
-        managed.dl_tensor.ndim = a.ndim
-        code = 4 if self.bfloat16 else _DL_CODES[a.dtype.kind]  # kDLBfloat
-        managed.dl_tensor.dtype = _DLDataType(code, a.dtype.itemsize * 8, 1)
-        managed.dl_tensor.shape = shape
-        self._keep += [shape, managed]
-        new = ctypes.pythonapi.PyCapsule_New
-        new.restype, new.argtypes = ctypes.py_object, [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
-        return new(ctypes.addressof(managed), b"dltensor", None)
+        return make_capsule(self._keep, a.ctypes.data, list(a.shape), None, *DL_CODES[self.dtype],
+                            device=2, device_id=self.device)  # kDLCUDA
 
 
 @pytest.fixture(scope="module")
