@@ -603,7 +603,6 @@ class ImageCaptionSource:
         if args.max_train_samples is not None and args.max_train_samples < raw:
             perm = torch.randperm(raw, generator=torch.Generator().manual_seed(args.seed))
             self.indices = perm[: args.max_train_samples].tolist()
-        self.length = len(self.indices)
 
     @staticmethod
     def _read_imagefolder(folder: Path, caption_column: str) -> list[tuple[Path, str]]:
@@ -623,7 +622,7 @@ class ImageCaptionSource:
         return records
 
     def __len__(self) -> int:
-        return self.length
+        return len(self.indices)
 
     def raw_index(self, index: int) -> int:
         """Index of example ``index`` in the full data (stable under --max_train_samples)."""
@@ -1043,8 +1042,7 @@ def compute_losses(*, unet, batch_latents, noise, prompt_embeds, pooled_embeds, 
                 global_step=global_step,
             )
         loss = diff + args.lpl_weight * lpl
-        metrics.update({k: v for k, v in logs.items()})
-        metrics["lpl_loss"] = lpl.detach()
+        metrics.update(logs)  # lpl_loss included
     metrics["loss"] = loss.detach()
     return loss, metrics
 
@@ -1371,7 +1369,7 @@ def add_lora_adapters(unet, text_encoders=(), *, rank: int, alpha: float) -> lis
 def setup_models(args: argparse.Namespace, accelerator, m: SimpleNamespace) -> list[torch.nn.Parameter]:
     """Freeze, add LoRA adapters, place and cast the models; the EMA (--use_ema). Sets ``m.weight_dtype``,
     ``m.trained_text_encoders`` and ``m.ema_unet`` (None without --use_ema); returns the parameters to optimise."""
-    m.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    m.weight_dtype = SAVE_PRECISIONS.get(accelerator.mixed_precision, torch.float32)
     for frozen in (m.vae, m.text_encoder, m.text_encoder_2):
         frozen.requires_grad_(False)
     m.trained_text_encoders = [m.text_encoder, m.text_encoder_2] if args.train_text_encoder else []

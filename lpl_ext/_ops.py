@@ -107,10 +107,4 @@ if HAS_CUSTOM_OPS:
         stats = y.new_empty((3,) if return_stats else (0,), dtype=torch.float64)
         return keep, stats
 
-    feature_distance_op = torch.ops.lpl_ext.feature_distance.default
-    outlier_mask_op = torch.ops.lpl_ext.outlier_mask.default
-else:  # pragma: no cover - torch < 2.4 or no torch
-    feature_distance_op = None
-    outlier_mask_op = None
-
-__all__ = ["HAS_CUSTOM_OPS", "feature_distance_op", "outlier_mask_op"]
+__all__ = ["HAS_CUSTOM_OPS"]

@@ -67,14 +67,13 @@ def _launch_feature_distance(
 ) -> None:
     """The raw kernel call: writes loss (N,) float64 and, when given, grad (x's shape and
     dtype). All tensors contiguous on x's device."""
+    cuda_args: tuple = ()
     if x.is_cuda:
         workspace = torch.empty(_C.feature_distance_workspace(x.shape[0], x.shape[1]), dtype=torch.float64,
                                 device=x.device)
-        _C.feature_distance(as_c_arg(x), as_c_arg(y), as_c_arg(mask), as_c_arg(loss), as_c_arg(grad),
-                            norm, distance, weight, stream_of(x), as_c_arg(workspace), cuda_kernels(x.device))
-    else:
-        _C.feature_distance(as_c_arg(x), as_c_arg(y), as_c_arg(mask), as_c_arg(loss), as_c_arg(grad),
-                            norm, distance, weight, 0, None)
+        cuda_args = (stream_of(x), as_c_arg(workspace), cuda_kernels(x.device))
+    _C.feature_distance(as_c_arg(x), as_c_arg(y), as_c_arg(mask), as_c_arg(loss), as_c_arg(grad),
+                        norm, distance, weight, *cuda_args)
 
 
 def _forward_torch(

@@ -43,6 +43,7 @@ SNR weights with ``scale=True`` (Min-SNR-gamma written for each parameterization
 
 from __future__ import annotations
 
+import functools
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -78,6 +79,13 @@ def _alpha_sigma(
         raise ValueError(f"alphas_cumprod: expected shape (T,), got {tuple(alphas_cumprod.shape)}")
     ac = alphas_cumprod.to(device).index_select(0, timesteps.reshape(-1).long())
     return ac.sqrt().float(), (1 - ac).sqrt().float(), (ac / (1 - ac)).float()
+
+
+def _gather(t: Optional[torch.Tensor], index: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """t's rows at index along dim 0 (t itself without an index; None stays None)."""
+    if t is None or index is None:
+        return t
+    return t.index_select(0, index)
 
 
 def predict_z0(
@@ -289,12 +297,10 @@ class LPLObjective(nn.Module):
                                            prediction_type=prediction_type, alphas_cumprod=alphas_cumprod,
                                            sigmas=sigmas)
 
-        if self.t_threshold is None:
-            below = torch.ones(n, dtype=torch.bool, device=device)
-            index = None
-            count = n
-        else:
-            below = timesteps < self.t_threshold
+        below = self._below(timesteps, n, device)
+        index = None
+        count = n
+        if self.t_threshold is not None:
             index = below.nonzero().reshape(-1)  # the one host sync: its size is the batch
             count = index.numel()
             if count == n:
@@ -303,10 +309,7 @@ class LPLObjective(nn.Module):
         if count == 0:
             return self._zero_like_graph(model_pred), self._empty_logs(device, applied_ratio)
 
-        def pick(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-            if t is None or index is None:
-                return t
-            return t.index_select(0, index)
+        pick = functools.partial(_gather, index=index)
 
         sel_sigmas = pick(sigmas)
         sel_t = pick(timesteps)
@@ -323,6 +326,12 @@ class LPLObjective(nn.Module):
         layer_means = [layer.detach().float().mean() for layer in layer_losses]
         return lpl, self._logs(lpl, applied_ratio, below.sum().float(), layer_means, device)
 
+    def _below(self, timesteps: torch.Tensor, n: int, device: torch.device) -> torch.Tensor:
+        """(N,) bool: the samples LPL applies to (t < t_threshold; all without a threshold)."""
+        if self.t_threshold is None:
+            return torch.ones(n, dtype=torch.bool, device=device)
+        return timesteps < self.t_threshold
+
     def _logs(
         self, lpl: torch.Tensor, applied_ratio: torch.Tensor, num_samples: torch.Tensor,
         layer_means: List[torch.Tensor], device: torch.device,
@@ -333,10 +342,11 @@ class LPLObjective(nn.Module):
             "lpl_num_samples": num_samples,  # device-side: no host-to-device copy
         }
         stats = self.loss.last_feature_stats_tensors  # 0-dim tensors: no host sync
+        zero = torch.zeros((), device=device) if len(stats) < len(layer_means) else None
         for i, layer in enumerate(layer_means):
             logs[f"lpl_layer{i}_loss"] = layer
             for key in ("mean", "std", "outlier_ratio"):
-                logs[f"lpl_layer{i}_{key}"] = stats[i][key] if i < len(stats) else torch.zeros((), device=device)
+                logs[f"lpl_layer{i}_{key}"] = stats[i][key] if i < len(stats) else zero
         return logs
 
     def _forward_sync_free(
@@ -353,10 +363,7 @@ class LPLObjective(nn.Module):
         """The objective with a fixed decoder batch and no host sync (``sync_free=True``)."""
         n = model_pred.shape[0]
         device = model_pred.device
-        if self.t_threshold is None:
-            below = torch.ones(n, dtype=torch.bool, device=device)
-        else:
-            below = timesteps < self.t_threshold
+        below = self._below(timesteps, n, device)
         index: Optional[torch.Tensor] = None
         used = below
         if self.capacity is not None and self.capacity < n:
@@ -365,10 +372,7 @@ class LPLObjective(nn.Module):
             index = torch.sort((~below).to(torch.uint8), stable=True).indices[: self.capacity]
             used = below.index_select(0, index)
 
-        def pick(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-            if t is None or index is None:
-                return t
-            return t.index_select(0, index)
+        pick = functools.partial(_gather, index=index)
 
         sel_t = pick(timesteps)
         sel_sigmas = pick(sigmas)

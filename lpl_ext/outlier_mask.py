@@ -145,14 +145,13 @@ def _launch_outlier_mask(
 ) -> None:
     """The raw kernel call: writes keep (y's shape, bool) and, when given, stats (3,)
     float64. All tensors contiguous on y's device."""
+    cuda_args: tuple = ()
     if y.is_cuda:
         n, c, h, w = y.shape
         workspace = torch.empty(_C.outlier_mask_workspace_bytes(n, c, h, w), dtype=torch.uint8, device=y.device)
-        _C.outlier_mask(as_c_arg(y), as_c_arg(keep), as_c_arg(stats), quantile, margin_std, closing,
-                        opening, stream_of(y), as_c_arg(workspace), cuda_kernels(y.device))
-    else:
-        _C.outlier_mask(as_c_arg(y), as_c_arg(keep), as_c_arg(stats), quantile, margin_std, closing, opening,
-                        0, None)
+        cuda_args = (stream_of(y), as_c_arg(workspace), cuda_kernels(y.device))
+    _C.outlier_mask(as_c_arg(y), as_c_arg(keep), as_c_arg(stats), quantile, margin_std, closing, opening,
+                    *cuda_args)
 
 
 def _outlier_mask_torch(
