@@ -31,7 +31,9 @@ outlier removal of layers 2, 3 and 4 really removes something.
 
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+import contextlib
+import os
+from typing import Dict, Iterator, List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -100,6 +102,48 @@ def reference_layer_loss(
     return per_plane.mean((1,)), stats, mask
 
 
+# The oracle's own convolution path. The oracles above and the module under test run the
+# same float arithmetic; LPL_TEST_ORACLE_PATH forces the oracle onto another torch path
+# than the module's, as another CPU would: "channels_last" (torch's channels-last
+# convolution kernels: other blocking, other summation order), "no_mkldnn" (oneDNN off:
+# the native convolutions for float32), "threads1" (one intra-op thread). Comparisons must
+# hold there too (tests/tolerance.py); tests/test_oracle_paths.py runs them so.
+ORACLE_PATH_ENV = "LPL_TEST_ORACLE_PATH"
+ORACLE_PATHS = ("as_module", "channels_last", "no_mkldnn", "threads1")
+
+
+def _oracle_path_name() -> str:
+    name = os.environ.get(ORACLE_PATH_ENV, "") or "as_module"
+    if name not in ORACLE_PATHS:
+        raise ValueError(f"{ORACLE_PATH_ENV}={name!r}: expected one of {ORACLE_PATHS}")
+    return name
+
+
+@contextlib.contextmanager
+def oracle_path() -> Iterator[None]:
+    """Backend settings of the oracle's path (none for as_module and channels_last)."""
+    name = _oracle_path_name()
+    if name == "no_mkldnn":
+        with torch.backends.mkldnn.flags(enabled=False):
+            yield
+    elif name == "threads1":
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
+    else:
+        yield
+
+
+def oracle_layout(z: torch.Tensor) -> torch.Tensor:
+    """z (N, C, H, W) in the oracle path's memory layout (channels_last, or as given)."""
+    if _oracle_path_name() == "channels_last":
+        return z.contiguous(memory_format=torch.channels_last)
+    return z
+
+
 class ReferenceLPL(nn.Module):
     """Plain-PyTorch stand-in for the reference class (same constructor)."""
 
@@ -127,10 +171,10 @@ class ReferenceLPL(nn.Module):
         self.last_feature_stats: List[Dict[str, float]] = []
 
     def get_features(self, z: torch.Tensor, disable_grads: bool = False) -> List[torch.Tensor]:
-        with torch.set_grad_enabled(not disable_grads):
+        with torch.set_grad_enabled(not disable_grads), oracle_path():
             ckpt = self.gradient_checkpointing and not disable_grads
             up_dtype = next(iter(self.decoder.up_blocks.parameters())).dtype
-            h = self.decoder.conv_in(z)
+            h = self.decoder.conv_in(oracle_layout(z))
             blocks = [self.decoder.mid_block] + list(self.decoder.up_blocks[: self.n_blocks])
             features = []
             for i, block in enumerate(blocks):
@@ -153,8 +197,9 @@ class ReferenceLPL(nn.Module):
 
     def get_loss(self, input: torch.Tensor, target: torch.Tensor, get_hist: bool = False):
         if self.feature_type == "image":
-            x = self.vae.decode(input / self.scale).sample
-            y = self.vae.decode(target / self.scale).sample
+            with oracle_path():
+                x = self.vae.decode(oracle_layout(input / self.scale)).sample
+                y = self.vae.decode(oracle_layout(target / self.scale)).sample
             return F.mse_loss(x, y)
         outputs = self.layer_outputs(input, target)
         losses = [loss for loss, _, _ in outputs]
@@ -168,13 +213,15 @@ def plain_decoder_features(vae, z: torch.Tensor, num_blocks: int, *, post_quant_
     """docs/spec.md, "Loss module", decoder input and features written out: [mid, up_0, ..., up_{K-1}] of decoder-space latents z
     (``z / scale + shift`` already applied), with post_quant_conv when asked and present."""
     dec = vae.decoder
-    if post_quant_conv and getattr(vae, "post_quant_conv", None) is not None:
-        z = vae.post_quant_conv(z)
-    h = dec.mid_block(dec.conv_in(z), None)
-    features = [h]
-    for block in list(dec.up_blocks)[:num_blocks]:
-        h = block(h, None)
-        features.append(h)
+    with oracle_path():
+        z = oracle_layout(z)
+        if post_quant_conv and getattr(vae, "post_quant_conv", None) is not None:
+            z = vae.post_quant_conv(z)
+        h = dec.mid_block(dec.conv_in(z), None)
+        features = [h]
+        for block in list(dec.up_blocks)[:num_blocks]:
+            h = block(h, None)
+            features.append(h)
     return features
 
 

@@ -20,6 +20,7 @@ import lpl_ext
 from lpl_ext import LatentPerceptualLoss
 from lpl_ext import lpl_loss as lpl_module
 from reference_lpl import ReferenceLPL, reference_remove_outliers, tiny_vae
+from tolerance import assert_close_to_scale
 from test_lpl_loss import SyncCounter
 
 CUDA = lpl_ext.build_info()["cuda_available"]
@@ -169,7 +170,7 @@ def test_image_feature_type_leaves_a_trainable_vae_without_gradient():
         assert all(p.grad is None for p in vae.parameters())
         frozen = tiny_vae("sdxl_like", seed=7).requires_grad_(False)
         want = LatentPerceptualLoss(frozen, feature_type="image", reference_compat=compat).get_loss(x, y)
-        torch.testing.assert_close(loss, want, rtol=1e-6, atol=0)
+        assert_close_to_scale(loss, want, rtol=1e-6)
 
 
 # ---------------------------------------------------------------- members of the reference class
@@ -249,7 +250,7 @@ def test_get_first_conv_block_and_layer_follow_the_reference(compat):
         want = ((a / d - b / d) ** 2).mean()
         got = lpl.get_first_layer(x, y, target_layer=layer)
         assert got.dim() == 0
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+        assert_close_to_scale(got, want, rtol=1e-5)
         (g_got,) = torch.autograd.grad(got, x)
         (g_want,) = torch.autograd.grad(want, x)
         torch.testing.assert_close(g_got, g_want, rtol=1e-4, atol=1e-9)
@@ -274,16 +275,16 @@ def test_normalize_tensor_and_cross_normalize():
     b = torch.randn(2, 5, 3, 4, generator=g, dtype=torch.float64)
     norm_a = torch.linalg.vector_norm(a, dim=1, keepdim=True)
     norm_b = torch.linalg.vector_norm(b, dim=1, keepdim=True)
-    torch.testing.assert_close(lpl_ext.normalize_tensor(a), a / (norm_a + 1e-10), rtol=1e-14, atol=0)
-    torch.testing.assert_close(lpl_ext.normalize_tensor(a, eps=0.5), a / (norm_a + 0.5), rtol=1e-14, atol=0)
+    assert_close_to_scale(lpl_ext.normalize_tensor(a), a / (norm_a + 1e-10), rtol=1e-14)
+    assert_close_to_scale(lpl_ext.normalize_tensor(a, eps=0.5), a / (norm_a + 0.5), rtol=1e-14)
     # Unit channel norm per pixel.
-    torch.testing.assert_close(torch.linalg.vector_norm(lpl_ext.normalize_tensor(a), dim=1),
-                               torch.ones(2, 3, 4, dtype=torch.float64), rtol=1e-9, atol=0)
+    assert_close_to_scale(torch.linalg.vector_norm(lpl_ext.normalize_tensor(a), dim=1),
+                          torch.ones(2, 3, 4, dtype=torch.float64), rtol=1e-9)
     ca, cb = lpl_ext.cross_normalize(a, b)
-    torch.testing.assert_close(ca, a / (norm_b + 1e-10), rtol=1e-14, atol=0)
-    torch.testing.assert_close(cb, b / (norm_b + 1e-10), rtol=1e-14, atol=0)
+    assert_close_to_scale(ca, a / (norm_b + 1e-10), rtol=1e-14)
+    assert_close_to_scale(cb, b / (norm_b + 1e-10), rtol=1e-14)
     ca, cb = lpl_ext.cross_normalize(a, b, eps=1e-6)
-    torch.testing.assert_close(ca, a / (norm_b + 1e-6), rtol=1e-14, atol=0)
+    assert_close_to_scale(ca, a / (norm_b + 1e-6), rtol=1e-14)
     # Gradients flow to both arguments, as in the reference.
     ar, br = a.clone().requires_grad_(True), b.clone().requires_grad_(True)
     sum(t.sum() for t in lpl_ext.cross_normalize(ar, br)).backward()

@@ -29,6 +29,7 @@ from reference_lpl import (
     reference_remove_outliers,
     tiny_vae,
 )
+from tolerance import assert_close_to_scale
 from test_module_parity import DistanceSpy
 
 DATA = Path(__file__).parent / "data"
@@ -238,7 +239,7 @@ def test_post_quant_conv_is_applied_unless_compat(vaes):
     x2, y2 = latents(vae2)
     a = LatentPerceptualLoss(vae2, norm_type="shared").get_loss(x2, y2)
     b = LatentPerceptualLoss(vae2, norm_type="shared", reference_compat=True).get_loss(x2, y2)
-    torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+    assert_close_to_scale(a, b, rtol=1e-6)
 
 
 def test_batch_norm_normalizes_unless_compat(vaes):
@@ -247,7 +248,7 @@ def test_batch_norm_normalizes_unless_compat(vaes):
     fixed_batch = LatentPerceptualLoss(vae, norm_type="batch").get_loss(x, y)
     fixed_none = LatentPerceptualLoss(vae, norm_type="none").get_loss(x, y)
     compat_batch = LatentPerceptualLoss(vae, norm_type="batch", reference_compat=True).get_loss(x, y)
-    torch.testing.assert_close(compat_batch, fixed_none, rtol=1e-6, atol=0)
+    assert_close_to_scale(compat_batch, fixed_none, rtol=1e-6)
     assert not torch.allclose(fixed_batch, fixed_none, rtol=1e-2)
 
 
@@ -300,7 +301,7 @@ def test_small_planes_do_not_crash(compat):
         want = fixed_oracle(vae, x, y, num_blocks=4, norm="shared", loss_type="mse", pow_law=False,
                             remove_outliers=True)
     for i, (g, w) in enumerate(zip(got, want)):
-        torch.testing.assert_close(g, w.detach(), rtol=1e-10, atol=0, msg=lambda m: f"layer {i}: {m}")
+        assert_close_to_scale(g, w.detach(), rtol=1e-10, what=f"layer {i}")
     assert_close_grad(grad_of(sum(got), x), grad_of(sum(want), x), rtol=1e-9)
 
 
@@ -333,7 +334,7 @@ def test_fp16_features_do_not_overflow_or_lose_eps(monkeypatch):
         want = ref_feature_distance(call["x"].double(), call["y"].double(), keep, norm="default")
         # accumulated in fp32, but returned rounded to fp16 (x's dtype; half an ulp is 2^-11)
         # before the module casts it to fp32
-        torch.testing.assert_close(g.double(), want, rtol=5e-4, atol=0, msg=lambda m: f"layer {i}: {m}")
+        assert_close_to_scale(g.double(), want, rtol=5e-4, what=f"layer {i}")
         if i == 1:
             assert not torch.isfinite(ref[1]).all() or not torch.allclose(ref[1].double(), want, rtol=0.1)
     assert torch.isfinite(grad_of(sum(got), x16)).all()
@@ -441,7 +442,7 @@ def test_checkpointing_on_off_same_loss_and_gradient(vaes, name, granularity):
                               checkpoint_granularity=granularity)
     off = LatentPerceptualLoss(vae, grad_ckpt=False, norm_type="shared", pow_law=True)
     a, b = on.get_loss(x, y), off.get_loss(x, y)
-    torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+    assert_close_to_scale(a, b, rtol=1e-6)
     torch.testing.assert_close(grad_of(a, x), grad_of(b, x), rtol=1e-5, atol=1e-9)
 
 
@@ -473,7 +474,7 @@ def test_autocast_bf16_on_cpu(vaes):
         full = fp32.get_loss(x, y)
     assert low.dtype == torch.float32 and torch.isfinite(low).all()
     torch.testing.assert_close(low, want, rtol=0.1, atol=1e-3)  # bf16 decoder: loose
-    torch.testing.assert_close(full, want, rtol=1e-6, atol=0)  # decoder_fp32: the fp32 result
+    assert_close_to_scale(full, want, rtol=1e-6)  # decoder_fp32: the fp32 result
     g_low, g_full = grad_of(low, x), grad_of(full, x)
     assert torch.isfinite(g_low).all()
     assert_close_grad(g_full, grad_of(want, x), rtol=1e-5)
