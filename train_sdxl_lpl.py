@@ -255,6 +255,14 @@ def build_parser() -> argparse.ArgumentParser:
                "Gradient-checkpoint the VAE decoder blocks inside LPL (independent of --gradient_checkpointing).")
     g.add_argument("--lpl_reference_compat", action="store_true",
                    help="Reproduce the reference implementation's arithmetic (for comparisons only).")
+    g.add_argument("--lpl_sync_free", action="store_true",
+                   help="Select the samples below --lpl_t_threshold without a host sync (LPLObjective(sync_free="
+                        "True)): the decoder runs on a fixed batch of --lpl_capacity samples, so a GPU micro-batch "
+                        "never waits for the host. Same loss; the decoder does more work when few samples qualify, "
+                        "and the logged per-layer feature statistics cover every decoded sample.")
+    g.add_argument("--lpl_capacity", type=int, default=None,
+                   help="With --lpl_sync_free: the decoder batch size (default: the whole micro-batch). Samples "
+                        "beyond it that qualify are left out of that step's LPL.")
     return p
 
 
@@ -284,6 +292,11 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
                      f"{MAX_LPL_BLOCKS} up blocks; 0 = mid block only), got {args.lpl_num_blocks}")
     if args.snr_gamma is not None and args.snr_gamma <= 0:
         parser.error(f"--snr_gamma must be > 0, got {args.snr_gamma}")
+    if args.lpl_capacity is not None and not args.lpl_sync_free:
+        parser.error("--lpl_capacity sets the decoder batch of --lpl_sync_free; add --lpl_sync_free or drop "
+                     "--lpl_capacity.")
+    if args.lpl_capacity is not None and args.lpl_capacity < 1:
+        parser.error(f"--lpl_capacity must be a positive number of samples, got {args.lpl_capacity}")
     if args.lpl_scale and args.snr_gamma is None:
         # The reference silently ignores --lpl_scale without --snr_gamma; refuse instead.
         parser.error("--lpl_scale weights LPL by min(SNR, gamma)/SNR and therefore needs --snr_gamma "
@@ -591,7 +604,7 @@ class ImageCaptionSource:
             self.hf = ds
             self.image_column, self.caption_column = args.image_column, args.caption_column
         else:
-            from lpl_ext.synthetic_data import SyntheticShapes
+            from lpl_ext.demo.synthetic_data import SyntheticShapes
 
             self.synthetic = SyntheticShapes(args.num_synthetic_examples)
         raw = len(self.records if self.kind == "imagefolder" else self.hf if self.kind == "hf" else self.synthetic)
@@ -929,7 +942,9 @@ class StepMetrics:
 
     ``add`` during micro-batches, ``pop`` once per optimiser step: returns the means and resets, so each
     logged value describes exactly one step (the reference never reset ``train_loss``). One gather per
-    step; values stay on the device until then.
+    step; values stay on the device until then. A micro-batch's values are stacked into one (names,)
+    vector and its weights into another, so ``add`` costs a few device ops whatever the number of names
+    (not two small tensors per name, which at ~25 names is most of a GPU step's bookkeeping).
     """
 
     def __init__(self, names: list[str]):
@@ -937,28 +952,41 @@ class StepMetrics:
         self.reset()
 
     def reset(self) -> None:
-        self.sums: dict[str, torch.Tensor] = {}
-        self.counts: dict[str, torch.Tensor] = {}
+        self.sums: torch.Tensor | None = None    # (names,) float32, weighted sums
+        self.counts: torch.Tensor | None = None  # (names,) float32, summed weights
 
     def add(self, values: dict[str, torch.Tensor | float], weights: dict[str, torch.Tensor] | None = None) -> None:
         """Accumulate ``values``; ``weights[name]`` (0-dim, default 1) weighs a value, e.g. 0 for per-layer
-        LPL statistics of a micro-batch where no sample reached LPL (the objective reports zeros there)."""
-        for name, value in values.items():
-            if name not in self.names:
-                continue
-            v = value.detach().float().reshape(()) if torch.is_tensor(value) else torch.tensor(float(value))
-            w = weights.get(name) if weights else None
-            w = torch.ones((), device=v.device) if w is None else w.detach().float().reshape(()).to(v.device)
-            self.sums[name] = self.sums[name] + v * w if name in self.sums else v * w
-            self.counts[name] = self.counts[name] + w if name in self.counts else w
+        LPL statistics of a micro-batch where no sample reached LPL (the objective reports zeros there).
+        Names outside ``self.names`` are ignored."""
+        known = {n: values[n] for n in self.names if n in values}
+        if not known:
+            return
+        device = next((v.device for v in known.values() if torch.is_tensor(v)), torch.device("cpu"))
+        zero = torch.zeros((), device=device)
+        one = torch.ones((), device=device)
+
+        def scalar(v) -> torch.Tensor:
+            return v.detach().float().reshape(()) if torch.is_tensor(v) else torch.tensor(float(v), device=device)
+
+        weights = weights or {}
+        vals = torch.stack([scalar(known[n]) if n in known else zero for n in self.names])
+        ws = torch.stack([(scalar(weights[n]) if n in weights else one) if n in known else zero
+                          for n in self.names])
+        weighted = vals * ws
+        if self.sums is None:
+            self.sums, self.counts = weighted, ws
+        else:
+            self.sums, self.counts = self.sums + weighted, self.counts + ws
 
     def pop(self, accelerator=None) -> dict[str, float]:
         """Means over this step's micro-batches (and processes); NaN for names never added. Resets."""
-        device = next(iter(self.sums.values())).device if self.sums else torch.device("cpu")
-        zero = torch.zeros((), device=device)
-        sums = torch.stack([self.sums.get(n, zero).to(device) for n in self.names])
-        counts = torch.stack([self.counts.get(n, zero).to(device) for n in self.names])
-        packed = torch.stack([sums, counts])
+        if self.sums is None:
+            packed = torch.zeros(2, len(self.names))
+            if accelerator is not None:
+                packed = packed.to(accelerator.device)
+        else:
+            packed = torch.stack([self.sums, self.counts])
         if accelerator is not None and accelerator.num_processes > 1:
             packed = accelerator.reduce(packed.contiguous(), reduction="sum")
         packed = packed.cpu()  # the one host sync of the step's bookkeeping
@@ -1006,6 +1034,8 @@ def build_lpl_objective(args: argparse.Namespace, vae):
         start_step=args.lpl_start,
         decoder_fp32=True,
         reference_compat=args.lpl_reference_compat,
+        sync_free=args.lpl_sync_free,
+        capacity=args.lpl_capacity,
     )
 
 
@@ -1307,7 +1337,7 @@ def load_models(args: argparse.Namespace, accelerator, log) -> SimpleNamespace:
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     if args.offline_demo:
-        from lpl_ext.tiny_sdxl import ensure_tiny_sdxl
+        from lpl_ext.demo.tiny_sdxl import ensure_tiny_sdxl
 
         with accelerator.main_process_first():
             model_path = str(ensure_tiny_sdxl(args.cache_dir, seed=args.tiny_model_seed))

@@ -326,7 +326,7 @@ def loss_scale(res: int = 128, batch: int = 4, seed: int = 0, tiny: bool = False
 
         model = AutoencoderKL.from_pretrained(vae, local_files_only=True).eval().float()
     elif tiny:
-        from lpl_ext.tiny_sdxl import build_tiny_vae
+        from lpl_ext.demo.tiny_sdxl import build_tiny_vae
 
         model = build_tiny_vae(pretrained=True).eval()
     else:
@@ -334,7 +334,7 @@ def loss_scale(res: int = 128, batch: int = 4, seed: int = 0, tiny: bool = False
     model.requires_grad_(False)
     g = torch.Generator().manual_seed(seed)
     if tiny:
-        from lpl_ext.synthetic_data import draw_example
+        from lpl_ext.demo.synthetic_data import draw_example
 
         images = [np.asarray(draw_example(i, width=res, height=res)[0].convert("RGB"), dtype=np.float32)
                   for i in range(batch)]

@@ -188,6 +188,13 @@ def measure(bench: str, variant: str, workload: str, mode: str, device: str, env
     """Worker side (common.run_grid): time and peak extra memory of one variant on one
     workload, one row."""
     wl = next(w for w in workloads(bench, mode) if w.name == workload)
+    return measure_workload(bench, variant, wl, device, env, bandwidth, reps, budget)
+
+
+def measure_workload(bench: str, variant: str, wl: HeadWorkload, device: str, env: Dict[str, Any],
+                     bandwidth: Optional[float], reps: int, budget: float) -> List[Dict[str, Any]]:
+    """:func:`measure` of a workload object (benchmarks/gpu_check.py calls it in process)."""
+    workload = wl.name
 
     def row() -> Dict[str, Any]:
         import torch

@@ -1,6 +1,6 @@
 """lpl_ext: fused C/CUDA Latent Perceptual Loss (Berrada et al., ICLR 2025) for SDXL."""
 
-from ._backend import build_info
+from ._backend import BackendFallbackWarning, build_info
 from .feature_distance import FeatureDistanceFunction, feature_distance
 from .outlier_mask import OutlierStats, outlier_mask, outlier_windows
 from ._backend import torch as _torch
@@ -12,6 +12,7 @@ if _torch is not None:  # the VAE-level loss and the objective need torch
 from ._version import __version__
 
 __all__ = [
+    "BackendFallbackWarning",
     "FeatureDistanceFunction",
     "LPLObjective",
     "LatentPerceptualLoss",

@@ -7,7 +7,9 @@ allocator on GPU, and the current CUDA stream is passed down explicitly.
 
 from __future__ import annotations
 
-from typing import Any
+import os
+import warnings
+from typing import Any, Optional, Set
 
 import numpy as np
 
@@ -56,6 +58,74 @@ def cuda_kernels(device: Any) -> Any:
     from . import _cuda
 
     return _cuda.kernels_for(device)
+
+
+# ---------------------------------------------------------------------- backend choice
+BACKEND_ENV = "LPL_EXT_BACKEND"
+BACKENDS = ("auto", "native", "torch")
+
+
+class BackendFallbackWarning(UserWarning):
+    """Issued once per device type when ``LPL_EXT_BACKEND=auto`` runs lpl_ext's
+    plain-PyTorch implementation because no lpl_ext kernel serves that device."""
+
+
+_fallback_warned: Set[str] = set()
+
+
+def requested_backend() -> str:
+    """``LPL_EXT_BACKEND`` (read at every call, so it can be changed at run time):
+    "auto" (default: the C/CUDA kernels where they exist, the plain-PyTorch backend on
+    every other device), "native" (the kernels only; other devices raise) or "torch"
+    (the plain-PyTorch backend everywhere)."""
+    raw = os.environ.get(BACKEND_ENV, "")
+    value = raw.strip().lower() or "auto"
+    if value not in BACKENDS:
+        raise ValueError(f"{BACKEND_ENV}: expected one of {', '.join(BACKENDS)} (or unset), got {raw!r}")
+    return value
+
+
+def native_kernels_problem(device: Any) -> Optional[str]:
+    """None where lpl_ext's kernels can serve tensors on ``device``, else why not.
+
+    CPU: the C kernels. CUDA: the CUDA kernels, except under a ROCm build of torch
+    (``torch.version.hip``), whose "cuda" tensors are AMD GPU memory that DLPack labels
+    kDLROCM and that the NVIDIA kernels cannot touch. Every other device type (mps,
+    xpu, ...) has no lpl_ext kernel."""
+    kind = torch.device(device).type
+    if kind == "cpu":
+        return None
+    if kind == "cuda":
+        hip = getattr(torch.version, "hip", None)
+        if hip:
+            return (f"this torch is a ROCm build (HIP {hip}): its cuda tensors live on an AMD GPU "
+                    "(DLPack kDLROCM), and lpl_ext's CUDA kernels run on NVIDIA GPUs only")
+        return None
+    return f"lpl_ext has no kernels for {kind} tensors (only CPU and NVIDIA CUDA)"
+
+
+def use_native_kernels(device: Any) -> bool:
+    """Whether a call on tensors of ``device`` runs the C/CUDA kernels (True) or the
+    plain-PyTorch backend ``lpl_ext._torch_backend`` (False), per ``LPL_EXT_BACKEND``.
+    With "auto", a device without kernels falls back with a one-time
+    :class:`BackendFallbackWarning` naming it; with "native" it raises RuntimeError."""
+    requested = requested_backend()
+    if requested == "torch":
+        return False
+    problem = native_kernels_problem(device)
+    if problem is None:
+        return True
+    if requested == "native":
+        raise RuntimeError(f"{BACKEND_ENV}=native: {problem}. Unset {BACKEND_ENV} (or set it to auto or "
+                           "torch) to run lpl_ext's plain-PyTorch implementation there.")
+    label = str(torch.device(device).type) + (" (ROCm)" if torch.device(device).type == "cuda" else "")
+    if label not in _fallback_warned:
+        _fallback_warned.add(label)
+        warnings.warn(f"lpl_ext: {problem}; running lpl_ext's plain-PyTorch implementation of the same "
+                      f"arithmetic on {label} tensors (slower than the kernels, same results to reduction "
+                      f"order; docs/switching.md). Set {BACKEND_ENV}=torch to choose it explicitly.",
+                      BackendFallbackWarning, stacklevel=2)
+    return False
 
 
 def build_info() -> dict:

@@ -15,7 +15,13 @@ feature distance with an autograd registration:
 ``lpl_ext::outlier_mask(y, quantile, margin_std, closing, opening, return_stats)
 -> (keep, stats)``
     keep: bool (N, C, H, W); stats: float64 (3,) = mean, std, outlier ratio when
-    ``return_stats``, else (0,). Not differentiable (a mask of a constant).
+    ``return_stats``, else (0,) (float32 on a device without float64, e.g. MPS). Not
+    differentiable (a mask of a constant).
+
+Both run the C/CUDA kernels on CPU and CUDA tensors and lpl_ext's plain-PyTorch
+backend (``lpl_ext._torch_backend``) on other devices or with ``LPL_EXT_BACKEND=torch``
+(the choice is made inside the eager implementation, so a compiled graph holds the
+operator either way).
 
 The operators take torch tensors only and trust the options they are given: the public
 ``lpl_ext.feature_distance`` / ``lpl_ext.outlier_mask`` validate them in Python first
@@ -90,11 +96,12 @@ if HAS_CUSTOM_OPS:
     def _outlier_mask_op(
         y: Tensor, quantile: float, margin_std: float, closing: int, opening: int, return_stats: bool,
     ) -> Tuple[Tensor, Tensor]:
+        from ._torch_backend import wide_dtype
         from .outlier_mask import _outlier_mask_torch
 
         keep, stats = _outlier_mask_torch(y, quantile, margin_std, closing, opening, return_stats)
         if stats is None:
-            stats = torch.empty((0,), dtype=torch.float64, device=y.device)
+            stats = torch.empty((0,), dtype=wide_dtype(y.device), device=y.device)
         return keep, stats
 
     @_outlier_mask_op.register_fake
@@ -103,8 +110,11 @@ if HAS_CUSTOM_OPS:
     ) -> Tuple[Tensor, Tensor]:
         if y.dim() != 4:
             raise ValueError(f"y: expected a 4-D (N, C, H, W) tensor, got shape {tuple(y.shape)}")
+        from ._torch_backend import wide_dtype
+
         keep = y.new_empty(tuple(y.shape), dtype=torch.bool)
-        stats = y.new_empty((3,) if return_stats else (0,), dtype=torch.float64)
+        # float64, or float32 on a device without float64 (the plain-PyTorch backend's)
+        stats = y.new_empty((3,) if return_stats else (0,), dtype=wide_dtype(y.device, probe=False))
         return keep, stats
 
 __all__ = ["HAS_CUSTOM_OPS"]

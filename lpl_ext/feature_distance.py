@@ -19,7 +19,7 @@ from typing import Any, Optional, Tuple
 import numpy as np
 
 from . import _C, _ops
-from ._backend import as_c_arg, check_kind, cuda_kernels, is_tensor, stream_of, torch
+from ._backend import as_c_arg, check_kind, cuda_kernels, is_tensor, stream_of, torch, use_native_kernels
 
 NORMS = ("default", "shared", "batch", "none")
 DISTANCES = ("mse", "l1")
@@ -80,12 +80,18 @@ def _forward_torch(
     x: "torch.Tensor", y: "torch.Tensor", mask: Optional["torch.Tensor"], norm: str, distance: str,
     weight: float, need_grad: bool,
 ) -> Tuple["torch.Tensor", Optional["torch.Tensor"]]:
-    """Loss (N,) in x's dtype and, when need_grad, d(sum loss)/dx in x's dtype."""
+    """Loss (N,) in x's dtype and, when need_grad, d(sum loss)/dx in x's dtype: the C/CUDA
+    kernel, or the plain-PyTorch backend where ``_backend.use_native_kernels`` says so."""
     _check_torch_args(x, y, mask)
     x = x.detach().contiguous()
     y = y.detach().contiguous()
     if mask is not None:
         mask = mask.detach().contiguous()
+    if not use_native_kernels(x.device):
+        from . import _torch_backend
+
+        loss, grad = _torch_backend.feature_distance(x, y, mask, norm, distance, weight, need_grad)
+        return loss.to(x.dtype), grad
     loss = torch.empty(x.shape[0], dtype=torch.float64, device=x.device)
     grad = torch.empty_like(x) if need_grad else None
     if x.is_cuda and x.numel() == 0:
@@ -121,9 +127,9 @@ def _scale_kept_gradient(grad: "torch.Tensor", grad_loss: "torch.Tensor", reentr
     # the plain out-of-place product: the shortcut below is a data-dependent branch, and
     # the compiler functionalizes an in-place product anyway (it may re-inplace it).
     traced = type(grad) is not torch.Tensor or type(grad_loss) is not torch.Tensor
-    if not traced and not grad.is_cuda and bool((grad_loss == 1).all()):
+    if not traced and grad.device.type == "cpu" and bool((grad_loss == 1).all()):
         # d(loss.sum())/dx is the kept gradient itself: no pass at all. The check costs a
-        # host sync, so CUDA always rescales.
+        # host sync, so every other device always rescales.
         return grad
     scale = grad_loss.to(grad.dtype).view(-1, 1, 1, 1)
     if reentrant or traced:
@@ -179,7 +185,9 @@ def feature_distance(
 
     Args:
         x: prediction features (N, C, H, W), float32/float64/float16/bfloat16; a torch
-            tensor (CPU or CUDA; differentiable) or a numpy array (no autograd).
+            tensor (differentiable; CPU and CUDA run the kernels, other devices the
+            plain-PyTorch backend, see ``LPL_EXT_BACKEND`` in docs/switching.md) or a
+            numpy array (the C kernel; no autograd).
         y: target features, same shape, dtype and device as x; treated as a constant.
         mask: optional keep-mask (bool or uint8) of x's shape; y counts as y * mask and
             each (n, c) plane is averaged over its kept pixels (an empty plane adds 0).

@@ -47,6 +47,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
+import os
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
@@ -55,6 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ._torch_backend import wide_dtype
 from .feature_distance import DISTANCES, NORMS, feature_distance
 from .outlier_mask import outlier_mask, outlier_windows
 
@@ -69,6 +72,48 @@ FEATURE_TYPES = ("feature", "image")
 
 # Layer index -> down factor of the reference's outlier removal (layer 5 never exists).
 OUTLIER_DOWN_FACTORS: Dict[int, int] = {2: 2, 3: 1, 4: 1, 5: 1}
+
+
+logger = logging.getLogger(__name__)
+
+# docs/switching.md, "Reproducing the reference from an unchanged script".
+REFERENCE_COMPAT_ENV = "LPL_EXT_REFERENCE_COMPAT"
+_TRUE_WORDS = ("1", "true", "yes", "on")
+_FALSE_WORDS = ("0", "false", "no", "off")
+_notice_logged = False  # the arithmetic notice is logged once per process
+
+
+def _reference_compat_from_env() -> Optional[bool]:
+    """``LPL_EXT_REFERENCE_COMPAT`` as a bool, None when unset or empty; ValueError
+    naming the variable for anything else than 1/true/yes/on or 0/false/no/off."""
+    raw = os.environ.get(REFERENCE_COMPAT_ENV, "")
+    value = raw.strip().lower()
+    if not value:
+        return None
+    if value in _TRUE_WORDS:
+        return True
+    if value in _FALSE_WORDS:
+        return False
+    raise ValueError(f"{REFERENCE_COMPAT_ENV}: expected 1 or 0 (or true/false, yes/no, on/off), got {raw!r}")
+
+
+def _log_reference_notice(differences: List[str]) -> None:
+    """The one-time notice that the loss is not the reference's (docs/switching.md)."""
+    global _notice_logged
+    if _notice_logged:
+        return
+    _notice_logged = True
+    logger.warning(
+        "lpl_ext.LatentPerceptualLoss does not compute the diffusers reference's loss: it %s. At the "
+        "same flags the loss and its gradient differ from the reference's (by 0.24-1.5x in the loss on "
+        "the VAEs measured so far), so an lpl_weight tuned with the reference means something else "
+        "here; see 'Loss scale against the reference' (docs/training.md, linked from the README) and "
+        "docs/switching.md. Two ways to keep such a weight: (1) reproduce the reference's arithmetic "
+        "with reference_compat=True, or %s=1 in the environment of an unchanged script; (2) keep "
+        "lpl_ext's arithmetic and divide the old weight by the lpl_ext / reference loss ratio measured "
+        "on your VAE (benchmarks/run_all.py --only loss_scale). Passing reference_compat explicitly, "
+        "or %s=0, silences this notice (logged once per process).",
+        "; ".join(differences), REFERENCE_COMPAT_ENV, REFERENCE_COMPAT_ENV)
 
 
 def _layer_weight(index: int, pow_law: bool) -> float:
@@ -150,8 +195,8 @@ def _stats_to_floats(stats: List[Dict[str, torch.Tensor]]) -> List[Dict[str, flo
     if not stats:
         return []
     keys = [list(layer) for layer in stats]
-    flat = torch.stack([layer[k].detach().reshape(()).to(torch.float64) for layer, ks in zip(stats, keys)
-                        for k in ks])
+    # float32 on the device (as stored; a device may lack float64), exact as Python floats
+    flat = torch.stack([layer[k].detach().reshape(()).float() for layer, ks in zip(stats, keys) for k in ks])
     values = iter(flat.cpu().tolist())  # the one sync (a no-op copy on CPU)
     return [{k: next(values) for k in ks} for ks in keys]
 
@@ -165,6 +210,8 @@ class LatentPerceptualLoss(nn.Module):
             It is held outside the module tree (not in ``parameters()``/``state_dict()``, so
             DDP and optimizers never see it) and never mutated (``requires_grad`` flags
             included). ``.to()``/``.float()``/... on this module move it too.
+            ``lpl_fn.vae = other_vae`` rebinds the loss to ``other_vae`` (its decoder,
+            scale, shift and device); it never becomes a submodule.
         loss_type: "mse" or "l1".
         grad_ckpt: checkpoint each decoder block of the prediction pass (recomputed in
             backward); independent of any UNet flag.
@@ -174,6 +221,11 @@ class LatentPerceptualLoss(nn.Module):
         feature_type: "feature" (LPL) or "image" (MSE of the decoded images).
         remove_outliers: mask target outliers on layers 2 (down factor 2), 3 and 4.
         reference_compat: reproduce the reference's arithmetic (see the module docstring).
+            Not given (None): ``LPL_EXT_REFERENCE_COMPAT=1`` in the environment turns it
+            on, so that an unchanged script can reproduce the reference; otherwise off,
+            and a one-time notice is logged (``logging``, WARNING) that the loss differs
+            from the reference's. An explicit value wins over the environment and
+            silences the notice, as does ``LPL_EXT_REFERENCE_COMPAT=0``.
         decoder_fp32: run the decoder with autocast disabled on fp32 latents (the VAE must
             be float32); for trainers running under ``torch.autocast``.
         compute_stats: fill ``last_feature_stats`` (one extra reduction pass per layer).
@@ -195,6 +247,16 @@ class LatentPerceptualLoss(nn.Module):
     with one device-to-host copy for all layers; nothing is copied if nobody reads them.
     ``last_feature_stats_tensors`` has the same values as 0-dim float32 device tensors
     (no sync at all).
+
+    State: ``parameters()`` is empty and ``state_dict()`` is empty (the reference's
+    holds the VAE, under ``vae.`` and ``decoder.``: 180 parameters and 284 keys for a
+    tiny 4-block AutoencoderKL). The VAE stays outside the module tree so that
+    DDP/FSDP and optimizers wrapping a model that contains this loss never see (or
+    all-reduce, or save) a frozen VAE; its weights belong to the VAE. The only tensors are the non-persistent
+    buffers ``scale`` and ``shift`` (float64, float32 on a device without float64 such
+    as MPS). Loading a reference-era ``state_dict`` (keys under ``vae.``/``decoder.``)
+    raises a RuntimeError that says so and how to load those weights into the VAE,
+    with ``strict=False`` too: silently dropping them would look like a restored VAE.
     """
 
     def __init__(
@@ -208,17 +270,13 @@ class LatentPerceptualLoss(nn.Module):
         feature_type: str = "feature",
         remove_outliers: bool = True,
         *,
-        reference_compat: bool = False,
+        reference_compat: Optional[bool] = None,
         decoder_fp32: bool = False,
         compute_stats: bool = True,
         freeze_vae: bool = True,
         checkpoint_granularity: str = "module",
     ) -> None:
         super().__init__()
-        decoder = getattr(vae, "decoder", None)
-        if decoder is None or not all(hasattr(decoder, a) for a in ("conv_in", "mid_block", "up_blocks")):
-            raise TypeError("vae: expected a diffusers AutoencoderKL-like model with decoder.conv_in, "
-                            f"decoder.mid_block and decoder.up_blocks, got {type(vae).__name__}")
         if not isinstance(loss_type, str) or loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type: expected one of {LOSS_TYPES}, got {loss_type!r}")
         if not isinstance(norm_type, str) or norm_type.lower() not in NORM_TYPES:
@@ -228,24 +286,13 @@ class LatentPerceptualLoss(nn.Module):
         if feature_type not in FEATURE_TYPES:
             raise ValueError(f"feature_type: expected one of {FEATURE_TYPES}, got {feature_type!r}")
 
-        # Held outside the module tree: DDP, optimizers and state_dict never see the VAE.
-        # Nothing of the caller's VAE is mutated: freezing is done per call (_call).
-        object.__setattr__(self, "_vae", vae)
-        self.freeze_vae = bool(freeze_vae)
+        if reference_compat is not None and not isinstance(reference_compat, (bool, np.bool_)):
+            raise TypeError(f"reference_compat: expected a bool or None, got {type(reference_compat).__name__}")
+        from_env = _reference_compat_from_env()
+        compat = bool(reference_compat) if reference_compat is not None else bool(from_env)
 
-        config = getattr(vae, "config", None)
-        scale = getattr(config, "scaling_factor", None)
-        shift = getattr(config, "shift_factor", None)
-        device = next(iter(vae.parameters())).device
-        self._scale_value = 1.0 if scale is None else float(scale)
-        self._shift_value = 0.0 if shift is None else float(shift)
-        # Buffers, so .to(device) moves them (the reference's plain tensors stay behind).
-        # float64 keeps the config values exact; a 0-dim tensor never changes the dtype of
-        # the latents it divides.
-        self.register_buffer("scale", torch.tensor(self._scale_value, dtype=torch.float64, device=device),
-                             persistent=False)
-        self.register_buffer("shift", torch.tensor(self._shift_value, dtype=torch.float64, device=device),
-                             persistent=False)
+        self._bind_vae(vae)
+        self.freeze_vae = bool(freeze_vae)
 
         self.loss_type = loss_type
         # The reference's elementwise loss module (public attribute there; the fused
@@ -260,11 +307,39 @@ class LatentPerceptualLoss(nn.Module):
         self.n_blocks = num_mid_blocks
         self.feature_type = feature_type
         self.outlier_mask = bool(remove_outliers)
-        self.reference_compat = bool(reference_compat)
+        self.reference_compat = compat
         self.decoder_fp32 = bool(decoder_fp32)
         self.compute_stats = bool(compute_stats)
         self._stats_tensors: List[Dict[str, torch.Tensor]] = []
         self._stats_floats: Optional[List[Dict[str, float]]] = []
+        if reference_compat is None and from_env is None:
+            differences = self.reference_differences()
+            if differences:
+                _log_reference_notice(differences)
+
+    def reference_differences(self) -> List[str]:
+        """What this configuration computes differently from the diffusers reference, in
+        words (empty in compat mode and where the two coincide; docs/spec.md, "Reference
+        defects and what lpl_ext does instead", lists the fixes kept in both modes)."""
+        if self.reference_compat:
+            return []
+        differences = []
+        pqc = getattr(self._vae, "post_quant_conv", None)
+        if self.feature_type == "feature":
+            if pqc is not None:
+                differences.append("applies the VAE's post_quant_conv before the decoder (the reference skips it)")
+            if self.norm_type == "batch":
+                differences.append("standardizes each channel for norm_type='batch' (the reference normalizes "
+                                   "nothing)")
+            mid = next(iter(self.decoder.mid_block.parameters()), None)
+            up = next(iter(self.decoder.up_blocks.parameters()), None)
+            if mid is not None and up is not None and mid.dtype != up.dtype:
+                differences.append("keeps the mid-block output in its dtype (the reference casts it to the up "
+                                   "blocks' dtype)")
+        else:
+            differences.append("returns the per-sample (N,) MSE of images decoded from z / scale + shift "
+                               "(the reference: a scalar, from z / scale)")
+        return differences
 
     # ------------------------------------------------------------------ logging statistics
     @property
@@ -294,8 +369,63 @@ class LatentPerceptualLoss(nn.Module):
     # ------------------------------------------------------------------ VAE handling
     @property
     def vae(self) -> nn.Module:
-        """The wrapped VAE (not a submodule)."""
+        """The wrapped VAE (not a submodule); assigning another one rebinds the loss."""
         return self._vae
+
+    def _bind_vae(self, vae: Any) -> None:
+        """Use ``vae`` from now on: its decoder, its config's scale and shift (buffers on
+        its device). Never registers it as a submodule."""
+        decoder = getattr(vae, "decoder", None)
+        if (not isinstance(vae, nn.Module) or decoder is None
+                or not all(hasattr(decoder, a) for a in ("conv_in", "mid_block", "up_blocks"))):
+            raise TypeError("vae: expected a diffusers AutoencoderKL-like model with decoder.conv_in, "
+                            f"decoder.mid_block and decoder.up_blocks, got {type(vae).__name__}")
+        config = getattr(vae, "config", None)
+        scale = getattr(config, "scaling_factor", None)
+        shift = getattr(config, "shift_factor", None)
+        first = next(iter(vae.parameters()), None)
+        device = first.device if first is not None else torch.device("cpu")
+        # Held outside the module tree: DDP, optimizers and state_dict never see the VAE.
+        # Nothing of the caller's VAE is mutated: freezing is done per call (_call).
+        object.__setattr__(self, "_vae", vae)
+        self._scale_value = 1.0 if scale is None else float(scale)
+        self._shift_value = 0.0 if shift is None else float(shift)
+        # Buffers, so .to(device) moves them (the reference's plain tensors stay behind).
+        # float64 keeps the config values exact (float32 where the device has no float64);
+        # a 0-dim tensor never changes the dtype of the latents it divides.
+        for name, value in (("scale", self._scale_value), ("shift", self._shift_value)):
+            self.register_buffer(name, self._config_tensor(value, device), persistent=False)
+
+    @staticmethod
+    def _config_tensor(value: float, device: torch.device) -> torch.Tensor:
+        return torch.tensor(value, dtype=wide_dtype(device), device=device)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # nn.Module.__setattr__ would register an assigned VAE as a submodule, shadowed
+        # by the ``vae`` property: the loss would keep the old VAE and gain parameters.
+        if name == "vae":
+            self._bind_vae(value)
+        elif name == "decoder":
+            raise AttributeError("decoder: follows the VAE; assign lpl_fn.vae = new_vae to change it")
+        else:
+            super().__setattr__(name, value)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,  # type: ignore[override]
+                              unexpected_keys, error_msgs) -> None:
+        vae_keys = [k for k in state_dict if k.startswith((prefix + "vae.", prefix + "decoder."))]
+        if vae_keys:
+            # Raised with strict=False too: dropping the VAE's weights silently would look
+            # like a restored VAE.
+            error_msgs.append(
+                f"{len(vae_keys)} keys such as {vae_keys[0]!r} hold VAE weights: this is a state_dict of the "
+                "diffusers reference's LatentPerceptualLoss, whose VAE is a submodule. lpl_ext's "
+                "LatentPerceptualLoss has no state (its VAE stays outside the module tree, see "
+                "docs/switching.md), so they cannot be loaded through it, with strict=False either. Load "
+                "them into the VAE itself, e.g. vae.load_state_dict({k[len('vae.'):]: v for k, v in "
+                "state_dict.items() if k.startswith('vae.')}), and drop the 'vae.'/'decoder.' keys from what "
+                "you load into the loss.")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
     @property
     def decoder(self) -> nn.Module:
@@ -308,11 +438,15 @@ class LatentPerceptualLoss(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):  # type: ignore[override]
         # Moving/casting the loss moves its VAE as well, as if it were a submodule.
+        # scale/shift are rebuilt from the config values below; fn gets float32 stand-ins,
+        # which every device holds (a float64 tensor cannot move to MPS).
+        for name in ("scale", "shift"):
+            self._buffers[name] = self._buffers[name].float()
         super()._apply(fn, *args, **kwargs)
         self._vae._apply(fn, *args, **kwargs)
         # Follow device moves only: a dtype cast must not round the scale and shift.
-        self.scale = torch.tensor(self._scale_value, dtype=torch.float64, device=self.scale.device)
-        self.shift = torch.tensor(self._shift_value, dtype=torch.float64, device=self.shift.device)
+        self.scale = self._config_tensor(self._scale_value, self.scale.device)
+        self.shift = self._config_tensor(self._shift_value, self.shift.device)
         return self
 
     def _decoder_dtype(self) -> torch.dtype:

@@ -35,12 +35,12 @@ from typing import Any, NamedTuple, Optional, Tuple, Union
 import numpy as np
 
 from . import _C, _ops
-from ._backend import as_c_arg, check_kind, cuda_kernels, stream_of, torch
+from ._backend import as_c_arg, check_kind, cuda_kernels, stream_of, torch, use_native_kernels
 
 
 class OutlierStats(NamedTuple):
-    """Per-layer logging statistics: 0-d float64 tensors on y's device (numpy float64
-    scalars for numpy input)."""
+    """Per-layer logging statistics: 0-d float64 tensors on y's device (float32 on a
+    device without float64, e.g. MPS; numpy float64 scalars for numpy input)."""
 
     mean: Any
     std: Any
@@ -102,8 +102,10 @@ def outlier_mask(
     """Keep-mask of the target features y.
 
     Args:
-        y: (N, C, H, W) float32 / float64 / float16 / bfloat16; a torch tensor (CPU or
-            CUDA) or a numpy array (float32 / float64 / float16). Never differentiated.
+        y: (N, C, H, W) float32 / float64 / float16 / bfloat16; a torch tensor (CPU and
+            CUDA run the kernels, other devices the plain-PyTorch backend, see
+            ``LPL_EXT_BACKEND`` in docs/switching.md) or a numpy array (float32 / float64 /
+            float16; the C kernel). Never differentiated.
         quantile: q in (0, 0.5): the order statistics are the floor(L*q)-th and
             floor(L*(1-q))-th smallest finite values of each plane.
         margin_std: margin in sample standard deviations (>= 0).
@@ -157,8 +159,14 @@ def _launch_outlier_mask(
 def _outlier_mask_torch(
     y: "torch.Tensor", quantile: float, margin_std: float, closing: int, opening: int, return_stats: bool,
 ) -> Tuple["torch.Tensor", Optional["torch.Tensor"]]:
-    """(keep bool of y's shape, stats (3,) float64 or None) for a 4-D torch tensor y."""
+    """(keep bool of y's shape, stats (3,) float64 or None) for a 4-D torch tensor y: the
+    C/CUDA kernel, or the plain-PyTorch backend where ``_backend.use_native_kernels`` says
+    so (its stats are float32 on devices without float64)."""
     y = y.detach().contiguous()
+    if not use_native_kernels(y.device):
+        from . import _torch_backend
+
+        return _torch_backend.outlier_mask(y, quantile, margin_std, closing, opening, return_stats)
     keep = torch.empty(y.shape, dtype=torch.bool, device=y.device)
     stats = torch.empty(3, dtype=torch.float64, device=y.device) if return_stats else None
     _launch_outlier_mask(y, keep, stats, quantile, margin_std, closing, opening)

@@ -33,6 +33,8 @@ sdist, repo = sys.argv[1], Path(sys.argv[2])
 names = {n.split("/", 1)[1] for n in tarfile.open(sdist).getnames() if "/" in n}
 need = {str(p.relative_to(repo)) for p in (repo / "csrc").rglob("*") if p.suffix in (".c", ".h", ".cu", ".cuh")}
 need |= {"setup.py", "pyproject.toml", "lpl_ext/_kernel_sources.py", "lpl_ext/_cuda.py", "README.md"}
+need |= {"lpl_ext/demo/__init__.py", "lpl_ext/demo/assets/tiny_vae.safetensors",
+         "lpl_ext/demo/assets/tiny_sdxl_base.safetensors"}  # the offline demo's weights
 missing = sorted(need - names)
 junk = sorted(n for n in names if n.endswith((".so", ".o", ".cubin")) or "/_kernels/" in n or "__pycache__" in n)
 print(f"[dist] sdist: {len(names)} files, missing {missing or 'nothing'}, build outputs {junk or 'none'}", file=sys.stderr)
@@ -106,6 +108,10 @@ entries = zipfile.ZipFile(wheel).namelist()
 junk = [n for n in entries if n.startswith(("tests/", "csrc/", "benchmarks/", "tools/")) or n.endswith((".o", ".c", ".pyc"))]
 assert not junk, junk
 assert info["revision"] != "unknown", info
+# the offline demo finds its weights inside the installed package (package data of lpl_ext.demo)
+from lpl_ext.demo import tiny_sdxl
+assets = [tiny_sdxl.tiny_vae_weights_path(), tiny_sdxl.tiny_base_weights_path()]
+assert all(p.is_file() and "/venv-wheel/" in str(p) for p in assets), assets
 print(f"[dist] wheel {wheel.name}: {wheel.stat().st_size / 2**20:.1f} MiB, {len(entries)} files, cubins "
       f"{', '.join('sm_' + a for a in info['cuda_cubin_archs']) or 'none'} (nvcc {info['cuda_cubin_toolkit']}), "
       f"revision {info['revision']}, numpy {numpy.__version__}", file=sys.stderr)

@@ -1,6 +1,6 @@
 """The offline demo draws what it is asked: the shipped tiny base, and the default run's validation images.
 
-Scored with ``lpl_ext.image_metrics`` (foreground/background colour nearest to the caption's, shape class by
+Scored with ``lpl_ext.demo.image_metrics`` (foreground/background colour nearest to the caption's, shape class by
 template IoU, edge width). Thresholds were set after measuring (numbers next to each one) with a margin
 for other platforms and thread counts; a random-init UNet scores 0 on the same images.
 """
@@ -19,8 +19,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lpl_ext import image_metrics as im  # noqa: E402
-from lpl_ext import tiny_sdxl as ts  # noqa: E402
+from lpl_ext.demo import image_metrics as im  # noqa: E402
+from lpl_ext.demo import tiny_sdxl as ts  # noqa: E402
 
 SCRIPT = ROOT / "train_sdxl_lpl.py"
 DEMO_PROMPTS = im.evaluation_prompts()[:2]  # the trainer demo's two validation prompts

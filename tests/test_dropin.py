@@ -353,3 +353,71 @@ def test_remove_outliers_is_defined_where_the_reference_crashes():
         lpl_ext.remove_outliers(feat3, down_f=0)
     with pytest.raises(ValueError, match="opening"):
         lpl_ext.remove_outliers(feat3, opening=4)  # an even window (the reference changes the shape)
+
+
+# ---------------------------------------------------------------- the reference's call pattern, both modes
+
+class ReferenceWithPostQuantConv(ReferenceLPL):
+    """The reference restatement with the one documented difference of lpl_ext's default
+    mode for norms other than 'batch' (docs/switching.md): post_quant_conv applied to the
+    decoder input before conv_in."""
+
+    def get_features(self, z, disable_grads=False):
+        with torch.set_grad_enabled(not disable_grads):
+            z = self.vae.post_quant_conv(z)
+        return super().get_features(z, disable_grads)
+
+
+CALL_PATTERN_FLAGS = [
+    dict(loss_type="mse", norm_type="shared", pow_law=True),
+    dict(loss_type="l1", norm_type="default", pow_law=False, grad_ckpt=False),
+    dict(loss_type="mse", norm_type="default", pow_law=True, remove_outliers=False, num_mid_blocks=3),
+]
+
+
+@pytest.mark.parametrize("compat", [True, False], ids=["compat", "default"])
+@pytest.mark.parametrize("flags", CALL_PATTERN_FLAGS, ids=lambda f: "-".join(f"{k}={v}" for k, v in f.items()))
+def test_reference_call_pattern_differs_only_as_documented(flags, compat):
+    """What a script written against the reference calls -- the constructor, ``.to()``,
+    ``.vae``, ``get_loss(input, target, get_hist=...)``, ``last_feature_stats`` -- in both
+    modes (float64, on a VAE whose outlier removal removes pixels). Compat mode is the
+    reference; default mode is the reference with post_quant_conv applied, and nothing
+    else; the module's state is the documented one."""
+    from reference_lpl import blob_vae
+
+    vae = blob_vae("sdxl_like", seed=2).requires_grad_(False)
+    ours = LatentPerceptualLoss(vae, reference_compat=compat, **flags)
+    oracle = (ReferenceLPL if compat else ReferenceWithPostQuantConv)(vae, fixed_where_undefined=True, **flags)
+    plain = ReferenceLPL(vae, fixed_where_undefined=True, **flags)
+    assert ours.to("cpu") is ours and ours.vae is vae and ours.decoder is vae.decoder
+    g = torch.Generator().manual_seed(8)
+    y = torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64)
+    x = (y + 0.5 * torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64)).requires_grad_(True)
+
+    hist = ours.get_loss(x, y, get_hist=True)
+    want_hist = oracle.get_loss(x, y, get_hist=True)
+    assert isinstance(hist, list) and len(hist) == len(want_hist) == 1 + flags.get("num_mid_blocks", 4)
+    for i, (got, want) in enumerate(zip(hist, want_hist)):
+        assert got.shape == want.shape == (2,)
+        assert_close_to_scale(got.detach(), want.detach(), rtol=1e-10, what=f"layer {i}")
+    stats, want_stats = ours.last_feature_stats, oracle.last_feature_stats
+    assert [set(s) for s in stats] == [set(s) for s in want_stats]
+    for got, want in zip(stats, want_stats):
+        for key in want:  # the module logs float32 statistics
+            assert type(got[key]) is float and got[key] == pytest.approx(want[key], rel=2e-6, abs=2e-7)
+    if flags.get("remove_outliers", True):
+        assert max(s["outlier_ratio"] for s in stats) > 0.005  # the masks did remove pixels
+
+    total, want_total = ours.get_loss(x, y), oracle.get_loss(x, y)
+    assert total.shape == want_total.shape == (2,)
+    assert_close_to_scale(total.detach(), want_total.detach(), rtol=1e-10, what="loss")
+    (g_got,) = torch.autograd.grad(total.mean(), x)
+    (g_want,) = torch.autograd.grad(want_total.mean(), x)
+    assert_close_to_scale(g_got, g_want, rtol=1e-9, what="latent gradient")
+    if not compat:  # post_quant_conv is a real difference: without it the loss is another one
+        assert not torch.allclose(total.detach(), plain.get_loss(x, y).detach(), rtol=1e-3)
+
+    # the documented state: no parameters, no state_dict keys, two non-persistent buffers
+    assert len(list(oracle.parameters())) > 0 and any(k.startswith("vae.") for k in oracle.state_dict())
+    assert list(ours.parameters()) == [] and ours.state_dict() == {}
+    assert {n for n, _ in ours.named_buffers()} == {"scale", "shift"}

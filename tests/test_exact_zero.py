@@ -15,20 +15,26 @@ DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
-@pytest.mark.parametrize("norm", NORMS)
-@pytest.mark.parametrize("distance", DISTANCES)
-@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
-def test_copy_of_target_gives_exact_zero(device, dtype, norm, distance, masked):
+def copy_of_target(dtype: torch.dtype, masked: bool, device: str = "cpu") -> tuple:
+    """(x, y, mask) with x the target the kernels see: y * keep (docs/spec.md, "Feature
+    distance"); x does not require grad. Shapes (2, 5, 9, 13); mask None or bool."""
     g = torch.Generator().manual_seed(7)
     # values of every magnitude, so that products x*s are inexact and would leave an FMA
     # residue; a few large channels, as decoder features have
     y = torch.randn(2, 5, 9, 13, generator=g, dtype=torch.float64) * torch.logspace(-3, 3, 5).view(1, 5, 1, 1)
     y = y.to(dtype).to(device)
     mask = (torch.rand(y.shape, generator=g) > 0.3).to(device) if masked else None
-    # the kernels treat y as y * keep (docs/spec.md, "Feature distance"): that is the target
-    x = (y * mask if masked else y).clone().requires_grad_(True)
+    return (y * mask if masked else y).clone(), y, mask
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+def test_copy_of_target_gives_exact_zero(device, dtype, norm, distance, masked):
+    x, y, mask = copy_of_target(dtype, masked, device)
+    x.requires_grad_(True)
     loss = lpl_ext.feature_distance(x, y, mask, norm=norm, distance=distance, weight=0.75)
     (loss * torch.tensor([1.5, -2.0], dtype=loss.dtype, device=device)).sum().backward()
     assert loss.dtype == dtype

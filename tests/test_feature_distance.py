@@ -66,8 +66,8 @@ def test_matches_reference_float64(shape, norm, distance, masked):
     loss, grad, ref, ref_grad = run_both(x, y, mask, norm, distance, 0.25, grad_out)
     if norm == "batch" and shape[0] * shape[2] * shape[3] == 1:
         # One value per channel has no unbiased std (torch.std gives NaN), so the
-        # normalized prediction is NaN: lpl_ext's loss is NaN whatever the mask (README,
-        # Hardening: a non-finite normalized prediction is never hidden by the mask). The
+        # normalized prediction is NaN: lpl_ext's loss is NaN whatever the mask (docs/reliability.md,
+        # "Non-finite values": a non-finite normalized prediction is never hidden by the mask). The
         # plain formulation agrees unless the mask drops that value (it selects, so 0).
         assert bool(torch.isnan(loss).all())
         empty = mask is not None and not bool(mask.any())

@@ -1,4 +1,5 @@
-"""Fuzz of every ``lpl_ext._C`` entry point and of the public API (README "Hardening").
+"""Fuzz of every ``lpl_ext._C`` entry point and of the public API (docs/reliability.md, "Argument checking
+and fuzzing").
 
 Every call must either return the correct result (checked against tests/reference.py in
 float64) or raise a Python exception; none may crash the process. Each fuzz group runs in
@@ -412,7 +413,7 @@ def relayout(rng: np.random.Generator, a: np.ndarray, kinds: Optional[list] = No
 
 
 def c_contiguous(a: np.ndarray) -> bool:
-    """C-contiguous as the README states the contract: element strides of a row-major
+    """C-contiguous as docs/reliability.md states the contract: element strides of a row-major
     array, any stride on a size-1 dimension, any strides at all without elements."""
     if a.size == 0:
         return True
@@ -425,7 +426,7 @@ def c_contiguous(a: np.ndarray) -> bool:
 
 
 def accepted(a: Any, dtypes: tuple, output: bool = False) -> bool:
-    """Whether a C entry point takes numpy array `a` (README "Argument checking"): one of
+    """Whether a C entry point takes numpy array `a` (docs/reliability.md, "Argument checking and fuzzing"): one of
     `dtypes`, native byte order, aligned, C-contiguous, writeable when it is an output."""
     return (isinstance(a, np.ndarray) and a.dtype.newbyteorder("=") in [np.dtype(d) for d in dtypes]
             and (a.dtype.isnative or a.dtype.itemsize == 1) and a.flags.aligned and c_contiguous(a)

@@ -1,4 +1,4 @@
-"""Tests of lpl_ext.image_metrics: reading colour, shape, size and edge width back from pictures."""
+"""Tests of lpl_ext.demo.image_metrics: reading colour, shape, size and edge width back from pictures."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from lpl_ext import image_metrics as im
-from lpl_ext import synthetic_data as sd
+from lpl_ext.demo import image_metrics as im
+from lpl_ext.demo import synthetic_data as sd
 
 
 def _crop64(index: int) -> tuple[Image.Image, str]:
@@ -97,7 +97,7 @@ def test_summarize_averages_and_skips_missing_shapes():
 
 
 def test_dataset_reference_through_the_vae_is_softer_but_right():
-    from lpl_ext import tiny_sdxl as ts
+    from lpl_ext.demo import tiny_sdxl as ts
 
     ref = im.dataset_reference(16, vae=ts.build_tiny_vae().eval())
     assert ref["raw"]["all_acc"] == 1.0 and ref["raw"]["edge_width_px"] == 0.0

@@ -1,4 +1,4 @@
-"""64-bit indexing on real tensors past 2^31 and 2^32 elements (README "Hardening").
+"""64-bit indexing on real tensors past 2^31 and 2^32 elements (docs/reliability.md, "64-bit indexing").
 
 The tensors are real, C-contiguous numpy arrays, but almost all of their memory is never
 written: ``np.zeros`` of this size is a fresh anonymous mapping, and Linux backs reads

@@ -7,7 +7,7 @@ with ``load_lora_weights`` and changes its output, validation images are generat
 and a resumed run ends bit-identical to the uninterrupted one.
 
 ``python tests/test_lora.py --measure [--sdxl]`` measures peak memory and time per step of LoRA + LPL
-against a full fine-tune + LPL (see ``measure``); the README quotes its output.
+against a full fine-tune + LPL (see ``measure``); docs/training.md quotes its output.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import train_sdxl_lpl as tr  # noqa: E402
-from lpl_ext import tiny_sdxl as ts  # noqa: E402
+from lpl_ext.demo import tiny_sdxl as ts  # noqa: E402
 from test_train_sdxl_lpl import FAST, accelerate_configs, launch, read_metrics, tiny_cache  # noqa: E402,F401
 
 RANK = 4

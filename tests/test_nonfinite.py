@@ -1,4 +1,4 @@
-"""NaN / Inf policy of the public API (documented in README.md, section Hardening).
+"""NaN / Inf policy of the public API (documented in docs/reliability.md, "Non-finite values").
 
 - A non-finite prediction value (x) makes its sample's loss non-finite (NaN or +-Inf),
   whatever the mask says (even in a fully masked plane): masking never hides a broken

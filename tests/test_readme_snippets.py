@@ -1,12 +1,14 @@
-"""Executes every ```python block of the "Use it in your trainer" and "The kernels" sections
-of README.md, and checks what each one computed against the plain-PyTorch oracles.
+"""Executes every ```python block of README.md and docs/*.md, and checks what each one computed
+against the plain-PyTorch oracles.
 
 Each block runs unchanged. The lpl_ext classes it imports are replaced, for the run, by
 subclasses that record every call (arguments and results) and otherwise do nothing
 different, so that the losses, logs and gradients of every training step can be
 recomputed independently: float64 z0_hat and SNR weights, the spec's mask and distance
 (tests/reference.py) on the decoder's own blocks. Every block must have a checker: a new
-block without one fails ``test_every_block_is_checked``.
+block without one fails ``test_every_block_is_checked``, unless the line right before its
+fence says why it cannot run here (``<!-- not run by the tests: needs ... -->``, e.g. a
+block that loads SDXL from the Hub).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import ast
 import copy
 import re
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, NamedTuple, Optional
 
 import pytest
 import torch
@@ -23,28 +25,38 @@ import torch.nn.functional as F
 
 import lpl_ext
 from reference import ref_feature_distance, ref_outlier_mask
-from tolerance import assert_close_to_scale
 from test_module_parity import fixed_oracle, layer_stats
+from tolerance import assert_close_to_scale
 
 ROOT = Path(__file__).resolve().parents[1]
-HEADING = "## Use it in your trainer"
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+NOT_RUN = re.compile(r"<!--\s*not run by the tests:\s*(\S.*?)\s*-->")
 
 
-def trainer_section(heading: str = HEADING) -> tuple[str, str]:
-    """(source name, markdown text of the README section under `heading`)."""
-    lines = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
-    start = next(i for i, line in enumerate(lines) if line.rstrip() == heading)
-    end = next((j for j in range(start + 1, len(lines)) if re.match(r"^## (?!#)", lines[j])), len(lines))
-    return "README.md", "\n".join(lines[start:end])
+class Block(NamedTuple):
+    page: str  # path relative to the repository root
+    index: int  # position among the page's python blocks
+    source: str
+    not_run: Optional[str]  # the reason given in the page, for a block the tests cannot run
+
+    @property
+    def name(self) -> str:
+        return f"{self.page}[python block {self.index}]"
 
 
-def python_blocks(markdown: str) -> list[str]:
-    return [m.group(1) for m in re.finditer(r"^```python[ \t]*\n(.*?)^```[ \t]*$", markdown, re.M | re.S)]
+def python_blocks(markdown: str, page: str = "<text>") -> List[Block]:
+    """The page's ```python blocks, with the not-run reason of the line before the fence."""
+    blocks = []
+    for m in re.finditer(r"^```python[ \t]*\n(.*?)^```[ \t]*$", markdown, re.M | re.S):
+        before = markdown[:m.start()].rstrip("\n").rsplit("\n", 1)[-1]
+        reason = NOT_RUN.search(before)
+        blocks.append(Block(page, len(blocks), m.group(1), reason.group(1) if reason else None))
+    return blocks
 
 
-SOURCE, SECTION = trainer_section()
-BLOCKS = python_blocks(SECTION)
-KERNEL_BLOCKS = python_blocks(trainer_section("## The kernels")[1])
+ALL_BLOCKS = [block for path in PAGES
+              for block in python_blocks(path.read_text(encoding="utf-8"), str(path.relative_to(ROOT)))]
+BLOCKS = [block for block in ALL_BLOCKS if block.not_run is None]
 
 # LPLObjective's documented defaults (lpl_ext/objective.py)
 OBJECTIVE_DEFAULTS = dict(loss_type="mse", norm_type="shared", pow_law=True, num_blocks=4, remove_outliers=True,
@@ -221,6 +233,8 @@ def check_kernels(ns: Dict[str, Any], rec: Recorder, out: str) -> None:
 
 
 CHECKERS: List[tuple[str, Callable[[str], bool], Callable]] = [
+    ("kernels", lambda src: "lpl_ext.outlier_mask(y, return_stats=True)" in src
+     and "lpl_ext.feature_distance(x, y, keep" in src, check_kernels),
     ("drop-in", lambda src: "LatentPerceptualLoss(vae" in src, check_drop_in),
     ("training loop", lambda src: "for global_step in range" in src and "LPLObjective(" in src, check_training_loop),
     ("loss hook", lambda src: "def compute_loss" in src and "predict_z0" in src, check_loss_hook),
@@ -234,32 +248,37 @@ def checker_for(source: str) -> Optional[Callable]:
 
 # ---------------------------------------------------------------- tests
 
-def test_section_has_the_trainer_snippets():
-    assert len(BLOCKS) >= 3, f"{SOURCE}: expected the drop-in, diffusers-loop and hook snippets"
-    joined = "\n".join(BLOCKS)
+def test_the_pages_have_every_checked_snippet():
+    """Each checker finds its snippet exactly once across README.md and docs/*.md: a moved
+    snippet is still run, a deleted one fails here."""
+    for name, matches, _ in CHECKERS:
+        where = [block.name for block in BLOCKS if matches(block.source)]
+        assert len(where) == 1, f"snippet {name!r}: found in {where or 'no page'}"
+    joined = "\n".join(block.source for block in BLOCKS)
     assert "LatentPerceptualLoss" in joined and "LPLObjective" in joined and "predict_z0" in joined
-    found = {name for name, matches, _ in CHECKERS for block in BLOCKS if matches(block)}
-    assert found == {name for name, _, _ in CHECKERS}
 
 
 def test_every_block_is_checked():
-    """A snippet that only runs asserts nothing: each one has its checker."""
-    for i, block in enumerate(BLOCKS):
-        assert checker_for(block) is not None, f"{SOURCE} python block {i} has no (or several) checker(s)"
-    assert KERNEL_BLOCKS, "README.md: 'The kernels' has no python block"
+    """A snippet that only runs asserts nothing: each one has its checker (or says in the page
+    why the tests cannot run it)."""
+    for block in ALL_BLOCKS:
+        if block.not_run is None:
+            assert checker_for(block.source) is not None, f"{block.name} has no (or several) checker(s)"
+    skipped = [block for block in ALL_BLOCKS if block.not_run is not None]
+    assert len(skipped) <= 2, f"more blocks marked 'not run' than expected: {[b.name for b in skipped]}"
 
 
-@pytest.mark.parametrize("index", range(len(BLOCKS)), ids=lambda i: f"block{i}")
-def test_snippet_runs_and_computes_the_right_values(index, capsys, monkeypatch):
+def test_not_run_marker_is_read():
+    page = "text\n<!-- not run by the tests: needs the Hub -->\n```python\nx = 1\n```\n\n```python\ny = 2\n```\n"
+    first, second = python_blocks(page)
+    assert first.not_run == "needs the Hub" and first.source == "x = 1\n"
+    assert second.not_run is None and second.source == "y = 2\n"
+
+
+@pytest.mark.parametrize("block", BLOCKS, ids=lambda b: f"{b.page}-block{b.index}")
+def test_snippet_runs_and_computes_the_right_values(block, capsys, monkeypatch):
     rec = Recorder(monkeypatch)
-    ns = run_block(BLOCKS[index], f"{SOURCE}[python block {index}]")
-    check = checker_for(BLOCKS[index])
+    ns = run_block(block.source, block.name)
+    check = checker_for(block.source)
     assert check is not None
     check(ns, rec, capsys.readouterr().out)
-
-
-@pytest.mark.parametrize("index", range(len(KERNEL_BLOCKS)), ids=lambda i: f"kernels{i}")
-def test_kernel_snippet_runs_and_computes_the_right_values(index, capsys, monkeypatch):
-    rec = Recorder(monkeypatch)
-    ns = run_block(KERNEL_BLOCKS[index], f"README.md[kernels block {index}]")
-    check_kernels(ns, rec, capsys.readouterr().out)

@@ -1,4 +1,4 @@
-"""Thread safety (README "Hardening"): the C entry points release the GIL, so calls from
+"""Thread safety (docs/reliability.md, "Thread safety"): the C entry points release the GIL, so calls from
 several Python threads really run at the same time, each with its own OpenMP team. They
 must give bit-identical results to serial calls (the kernels are deterministic for a
 given OpenMP thread count), raise the same errors, and never disturb one another."""

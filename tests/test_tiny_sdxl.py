@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from lpl_ext import synthetic_data as sd
-from lpl_ext import tiny_sdxl as ts
+from lpl_ext.demo import synthetic_data as sd
+from lpl_ext.demo import tiny_sdxl as ts
 
 # Reconstruction PSNR of the shipped VAE on the 24 synthetic images of
 # test_shipped_vae_reconstructs_synthetic_images, measured (CPU, torch 2.13): mean 28.4 dB, worst 23.7 dB;
@@ -97,7 +97,7 @@ def test_components_are_seeded():
 
 def test_shipped_base_weights_exist_are_small_and_documented():
     path = ts.tiny_base_weights_path()
-    assert path.is_file(), "lpl_ext/assets/tiny_sdxl_base.safetensors missing (run tools/pretrain_tiny_unet.py)"
+    assert path.is_file(), "lpl_ext/demo/assets/tiny_sdxl_base.safetensors missing (run tools/pretrain_tiny_unet.py)"
     assert path.stat().st_size <= 6 * 1024 * 1024
     from safetensors import safe_open
 
@@ -144,7 +144,7 @@ def _psnr_db(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def test_shipped_vae_weights_exist_and_are_small():
     path = ts.tiny_vae_weights_path()
-    assert path.is_file(), "lpl_ext/assets/tiny_vae.safetensors missing (run tools/pretrain_tiny_vae.py)"
+    assert path.is_file(), "lpl_ext/demo/assets/tiny_vae.safetensors missing (run tools/pretrain_tiny_vae.py)"
     assert path.stat().st_size <= 2 * 1024 * 1024
     from safetensors import safe_open
 

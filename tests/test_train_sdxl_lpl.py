@@ -28,8 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import train_sdxl_lpl as tr  # noqa: E402
-from lpl_ext import synthetic_data as sd  # noqa: E402
-from lpl_ext import tiny_sdxl as ts  # noqa: E402
+from lpl_ext.demo import synthetic_data as sd  # noqa: E402
+from lpl_ext.demo import tiny_sdxl as ts  # noqa: E402
 
 SCRIPT = str(ROOT / "train_sdxl_lpl.py")
 FAST = ["--resolution", "64", "--train_batch_size", "2", "--num_synthetic_examples", "8",
@@ -77,7 +77,7 @@ def _env(tiny_cache):
 
 def launch(configs, tiny_cache, args, *, processes=1, timeout=300, check=True, env=None):
     """``accelerate launch`` the trainer: one process from the generated config, or ``processes`` with the
-    README's command line (``--multi_gpu --num_processes N``, no config file; gloo processes on CPU)."""
+    docs/training.md's command line (``--multi_gpu --num_processes N``, no config file; gloo processes on CPU)."""
     launcher = ["--config_file", str(configs["single"])]
     env = {**_env(tiny_cache), **(env or {})}
     if processes > 1:
@@ -184,9 +184,10 @@ def test_objective_gets_the_lpl_flags(monkeypatch):
 
 
 def test_readme_main_command_parses():
-    """README.md: first command is `accelerate launch train_sdxl_lpl.py`, has no comment after a line
-    continuation (the reference README's bug) and every shown command's flags parse."""
-    text = (ROOT / "README.md").read_text()
+    """docs/training.md: first command is `accelerate launch train_sdxl_lpl.py`, has no comment after a line
+    continuation (the reference README's bug) and every shown command's flags parse (all pages:
+    tests/test_docs.py)."""
+    text = (ROOT / "docs" / "training.md").read_text()
     blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
     assert blocks
     first = blocks[0].strip().splitlines()
@@ -626,7 +627,7 @@ def test_two_processes_train_with_gloo(tmp_path, tiny_cache, accelerate_configs)
 @pytest.mark.skipif(tr._has_accelerator_device(), reason="accelerate starts one process per GPU by itself")
 def test_num_processes_without_multi_gpu_stops_with_the_command_that_works(tmp_path):
     """Without GPUs, `accelerate launch --num_processes 2` (no --multi_gpu, no config file) starts one process
-    and says nothing: the trainer stops before building anything and names the README's command."""
+    and says nothing: the trainer stops before building anything and names the command docs/training.md shows."""
     cache, out = tmp_path / "cache", tmp_path / "out"
     env = {**_env(cache), "HF_HOME": str(tmp_path / "hf_home")}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", SCRIPT, "--output_dir", str(out)]

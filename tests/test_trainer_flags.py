@@ -396,7 +396,7 @@ class _NoisyPoolingVAE:
 
 
 def test_cache_latents_encodes_each_example_once_across_processes():
-    from lpl_ext import synthetic_data as sd
+    from lpl_ext.demo import synthetic_data as sd
 
     source = [sd.draw_example(i, width=40, height=32) for i in range(5)]
     ds = tr.TrainDataset(source, 16, center_crop=False, random_flip=True, seed=3)
@@ -442,3 +442,57 @@ def test_resuming_with_another_seed_is_refused(tmp_path, capsys):
         err = _parse_error(["--output_dir", str(tmp_path), "--resume_from_checkpoint", spec, "--seed", "0"], capsys)
         assert "--seed 0 differs from the seed 7 of" in err and "resume with --seed 7" in err
     assert tr.parse_args(["--output_dir", str(tmp_path), "--resume_from_checkpoint", "latest", "--seed", "7"])
+
+
+def test_lpl_sync_free_flag_gives_the_synced_objectives_loss(capsys):
+    """--lpl_sync_free builds LPLObjective(sync_free=True) (no host sync per micro-batch); with the
+    whole batch as capacity its loss and logs are the synced objective's."""
+    from diffusers import DDPMScheduler
+
+    from reference_lpl import tiny_vae
+    from tolerance import assert_close_to_scale
+
+    assert "--lpl_capacity sets the decoder batch" in _parse_error(["--lpl_capacity", "2"], capsys)
+    assert "--lpl_capacity must be a positive" in _parse_error(["--lpl_sync_free", "--lpl_capacity", "0"], capsys)
+    vae = tiny_vae("sdxl_like", seed=3)
+    synced = tr.build_lpl_objective(tr.parse_args([]), vae)
+    free = tr.build_lpl_objective(tr.parse_args(["--lpl_sync_free"]), vae)
+    capped = tr.build_lpl_objective(tr.parse_args(["--lpl_sync_free", "--lpl_capacity", "1"]), vae)
+    assert (synced.sync_free, free.sync_free, free.capacity, capped.capacity) == (False, True, None, 1)
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                          beta_end=0.012)
+    g = torch.Generator().manual_seed(5)
+    latents = torch.randn(3, 4, 8, 8, generator=g)
+    noise = torch.randn(3, 4, 8, 8, generator=g)
+    t = torch.tensor([50, 900, 120])  # two of three below the default threshold of 200
+    noisy = sched.add_noise(latents, noise, t)
+    pred = (noise + 0.3 * torch.randn(3, 4, 8, 8, generator=g)).requires_grad_(True)
+    kw = dict(prediction_type="epsilon", alphas_cumprod=sched.alphas_cumprod)
+    want, want_logs = synced(pred, noisy, latents, t, **kw)
+    got, got_logs = free(pred, noisy, latents, t, **kw)
+    assert float(want_logs["lpl_num_samples"]) == 2 and float(want) > 0
+    assert_close_to_scale(got, want, rtol=1e-5, what="lpl")
+    assert set(got_logs) == set(want_logs)
+    # the per-layer feature statistics cover every decoded sample in sync-free mode (documented
+    # in lpl_ext/objective.py); losses, counts and ratios are the synced objective's
+    for key in (k for k in want_logs if not k.endswith(("_mean", "_std", "_outlier_ratio"))):
+        assert_close_to_scale(got_logs[key].float(), want_logs[key].float(), rtol=1e-5, what=key)
+    (g_got,) = torch.autograd.grad(got, pred)
+    (g_want,) = torch.autograd.grad(want, pred)
+    assert_close_to_scale(g_got, g_want, rtol=1e-5, what="gradient")
+    _, capped_logs = capped(pred, noisy, latents, t, **kw)
+    assert float(capped_logs["lpl_num_samples"]) == 1  # the second qualifying sample is past the capacity
+
+
+def test_step_metrics_stack_a_micro_batch_into_one_vector():
+    """add() keeps one (names,) vector of sums and one of weights, whatever the number of names; unseen
+    names pop as NaN, names outside the list are ignored, a step without any add pops all NaN."""
+    names = tr.metric_names(1)
+    m = tr.StepMetrics(names)
+    assert all(math.isnan(v) for v in m.pop().values())
+    m.add({"loss": torch.tensor(1.0), "lpl_layer1_std": 0.5, "not_a_metric": torch.tensor(9.0)})
+    m.add({"loss": torch.tensor(3.0)}, {"loss": torch.tensor(3.0)})
+    assert m.sums.shape == m.counts.shape == (len(names),)
+    out = m.pop()
+    assert out["loss"] == pytest.approx((1.0 + 9.0) / 4) and out["lpl_layer1_std"] == 0.5
+    assert math.isnan(out["lpl_loss"]) and "not_a_metric" not in out

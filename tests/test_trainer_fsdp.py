@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import train_sdxl_lpl as tr  # noqa: E402
-from lpl_ext import tiny_sdxl as ts  # noqa: E402
+from lpl_ext.demo import tiny_sdxl as ts  # noqa: E402
 from test_train_sdxl_lpl import _env, free_port, tiny_cache  # noqa: E402,F401
 
 
@@ -66,11 +66,11 @@ print("PLUGIN", json.dumps({"version": p.fsdp_version, "classes": p.transformer_
 
 
 def test_readme_fsdp_config_is_what_accelerate_reads(tmp_path):
-    """The README's accelerate config, through `accelerate launch`, gives the FSDP plugin the trainer expects:
+    """The accelerate config of docs/training.md, through `accelerate launch`, gives the FSDP plugin the trainer expects:
     FSDP2, the UNet's transformer and resnet blocks as units, sharded checkpoints."""
     import re
 
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    text = (ROOT / "docs" / "training.md").read_text(encoding="utf-8")
     config = re.search(r"```yaml\n(.*?)```", text, re.S).group(1)
     assert "distributed_type: FSDP" in config
     (tmp_path / "fsdp.yaml").write_text(config)

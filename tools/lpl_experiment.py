@@ -1,10 +1,10 @@
 """LPL on/off experiment in miniature: fine-tune the tiny SDXL base with and without LPL, score the samples.
 
 Every run is ``train_sdxl_lpl.py`` itself (a subprocess with flags; nothing of the trainer is copied): the
-same pretrained tiny base (``lpl_ext/assets/tiny_sdxl_base.safetensors``), the same built-in data, the same
+same pretrained tiny base (``lpl_ext/demo/assets/tiny_sdxl_base.safetensors``), the same built-in data, the same
 number of steps, learning rate and seeds; the arms differ only in their LPL flags. After training, each
-run's saved pipeline samples the fixed prompts of ``lpl_ext.image_metrics.evaluation_prompts`` with the
-same generator seeds, and ``lpl_ext.image_metrics`` scores the images (foreground/background colour, shape,
+run's saved pipeline samples the fixed prompts of ``lpl_ext.demo.image_metrics.evaluation_prompts`` with the
+same generator seeds, and ``lpl_ext.demo.image_metrics`` scores the images (foreground/background colour, shape,
 size, shape IoU, edge width). The base itself is scored the same way (step 0).
 
 Outputs under ``--out``: ``runs/<arm>/seed<k>/`` (the trainer's output_dir, plus ``eval.json`` and
@@ -124,7 +124,7 @@ def evaluate_pipeline(model_dir: Path, num_images: int, seed: int, out_dir: Path
     import torch
     from diffusers import StableDiffusionXLPipeline
 
-    from lpl_ext import image_metrics as im
+    from lpl_ext.demo import image_metrics as im
 
     pipe = StableDiffusionXLPipeline.from_pretrained(str(model_dir), torch_dtype=torch.float32,
                                                      local_files_only=True)
@@ -137,10 +137,10 @@ def evaluate_pipeline(model_dir: Path, num_images: int, seed: int, out_dir: Path
 
 def score_grid(out_dir: Path) -> dict:
     """Score the images of ``out_dir/eval_grid.png`` (lossless PNG: the tiles are the generated images) with
-    ``lpl_ext.image_metrics``; writes and returns ``eval.json`` (summary and per-prompt summaries)."""
+    ``lpl_ext.demo.image_metrics``; writes and returns ``eval.json`` (summary and per-prompt summaries)."""
     from PIL import Image
 
-    from lpl_ext import image_metrics as im
+    from lpl_ext.demo import image_metrics as im
 
     settings = json.loads((out_dir / "eval_settings.json").read_text())
     cols = settings["images_per_prompt"]
@@ -196,7 +196,7 @@ def gradient_probe(trainer: Path, model_dir: Path, arm_flags: list[str], common:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from lpl_ext import synthetic_data as sd
+    from lpl_ext.demo import synthetic_data as sd
 
     tr = load_trainer(trainer)
     args = tr.parse_args(["--output_dir", str(model_dir / "_probe"), *common, *arm_flags])
@@ -367,7 +367,7 @@ def plot_samples(out: Path, arms: list[str], seed: int, rows: int, cols: int, pa
     import matplotlib.pyplot as plt
     from PIL import Image
 
-    from lpl_ext import image_metrics as im
+    from lpl_ext.demo import image_metrics as im
 
     panels = [("base", out / "base" / "eval_grid.png")] + [
         (arm, out / "runs" / arm / f"seed{seed}" / "eval_grid.png") for arm in arms]
@@ -486,8 +486,8 @@ def main(argv: list[str] | None = None) -> None:
     diffusers_logging.disable_progress_bar()
     transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
-    from lpl_ext import image_metrics as im
-    from lpl_ext import tiny_sdxl as ts
+    from lpl_ext.demo import image_metrics as im
+    from lpl_ext.demo import tiny_sdxl as ts
 
     out = Path(args.out).resolve()
     cache = out / "cache"
@@ -543,7 +543,7 @@ def main(argv: list[str] | None = None) -> None:
                        for s in args.seeds} for arm in args.arms},
     }
     for arm in args.arms:  # scores and loss statistics from the saved grids and metrics files, so a change of
-        for s in args.seeds:  # lpl_ext.image_metrics or loss_stats applies to finished runs too
+        for s in args.seeds:  # lpl_ext.demo.image_metrics or loss_stats applies to finished runs too
             run = results["runs"][arm][str(s)]
             run["eval"] = {"summary": score_grid(out / "runs" / arm / f"seed{s}")["summary"]}
             run["losses"] = loss_stats(read_metrics(out / "runs" / arm / f"seed{s}" / "metrics.csv"),

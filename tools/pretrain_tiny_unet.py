@@ -1,13 +1,13 @@
-"""Pretrain the tiny SDXL-architecture UNet of ``lpl_ext.tiny_sdxl`` into a base that draws the built-in prompts.
+"""Pretrain the tiny SDXL-architecture UNet of ``lpl_ext.demo.tiny_sdxl`` into a base that draws the built-in prompts.
 
-Writes ``lpl_ext/assets/tiny_sdxl_base.safetensors``: the UNet (EMA weights) and the two frozen CLIP text
+Writes ``lpl_ext/demo/assets/tiny_sdxl_base.safetensors``: the UNet (EMA weights) and the two frozen CLIP text
 encoders it was trained against (``unet.*``, ``text_encoder.*``, ``text_encoder_2.*``; fp32), with the
 training settings, wall time and torch version in the safetensors metadata, and a JSON record next to it
-(``tiny_sdxl_base.json``: command, seed, steps, wall time, loss, evaluation). ``lpl_ext.tiny_sdxl`` loads it
+(``tiny_sdxl_base.json``: command, seed, steps, wall time, loss, evaluation). ``lpl_ext.demo.tiny_sdxl`` loads it
 when it exists, so the offline demo of ``train_sdxl_lpl.py`` fine-tunes from a model that already draws its
 validation prompts instead of from noise.
 
-Data: the captioned shapes of ``lpl_ext.synthetic_data`` (every shape, colour, background and size; positions
+Data: the captioned shapes of ``lpl_ext.demo.synthetic_data`` (every shape, colour, background and size; positions
 vary with the example index), rendered the two ways the model is conditioned at run time: as the trainer
 sees them (80x64 canvas, random 64x64 crop; SDXL time ids ``(64, 80, 0, left, 64, 64)``) and on a 64x64
 canvas (time ids ``(64, 64, 0, 0, 64, 64)``, what the pipeline passes at sampling). Images are encoded once
@@ -23,7 +23,7 @@ guided sampling works. AdamW with warmup and cosine decay, gradient clipping at 
 
 Reproducible: everything is seeded and the step count is fixed; run with the same torch version and thread
 count for bit-identical weights. When the shipped file changes, bump ``TINY_SDXL_VERSION`` in
-lpl_ext/tiny_sdxl.py.
+lpl_ext/demo/tiny_sdxl.py.
 
 The shipped file: the defaults below (3500 steps of batch 64, seed 0, 1 thread; torch 2.13 CPU), 1291 s wall
 (1208 s training, 0.345 s/step) on a 2-core VM shared with other jobs; final Min-SNR loss 0.0174 (0.55 at
@@ -33,7 +33,7 @@ misses are small white crosses drawn too round), shape IoU 0.906, edge width 1.5
 drawings through the VAE: 96.9%, 0.928, 1.85 px). Command, seed, wall time, loss history and this
 evaluation are in ``tiny_sdxl_base.json``.
 
-    python tools/pretrain_tiny_unet.py                           # writes lpl_ext/assets/tiny_sdxl_base.*
+    python tools/pretrain_tiny_unet.py                           # writes lpl_ext/demo/assets/tiny_sdxl_base.*
     python tools/pretrain_tiny_unet.py --steps 200 --out /tmp/base.safetensors
     python tools/pretrain_tiny_unet.py --evaluate_only            # re-measure the shipped file
 """
@@ -56,8 +56,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lpl_ext import synthetic_data as sd  # noqa: E402
-from lpl_ext import tiny_sdxl as ts  # noqa: E402
+from lpl_ext.demo import synthetic_data as sd  # noqa: E402
+from lpl_ext.demo import tiny_sdxl as ts  # noqa: E402
 
 RESOLUTION = 64
 
@@ -139,10 +139,10 @@ def save_base(path: Path, components: dict, unet: torch.nn.Module, metadata: dic
 
 def evaluate(weights: Path, num_images: int, seed: int) -> dict:
     """Sample the validation-style prompt set with the tiny pipeline built on ``weights`` (10 Euler steps,
-    guidance 5, as the trainer's validation) and score the images with ``lpl_ext.image_metrics``."""
+    guidance 5, as the trainer's validation) and score the images with ``lpl_ext.demo.image_metrics``."""
     from diffusers import StableDiffusionXLPipeline
 
-    from lpl_ext import image_metrics as im
+    from lpl_ext.demo import image_metrics as im
 
     comps = ts.build_tiny_sdxl_components(seed=0, base_weights=weights)
     pipe = StableDiffusionXLPipeline(**comps)

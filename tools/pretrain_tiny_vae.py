@@ -1,11 +1,11 @@
-"""Pretrain the tiny SDXL-architecture VAE of ``lpl_ext.tiny_sdxl`` on the built-in synthetic shapes.
+"""Pretrain the tiny SDXL-architecture VAE of ``lpl_ext.demo.tiny_sdxl`` on the built-in synthetic shapes.
 
-Writes ``lpl_ext/assets/tiny_vae.safetensors`` (fp32 state dict, ~1.3 MB) whose metadata holds the
+Writes ``lpl_ext/demo/assets/tiny_vae.safetensors`` (fp32 state dict, ~1.3 MB) whose metadata holds the
 ``scaling_factor`` (1 / std of the training latents, as Stable Diffusion sets it) and the training
-settings. ``lpl_ext.tiny_sdxl`` loads it into the tiny VAE when it exists, so the demo trainer's
+settings. ``lpl_ext.demo.tiny_sdxl`` loads it into the tiny VAE when it exists, so the demo trainer's
 validation images are decodable pictures and the LPL decoder features mean something.
 
-Data: images drawn by ``lpl_ext.synthetic_data.draw_example`` (index -> shape, colour, background, size,
+Data: images drawn by ``lpl_ext.demo.synthetic_data.draw_example`` (index -> shape, colour, background, size,
 position) at random canvas sizes (so shape scale and position vary beyond the 256 base combinations),
 then random 64x64 crops, horizontal/vertical flips and transposes. Loss: mean L1 reconstruction error of the
 decoded posterior sample + ``kl_weight`` * KL (summed over latent elements, batch-averaged); Adam, warmup
@@ -18,9 +18,9 @@ Run time (defaults: 2000 steps of batch 16; torch 2.13 CPU, 2 threads): 412 s on
 (0.21 s/step). The shipped weights come from that run: PSNR 26.7 dB on 64 trainer-view crops (shapes,
 colours and backgrounds right, slightly soft edges), latent std 1.554 -> scaling_factor 0.64350. (The
 first shipped file, 300 steps, reached 15.8 dB with some foreground colours wrong.) When the shipped
-file changes, bump ``TINY_SDXL_VERSION`` in lpl_ext/tiny_sdxl.py.
+file changes, bump ``TINY_SDXL_VERSION`` in lpl_ext/demo/tiny_sdxl.py.
 
-    python tools/pretrain_tiny_vae.py                      # writes lpl_ext/assets/tiny_vae.safetensors
+    python tools/pretrain_tiny_vae.py                      # writes lpl_ext/demo/assets/tiny_vae.safetensors
     python tools/pretrain_tiny_vae.py --steps 100 --out /tmp/v.safetensors --grid /tmp/grid.png
 """
 
@@ -40,8 +40,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lpl_ext import synthetic_data as sd  # noqa: E402
-from lpl_ext import tiny_sdxl as ts  # noqa: E402
+from lpl_ext.demo import synthetic_data as sd  # noqa: E402
+from lpl_ext.demo import tiny_sdxl as ts  # noqa: E402
 
 RESOLUTION = 64
 
@@ -122,7 +122,7 @@ def main() -> None:
     p.add_argument("--init_logvar", type=float, default=-6.0, help="Initial posterior log-variance bias.")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", type=str, default=str(ROOT / "lpl_ext" / "assets" / ts.TINY_VAE_ASSET_NAME))
+    p.add_argument("--out", type=str, default=str(ROOT / "lpl_ext" / "demo" / "assets" / ts.TINY_VAE_ASSET_NAME))
     p.add_argument("--grid", type=str, default=None, help="Optional PNG of originals vs reconstructions.")
     args = p.parse_args()
 
