@@ -3,15 +3,12 @@ APIs. CUDA needs no toolkit at build time: the module launches kernels through t
 driver API (libcuda, opened at run time) from a cubin shipped with the package, or one
 that NVRTC compiles from the shipped kernel sources at first use (docs/cuda.md).
 
-Environment switches:
-  LPL_EXT_CUDA=auto|0|1     ship cubins built by nvcc: when nvcc is found (default), never,
-                            or always (fails when nvcc is missing). With 0 the kernel
-                            sources are left out too, so CUDA tensors are refused.
-  LPL_EXT_CUDA_ARCHS="80;86;89;90;100;110;120"   cubin architectures (those the nvcc at hand
-                            does not know are skipped, with a message).
-  LPL_EXT_SANITIZE=1        AddressSanitizer + UndefinedBehaviorSanitizer for the C sources.
-  NVCC                      the nvcc to use (a path that does not exist: build as without nvcc).
-  CUDA_HOME / CUDA_PATH     CUDA toolkit root (else found from nvcc on PATH, then /usr/local/cuda).
+The kernels ship as package data of lpl_ext (``lpl_ext/_kernels/``: the sources and, with
+nvcc, one cubin per architecture), made by ``build_py`` (a wheel's build folder; the source
+tree for an editable install) and by ``build_ext --inplace`` (the source tree).
+
+Environment switches (LPL_EXT_CUDA, LPL_EXT_CUDA_ARCHS, LPL_EXT_SANITIZE, NVCC, CUDA_HOME /
+CUDA_PATH): docs/cuda.md, "Switches".
 """
 
 from __future__ import annotations
@@ -29,6 +26,7 @@ from pathlib import Path
 import numpy
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
 from setuptools.command.sdist import sdist
 
 ROOT = Path(__file__).resolve().parent
@@ -84,99 +82,110 @@ def _sanitize() -> bool:
     return os.environ.get("LPL_EXT_SANITIZE", "0").strip() not in ("", "0")
 
 
-class BuildExt(build_ext):
-    """Builds _C, then puts the CUDA kernel sources (for NVRTC) and, with nvcc, one
-    cubin per architecture into lpl_ext/_kernels/ next to the built module."""
+KERNEL_PACKAGE_DIR = ROOT / "lpl_ext" / "_kernels"
 
-    def build_extension(self, ext: Extension) -> None:
-        super().build_extension(ext)
-        mode = _cuda_mode()
-        kernel_dir = Path(self.get_ext_fullpath(ext.name)).parent / "_kernels"
-        previous = {}  # the last build's manifest and cubins: reused for the same sources (nvcc is slow)
-        if (kernel_dir / "manifest.json").is_file():
-            previous = json.loads((kernel_dir / "manifest.json").read_text())
-            previous["cubins"] = {a: (kernel_dir / n).read_bytes() for a, n in previous["archs"].items()
-                                  if (kernel_dir / n).is_file()}
-        if kernel_dir.exists():
-            shutil.rmtree(kernel_dir)  # nothing stale: a cubin of other sources must not ship
-        if mode == "0":
-            _log("LPL_EXT_CUDA=0: no CUDA kernels (CUDA tensors will be refused)")
-            return
-        ks = _kernel_sources_module()
-        try:
-            sources = ks.read_sources(CSRC, ks.REPO_LAYOUT)
-        except FileNotFoundError as exc:
-            raise SystemExit(f"lpl_ext build: {exc} (an incomplete source tree or sdist); "
-                             "set LPL_EXT_CUDA=0 to build without CUDA") from None
-        kernel_dir.mkdir(parents=True)
-        for name, data in sources.items():
-            (kernel_dir / name).write_bytes(data)
-        manifest = {"source_sha256": ks.source_hash(sources), "toolkit": None, "archs": {}}
-        nvcc = _find_nvcc()
-        if nvcc is None:
-            if mode == "1":
-                raise SystemExit("LPL_EXT_CUDA=1 but nvcc was not found; set CUDA_HOME or put nvcc on PATH")
-            _log("nvcc not found: no cubins shipped; CUDA kernels will be compiled by NVRTC at first use")
+
+def write_kernels(kernel_dir: Path) -> None:
+    """Fills ``kernel_dir`` (lpl_ext/_kernels of a build or of the source tree) with the CUDA
+    kernel sources (NVRTC's input), one cubin per architecture when nvcc is found, and the
+    manifest naming them; nothing under LPL_EXT_CUDA=0. What was there is replaced (a cubin
+    of other sources must not ship), except that cubins of the same sources and nvcc are
+    reused (nvcc is slow)."""
+    mode = _cuda_mode()
+    previous = {}
+    if (kernel_dir / "manifest.json").is_file():
+        previous = json.loads((kernel_dir / "manifest.json").read_text())
+        previous["cubins"] = {a: (kernel_dir / n).read_bytes() for a, n in previous["archs"].items()
+                              if (kernel_dir / n).is_file()}
+    if kernel_dir.exists():
+        shutil.rmtree(kernel_dir)
+    if mode == "0":
+        _log("LPL_EXT_CUDA=0: no CUDA kernels (CUDA tensors will be refused)")
+        return
+    ks = _kernel_sources_module()
+    try:
+        sources = ks.read_sources(CSRC, ks.REPO_LAYOUT)
+    except FileNotFoundError as exc:
+        raise SystemExit(f"lpl_ext build: {exc} (an incomplete source tree or sdist); "
+                         "set LPL_EXT_CUDA=0 to build without CUDA") from None
+    kernel_dir.mkdir(parents=True)
+    for name, data in sources.items():
+        (kernel_dir / name).write_bytes(data)
+    manifest = {"source_sha256": ks.source_hash(sources), "toolkit": None, "archs": {}}
+    nvcc = _find_nvcc()
+    if nvcc is None:
+        if mode == "1":
+            raise SystemExit("LPL_EXT_CUDA=1 but nvcc was not found; set CUDA_HOME or put nvcc on PATH")
+        _log("nvcc not found: no cubins shipped; CUDA kernels will be compiled by NVRTC at first use")
+    else:
+        same_sources = previous.get("source_sha256") == manifest["source_sha256"]
+        manifest["toolkit"], manifest["archs"] = _build_cubins(nvcc, ks, kernel_dir, previous if same_sources else {})
+    (kernel_dir / ks.MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+
+
+def _build_cubins(nvcc: str, ks, kernel_dir: Path, previous: dict) -> tuple[str, dict]:
+    """(toolkit, {arch: cubin file}) of the cubins nvcc makes in kernel_dir (``previous``'s
+    reused when the toolkit is the same)."""
+    out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=True).stdout
+    m = re.search(r"release (\d+\.\d+)", out)
+    toolkit = m.group(1) if m else "unknown"
+    listed = subprocess.run([nvcc, "--list-gpu-code"], capture_output=True, text=True)
+    known = set(re.findall(r"sm_(\w+)", listed.stdout)) if listed.returncode == 0 else None
+    archs = []
+    for a in _cuda_archs():
+        if known is not None and a not in known:
+            _log(f"nvcc {toolkit} does not know sm_{a}: skipped (NVRTC covers it at run time)")
         else:
-            same_sources = previous.get("source_sha256") == manifest["source_sha256"]
-            manifest["toolkit"], manifest["archs"] = self._build_cubins(nvcc, ks, kernel_dir, previous if same_sources else {})
-        (kernel_dir / ks.MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+            archs.append(a)
 
-    def _kernel_dirs(self) -> list[tuple[Path, Path]]:
-        """(built, in-place) _kernels folders of each extension."""
-        build_py = self.get_finalized_command("build_py")
-        pairs = []
-        for ext in self.extensions:
-            inplace_file, regular_file = self._get_inplace_equivalent(build_py, ext)
-            pairs.append((Path(regular_file).parent / "_kernels", Path(inplace_file).parent / "_kernels"))
-        return pairs
+    reuse = previous.get("cubins", {}) if previous.get("toolkit") == toolkit else {}
 
-    def copy_extensions_to_source(self) -> None:
-        # in-place and editable builds: the kernels go where the module goes
-        super().copy_extensions_to_source()
-        for built, inplace in self._kernel_dirs():
-            if inplace.exists():
-                shutil.rmtree(inplace)
-            if built.exists():
-                shutil.copytree(built, inplace)
-
-    def _get_output_mapping(self):
-        yield from super()._get_output_mapping()
-        if self.inplace:
-            for built, inplace in self._kernel_dirs():
-                for f in sorted(built.glob("*")) if built.exists() else []:
-                    yield str(f), str(inplace / f.name)
-
-    def _build_cubins(self, nvcc: str, ks, kernel_dir: Path, previous: dict) -> tuple[str, dict]:
-        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=True).stdout
-        m = re.search(r"release (\d+\.\d+)", out)
-        toolkit = m.group(1) if m else "unknown"
-        listed = subprocess.run([nvcc, "--list-gpu-code"], capture_output=True, text=True)
-        known = set(re.findall(r"sm_(\w+)", listed.stdout)) if listed.returncode == 0 else None
-        archs = []
-        for a in _cuda_archs():
-            if known is not None and a not in known:
-                _log(f"nvcc {toolkit} does not know sm_{a}: skipped (NVRTC covers it at run time)")
-            else:
-                archs.append(a)
-
-        reuse = previous.get("cubins", {}) if previous.get("toolkit") == toolkit else {}
-
-        def build(arch: str) -> tuple[str, str]:
-            name = ks.cubin_name(arch)
-            if arch in reuse:
-                (kernel_dir / name).write_bytes(reuse[arch])
-                return arch, name
-            cmd = [nvcc, "-cubin", f"-arch=sm_{arch}", "-O3", *ks.COMMON_OPTIONS, "-I", str(CSRC),
-                   "-I", str(CSRC / "cuda"), str(CSRC / ks.REPO_LAYOUT[ks.MAIN]), "-o", str(kernel_dir / name)]
-            _log(" ".join(cmd))
-            subprocess.check_call(cmd)
+    def build(arch: str) -> tuple[str, str]:
+        name = ks.cubin_name(arch)
+        if arch in reuse:
+            (kernel_dir / name).write_bytes(reuse[arch])
             return arch, name
+        cmd = [nvcc, "-cubin", f"-arch=sm_{arch}", "-O3", *ks.COMMON_OPTIONS, "-I", str(CSRC),
+               "-I", str(CSRC / "cuda"), str(CSRC / ks.REPO_LAYOUT[ks.MAIN]), "-o", str(kernel_dir / name)]
+        _log(" ".join(cmd))
+        subprocess.check_call(cmd)
+        return arch, name
 
-        with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-            built = dict(pool.map(build, archs))
-        _log(f"building with CUDA: cubins for {', '.join('sm_' + a for a in archs)} from nvcc {toolkit}")
-        return toolkit, built
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        built = dict(pool.map(build, archs))
+    _log(f"building with CUDA: cubins for {', '.join('sm_' + a for a in archs)} from nvcc {toolkit}")
+    return toolkit, built
+
+
+class BuildPy(build_py):
+    """build_py that also makes the kernels (package data lpl_ext/_kernels/, declared in
+    pyproject.toml): into the build folder that becomes the wheel, or, for an editable
+    install (where build_py copies nothing: the package is the source folder), into the
+    source tree, before setuptools lists the package's files."""
+
+    def _kernel_dir(self) -> Path:
+        return KERNEL_PACKAGE_DIR if self.editable_mode else Path(self.build_lib) / "lpl_ext" / "_kernels"
+
+    def run(self) -> None:
+        super().run()
+        write_kernels(self._kernel_dir())
+
+    def get_outputs(self, include_bytecode: bool = True) -> list[str]:
+        outputs = super().get_outputs(include_bytecode)
+        if self.editable_mode:
+            return outputs
+        made = [str(f) for f in sorted(self._kernel_dir().glob("*"))]
+        return outputs + [f for f in made if f not in outputs]
+
+
+class BuildExt(build_ext):
+    """build_ext that, for ``setup.py build_ext --inplace`` (no build_py runs), also makes
+    the kernels next to the in-place module. Editable installs make them in BuildPy."""
+
+    def run(self) -> None:
+        super().run()
+        if self.inplace and not self.editable_mode:
+            write_kernels(KERNEL_PACKAGE_DIR)
 
 
 def _revision() -> str:
@@ -229,4 +238,4 @@ def _extension() -> Extension:
     )
 
 
-setup(ext_modules=[_extension()], cmdclass={"build_ext": BuildExt, "sdist": Sdist})
+setup(ext_modules=[_extension()], cmdclass={"build_py": BuildPy, "build_ext": BuildExt, "sdist": Sdist})

@@ -44,12 +44,18 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lpl_ext.feature_distance import DISTANCES, NORMS
-from lpl_ext.objective import PREDICTION_TYPES, snr_weights
+from lpl_ext.config import FIELDS as LPL_FIELDS
+from lpl_ext.config import LPLConfig, flag_names
+from lpl_ext.objective import PREDICTION_TYPES, LPLObjective, snr_weights
 
 logger = logging.getLogger("train_sdxl_lpl")
 
-MAX_LPL_BLOCKS = 4  # the SDXL VAE decoder has 4 up blocks
+# The LPL options' flags, generated from lpl_ext.LPLConfig (one name per option): field -> flag name.
+LPL_FLAGS = flag_names()
+# Flags of LPLConfig fields that another group defines (--snr_gamma weights the diffusion loss too).
+LPL_SHARED_FLAGS = ("snr_gamma",)
+# The trainer's own per-step metrics; the LPL ones are LPLObjective.log_keys (metric_names).
+TRAINER_METRICS = ("loss", "diffusion_loss")
 CHECKPOINT_PREFIX = "checkpoint-"
 CHECKPOINT_STATE_FILE = "trainer_state.json"
 METRICS_CSV = "metrics.csv"
@@ -239,31 +245,32 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("LPL (seed document; the defaults are its recommended settings)")
     _bool_flag(g, "use_lpl", True, "Add LPL to the diffusion loss.")
     g.add_argument("--lpl_weight", type=float, default=1.0, help="LPL weight (1.0-2.0 recommended).")
-    g.add_argument("--lpl_t_threshold", type=int, default=200,
-                   help="Apply LPL only to samples with timestep t < threshold (high SNR).")
-    g.add_argument("--lpl_loss_type", type=str, default="mse", choices=DISTANCES)
-    g.add_argument("--lpl_norm_type", type=str, default="shared", choices=NORMS)
-    _bool_flag(g, "lpl_pow_law", True, "Layer weights 2^-min(i,3).")
-    g.add_argument("--lpl_num_blocks", type=int, default=4, help="Decoder up blocks used (0-4).")
-    _bool_flag(g, "lpl_remove_outliers", True, "Mask outliers of the target features (2%%/98%% quantiles).")
-    _bool_flag(g, "lpl_scale", False,
-               "Weight LPL by min(SNR, gamma)/SNR (epsilon) or min(SNR, gamma)/(SNR+1) (v). Needs --snr_gamma. "
-               "Off by default, as in the reference: with gamma 5 on SDXL's schedule it weights epsilon LPL by "
-               "0.004 at t=0 rising to 1 at t>=147 (0.58 on average over t < 200).")
-    g.add_argument("--lpl_start", type=int, default=0, help="First optimiser step that applies LPL.")
-    _bool_flag(g, "lpl_grad_ckpt", True,
-               "Gradient-checkpoint the VAE decoder blocks inside LPL (independent of --gradient_checkpointing).")
-    g.add_argument("--lpl_reference_compat", action="store_true",
-                   help="Reproduce the reference implementation's arithmetic (for comparisons only).")
-    g.add_argument("--lpl_sync_free", action="store_true",
-                   help="Select the samples below --lpl_t_threshold without a host sync (LPLObjective(sync_free="
-                        "True)): the decoder runs on a fixed batch of --lpl_capacity samples, so a GPU micro-batch "
-                        "never waits for the host. Same loss; the decoder does more work when few samples qualify, "
-                        "and the logged per-layer feature statistics cover every decoded sample.")
-    g.add_argument("--lpl_capacity", type=int, default=None,
-                   help="With --lpl_sync_free: the decoder batch size (default: the whole micro-batch). Samples "
-                        "beyond it that qualify are left out of that step's LPL.")
+    add_lpl_config_flags(g)
     return p
+
+
+def add_lpl_config_flags(group) -> None:
+    """One flag per LPLConfig option that has one (``lpl_ext.config``: help, type, choices and default from the
+    field; bools negatable), except those of LPL_SHARED_FLAGS."""
+    spelled = {field: f"--{flag}" for field, flag in LPL_FLAGS.items()}
+    defaults = LPLConfig()
+    for field, flag in LPL_FLAGS.items():
+        if flag in LPL_SHARED_FLAGS:
+            continue
+        meta = LPL_FIELDS[field].metadata
+        default = getattr(defaults, field)
+        text = LPLConfig.help(field, spelled).replace("%", "%%")  # argparse formats help with %
+        if isinstance(default, bool):
+            _bool_flag(group, flag, default, text)
+        else:
+            group.add_argument(f"--{flag}", type=meta["type"] or type(default), default=default,
+                               choices=meta["choices"], help=text)
+
+
+def lpl_config(args: argparse.Namespace) -> LPLConfig:
+    """The LPL configuration of the parsed flags (errors name the flags); decoder in fp32 (the config's default)."""
+    return LPLConfig.named({field: f"--{flag}" for field, flag in LPL_FLAGS.items()},
+                           **{field: getattr(args, flag) for field, flag in LPL_FLAGS.items()})
 
 
 def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
@@ -287,21 +294,10 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
 
 def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Reject bad combinations with a clear message (``parser.error`` exits 2) before anything is built."""
-    if not 0 <= args.lpl_num_blocks <= MAX_LPL_BLOCKS:
-        parser.error(f"--lpl_num_blocks must be between 0 and {MAX_LPL_BLOCKS} (the SDXL VAE decoder has "
-                     f"{MAX_LPL_BLOCKS} up blocks; 0 = mid block only), got {args.lpl_num_blocks}")
-    if args.snr_gamma is not None and args.snr_gamma <= 0:
-        parser.error(f"--snr_gamma must be > 0, got {args.snr_gamma}")
-    if args.lpl_capacity is not None and not args.lpl_sync_free:
-        parser.error("--lpl_capacity sets the decoder batch of --lpl_sync_free; add --lpl_sync_free or drop "
-                     "--lpl_capacity.")
-    if args.lpl_capacity is not None and args.lpl_capacity < 1:
-        parser.error(f"--lpl_capacity must be a positive number of samples, got {args.lpl_capacity}")
-    if args.lpl_scale and args.snr_gamma is None:
-        # The reference silently ignores --lpl_scale without --snr_gamma; refuse instead.
-        parser.error("--lpl_scale weights LPL by min(SNR, gamma)/SNR and therefore needs --snr_gamma "
-                     "(e.g. --snr_gamma 5.0); without it the flag would do nothing. Add --snr_gamma or "
-                     "drop --lpl_scale.")
+    try:  # every LPL option (and --snr_gamma), validated once by lpl_ext.LPLConfig
+        lpl_config(args)
+    except (TypeError, ValueError) as exc:
+        parser.error(str(exc))
     if args.prediction_type == "flow_matching":
         import inspect
 
@@ -324,7 +320,7 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
                          f"per line with 'file_name' and '{args.caption_column}')")
     if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
         parser.error(f"--resolution must be a positive multiple of 8, got {args.resolution}")
-    for name in ("lpl_weight", "lpl_t_threshold", "lpl_start", "num_validation_images", "noise_offset"):
+    for name in ("lpl_weight", "num_validation_images", "noise_offset"):
         if getattr(args, name) < 0:
             parser.error(f"--{name} must be >= 0, got {getattr(args, name)}")
     for name in ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "num_synthetic_examples"):
@@ -949,6 +945,7 @@ class StepMetrics:
 
     def __init__(self, names: list[str]):
         self.names = list(names)
+        self._known = frozenset(self.names)
         self.reset()
 
     def reset(self) -> None:
@@ -958,7 +955,11 @@ class StepMetrics:
     def add(self, values: dict[str, torch.Tensor | float], weights: dict[str, torch.Tensor] | None = None) -> None:
         """Accumulate ``values``; ``weights[name]`` (0-dim, default 1) weighs a value, e.g. 0 for per-layer
         LPL statistics of a micro-batch where no sample reached LPL (the objective reports zeros there).
-        Names outside ``self.names`` are ignored."""
+        A name outside ``self.names`` is a ValueError: a value nobody would log must not vanish silently."""
+        unknown = [n for n in [*values, *(weights or {})] if n not in self._known]
+        if unknown:
+            raise ValueError(f"StepMetrics.add: unknown metric name(s) {sorted(set(unknown))}; this step logs "
+                             f"{self.names} (the trainer's metric_names, from LPLObjective.log_keys)")
         known = {n: values[n] for n in self.names if n in values}
         if not known:
             return
@@ -1005,38 +1006,19 @@ def metric_weights(metrics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] 
     if "lpl_num_samples" not in metrics:
         return None
     count = metrics["lpl_num_samples"]
-    return {k: count for k in metrics
-            if k.startswith("lpl_") and k not in ("lpl_applied_ratio", "lpl_num_samples")}
+    return {k: count for k in metrics if k not in TRAINER_METRICS and k not in LPLObjective.BATCH_KEYS}
 
 
 def metric_names(num_blocks: int) -> list[str]:
-    names = ["loss", "diffusion_loss", "lpl_loss", "lpl_applied_ratio", "lpl_num_samples"]
-    for i in range(num_blocks + 1):
-        names += [f"lpl_layer{i}_loss", f"lpl_layer{i}_mean", f"lpl_layer{i}_std", f"lpl_layer{i}_outlier_ratio"]
-    return names
+    """The per-step metrics: the trainer's, then ``LPLObjective.log_keys(num_blocks)``."""
+    return [*TRAINER_METRICS, *LPLObjective.log_keys(num_blocks)]
 
 
 def build_lpl_objective(args: argparse.Namespace, vae):
-    """``lpl_ext.LPLObjective`` configured from the --lpl_* flags (decoder checkpointing: --lpl_grad_ckpt)."""
-    from lpl_ext import LPLObjective
+    """``lpl_ext.LPLObjective`` of the --lpl_* flags' configuration (decoder checkpointing: --lpl_grad_ckpt)."""
+    import lpl_ext
 
-    return LPLObjective(
-        vae,
-        loss_type=args.lpl_loss_type,
-        norm_type=args.lpl_norm_type,
-        pow_law=args.lpl_pow_law,
-        num_blocks=args.lpl_num_blocks,
-        remove_outliers=args.lpl_remove_outliers,
-        grad_ckpt=args.lpl_grad_ckpt,
-        t_threshold=args.lpl_t_threshold,
-        snr_gamma=args.snr_gamma,
-        scale=args.lpl_scale,
-        start_step=args.lpl_start,
-        decoder_fp32=True,
-        reference_compat=args.lpl_reference_compat,
-        sync_free=args.lpl_sync_free,
-        capacity=args.lpl_capacity,
-    )
+    return lpl_ext.LPLObjective(vae, config=lpl_config(args))
 
 
 def compute_losses(*, unet, batch_latents, noise, prompt_embeds, pooled_embeds, add_time_ids, noise_scheduler,

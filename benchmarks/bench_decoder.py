@@ -343,7 +343,7 @@ def loss_scale(res: int = 128, batch: int = 4, seed: int = 0, tiny: bool = False
             z0 = model.encode(pixels).latent_dist.mean * model.config.scaling_factor
     else:
         z0 = torch.randn(batch, model.config.latent_channels, res // 8, res // 8, generator=g)
-    modules = {"lpl_ext": LatentPerceptualLoss(model, **FLAGS),
+    modules = {"lpl_ext": LatentPerceptualLoss(model, reference_compat=False, **FLAGS),
                "reference": LatentPerceptualLoss(model, reference_compat=True, **FLAGS)}
     restatement = None if common.missing("reference_lpl") else build_loss("reference", model, False)
     g = torch.Generator().manual_seed(seed + 1)

@@ -8,8 +8,10 @@
 #include "lpl_math.h"
 #include "lpl_ops.h"
 
-static const char *const norm_choices[] = {"default", "shared", "batch", "none", NULL};
-static const char *const dist_choices[] = {"mse", "l1", NULL};
+#define LPL_OPTION_NAME(unused, id, name) name,
+const char *const lpl_norm_names[LPL_NORM_COUNT + 1] = {LPL_NORM_LIST(LPL_OPTION_NAME, 0) NULL};
+const char *const lpl_dist_names[LPL_DIST_COUNT + 1] = {LPL_DIST_LIST(LPL_OPTION_NAME, 0) NULL};
+#undef LPL_OPTION_NAME
 
 PyObject *lpl_py_feature_distance(PyObject *self, PyObject *args, PyObject *kwargs) {
     (void)self;
@@ -30,12 +32,16 @@ PyObject *lpl_py_feature_distance(PyObject *self, PyObject *args, PyObject *kwar
                                      &weight, &stream_obj, &ws_obj, &kernels_obj))
         return NULL;
 
-    int norm = lpl_parse_choice(norm_obj, "norm", norm_choices);
+    int norm = lpl_parse_choice(norm_obj, "norm", lpl_norm_names);
     if (norm < 0) goto fail;
-    int dist = lpl_parse_choice(dist_obj, "distance", dist_choices);
+    int dist = lpl_parse_choice(dist_obj, "distance", lpl_dist_names);
     if (dist < 0) goto fail;
     if (!isfinite(weight)) {
-        PyErr_SetString(PyExc_ValueError, "weight: must be a finite number");
+        PyObject *value = PyFloat_FromDouble(weight); /* NULL: MemoryError set */
+        if (value != NULL) {
+            PyErr_Format(PyExc_ValueError, "weight: must be finite, got %R", value);
+            Py_DECREF(value);
+        }
         goto fail;
     }
 

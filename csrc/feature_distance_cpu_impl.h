@@ -21,6 +21,33 @@
  * must not leak into the loss. */
 #define FD_INLINE static inline __attribute__((always_inline))
 
+/* The switches' cases are generated, never written out: one per combination of the flags,
+ * the distances taken from LPL_DIST_LIST (lpl_math.h), so a new distance gets its loops
+ * without touching fd_tile. A key packs the flags, the same way for the case labels and
+ * the runtime switch. Defined once for all dtype instantiations (FD_FN expands at use). */
+#ifndef FD_DISPATCH_MACROS
+#define FD_DISPATCH_MACROS
+#define FD_UNPACK(...) __VA_ARGS__
+#define FD_APPLY(M, ...) M(__VA_ARGS__)
+/* (has_mask, dist): the `default` norm's sweeps */
+#define FD_KEY2(HM, DI) ((HM) * LPL_DIST_COUNT + (DI))
+/* (has_mask, per_pixel, dist, has_grad): fd_row */
+#define FD_KEY4(HM, PP, DI, HG) ((FD_KEY2(HM, DI) * 2 + (PP)) * 2 + (HG))
+/* CASES2(CALL): `case key: CALL(HM, DI); break;` for every has_mask and distance */
+#define FD_CASE2(CALL, HM, DI) \
+    case FD_KEY2(HM, DI): CALL(HM, DI); break;
+#define FD_CASE2_DIST(ctx, id, name) FD_APPLY(FD_CASE2, FD_UNPACK ctx, LPL_DIST_##id)
+#define FD_CASES2(CALL) LPL_DIST_LIST(FD_CASE2_DIST, (CALL, 0)) LPL_DIST_LIST(FD_CASE2_DIST, (CALL, 1))
+/* CASES4(CALL): the same for every has_mask, per_pixel, distance and has_grad */
+#define FD_CASE4(CALL, HM, PP, DI) \
+    case FD_KEY4(HM, PP, DI, 0): CALL(HM, PP, DI, 0); break; \
+    case FD_KEY4(HM, PP, DI, 1): CALL(HM, PP, DI, 1); break;
+#define FD_CASE4_DIST(ctx, id, name) FD_APPLY(FD_CASE4, FD_UNPACK ctx, LPL_DIST_##id)
+#define FD_CASES4_PP(CALL, HM) \
+    LPL_DIST_LIST(FD_CASE4_DIST, (CALL, HM, 0)) LPL_DIST_LIST(FD_CASE4_DIST, (CALL, HM, 1))
+#define FD_CASES4(CALL) FD_CASES4_PP(CALL, 0) FD_CASES4_PP(CALL, 1)
+#endif
+
 /* v where the mask byte is nonzero, else +0. Done with an integer AND on the bits, not a
  * multiply (a NaN under the mask must not leak) nor a select (GCC 12 keeps loops with
  * byte-conditioned float selects scalar). */
@@ -179,12 +206,10 @@ static void FD_FN(fd_tile)(const lpl_fd_params *p, const double *coef, const FD_
         const FD_ACC cf = (FD_ACC)coef[n * C + c];
         FD_ACC s = 0;
         if (norm == LPL_NORM_DEFAULT) {
-#define FD_DEF(HM, DI) FD_FN(fd_row_default)(xr, yr, mr, sx, sy, dot, cf, len, HM, DI)
-            switch (has_mask << 1 | dist) {
-            case 0: s = FD_DEF(0, 0); break;
-            case 1: s = FD_DEF(0, 1); break;
-            case 2: s = FD_DEF(1, 0); break;
-            default: s = FD_DEF(1, 1); break;
+#define FD_DEF(HM, DI) s = FD_FN(fd_row_default)(xr, yr, mr, sx, sy, dot, cf, len, HM, DI)
+            switch (FD_KEY2(has_mask, dist)) {
+                FD_CASES2(FD_DEF)
+            default: break; /* unreachable: dist is validated by the entry point */
             }
 #undef FD_DEF
         } else {
@@ -192,24 +217,10 @@ static void FD_FN(fd_tile)(const lpl_fd_params *p, const double *coef, const FD_
             const FD_ACC a = norm == LPL_NORM_BATCH ? chan_scale[c] : (FD_ACC)1;
             const FD_ACC b = norm == LPL_NORM_BATCH ? chan_shift[c] : (FD_ACC)0;
             const int per_pixel = norm == LPL_NORM_SHARED;
-#define FD_ROW(HM, PP, DI, HG) FD_FN(fd_row)(xr, yr, mr, gr, sy, a, b, cf, len, HM, PP, DI, HG)
-            switch (has_mask << 3 | per_pixel << 2 | dist << 1 | (gr != NULL)) {
-            case 0: s = FD_ROW(0, 0, 0, 0); break;
-            case 1: s = FD_ROW(0, 0, 0, 1); break;
-            case 2: s = FD_ROW(0, 0, 1, 0); break;
-            case 3: s = FD_ROW(0, 0, 1, 1); break;
-            case 4: s = FD_ROW(0, 1, 0, 0); break;
-            case 5: s = FD_ROW(0, 1, 0, 1); break;
-            case 6: s = FD_ROW(0, 1, 1, 0); break;
-            case 7: s = FD_ROW(0, 1, 1, 1); break;
-            case 8: s = FD_ROW(1, 0, 0, 0); break;
-            case 9: s = FD_ROW(1, 0, 0, 1); break;
-            case 10: s = FD_ROW(1, 0, 1, 0); break;
-            case 11: s = FD_ROW(1, 0, 1, 1); break;
-            case 12: s = FD_ROW(1, 1, 0, 0); break;
-            case 13: s = FD_ROW(1, 1, 0, 1); break;
-            case 14: s = FD_ROW(1, 1, 1, 0); break;
-            default: s = FD_ROW(1, 1, 1, 1); break;
+#define FD_ROW(HM, PP, DI, HG) s = FD_FN(fd_row)(xr, yr, mr, gr, sy, a, b, cf, len, HM, PP, DI, HG)
+            switch (FD_KEY4(has_mask, per_pixel, dist, gr != NULL)) {
+                FD_CASES4(FD_ROW)
+            default: break; /* unreachable: dist is validated by the entry point */
             }
 #undef FD_ROW
         }
@@ -229,11 +240,9 @@ static void FD_FN(fd_tile)(const lpl_fd_params *p, const double *coef, const FD_
             FD_T *gr = G + off;
             const FD_ACC cf = (FD_ACC)coef[n * C + c];
 #define FD_GD(HM, DI) FD_FN(fd_grad_default)(xr, yr, mr, gr, sx, sy, dot, cf, len, HM, DI)
-            switch (has_mask << 1 | dist) {
-            case 0: FD_GD(0, 0); break;
-            case 1: FD_GD(0, 1); break;
-            case 2: FD_GD(1, 0); break;
-            default: FD_GD(1, 1); break;
+            switch (FD_KEY2(has_mask, dist)) {
+                FD_CASES2(FD_GD)
+            default: break; /* unreachable: dist is validated by the entry point */
             }
 #undef FD_GD
         }

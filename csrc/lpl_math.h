@@ -39,9 +39,19 @@ __device__ __forceinline__ void *lpl_rtc_memcpy(void *dst, const void *src, unsi
 #define LPL_HD static inline
 #endif
 
-/* ---- options (indices match the Python-side option strings) ---------------------- */
-enum { LPL_NORM_DEFAULT = 0, LPL_NORM_SHARED = 1, LPL_NORM_BATCH = 2, LPL_NORM_NONE = 3 };
-enum { LPL_DIST_MSE = 0, LPL_DIST_L1 = 1 };
+/* ---- options: one list each ---------------------------------------------------------
+ * The only place an option is named. Each list gives X(ctx, ID, "name") per option, in
+ * enum order; the enums below, the C entry points' name tables (lpl_ops.h) and with them
+ * lpl_ext._C.NORMS / _C.DISTANCES, which the Python side takes its option lists from, are
+ * all built from these lists, so names and enum values cannot drift apart. ctx is passed
+ * through unchanged to X (a parenthesized tuple carries several values). */
+#define LPL_NORM_LIST(X, ctx) \
+    X(ctx, DEFAULT, "default") X(ctx, SHARED, "shared") X(ctx, BATCH, "batch") X(ctx, NONE, "none")
+#define LPL_DIST_LIST(X, ctx) X(ctx, MSE, "mse") X(ctx, L1, "l1")
+
+#define LPL_OPTION_ENUM(kind, id, name) LPL_##kind##_##id,
+enum { LPL_NORM_LIST(LPL_OPTION_ENUM, NORM) LPL_NORM_COUNT };
+enum { LPL_DIST_LIST(LPL_OPTION_ENUM, DIST) LPL_DIST_COUNT };
 
 /* eps (docs/spec.md, "Normalization"): 1e-10 for `default`, 1e-6 for `shared` and `batch`. They are
  * applied in fp32 or fp64 arithmetic, never in fp16 where 1e-10 underflows to 0. */

@@ -16,6 +16,12 @@ extern "C" {
 
 #define LPL_ERR_LEN 256
 
+/* The option names, NULL-terminated, in enum order (from LPL_NORM_LIST / LPL_DIST_LIST in
+ * lpl_math.h): what the entry points parse and what lpl_ext._C.NORMS / _C.DISTANCES export.
+ * Defined in feature_distance.c. */
+extern const char *const lpl_norm_names[LPL_NORM_COUNT + 1];
+extern const char *const lpl_dist_names[LPL_DIST_COUNT + 1];
+
 /* ---- feature distance (docs/spec.md, "Normalization" and "Feature distance") ------------------------------------------ */
 typedef struct {
     const void *x;       /* (N, C, H, W), dtype */

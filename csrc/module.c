@@ -96,7 +96,34 @@ static struct PyModuleDef lpl_module = {PyModuleDef_HEAD_INIT, "_C",
                                         "Fused Latent Perceptual Loss kernels (C / CUDA).", -1,
                                         lpl_methods, NULL, NULL, NULL, NULL};
 
+/* names (NULL-terminated) as the tuple of str `attr` of the module. */
+static int add_option_names(PyObject *module, const char *attr, const char *const *names) {
+    Py_ssize_t count = 0;
+    while (names[count] != NULL) ++count;
+    PyObject *tuple = PyTuple_New(count);
+    if (tuple == NULL) goto fail;
+    for (Py_ssize_t i = 0; i < count; ++i) {
+        PyObject *name = PyUnicode_FromString(names[i]);
+        if (name == NULL) goto fail;
+        PyTuple_SET_ITEM(tuple, i, name); /* steals the reference */
+    }
+    if (PyModule_AddObject(module, attr, tuple) < 0) goto fail; /* steals it on success only */
+    return 0;
+fail:
+    Py_XDECREF(tuple); /* a partly filled tuple releases the items it holds */
+    return -1;
+}
+
 PyMODINIT_FUNC PyInit__C(void) {
     import_array();
-    return PyModule_Create(&lpl_module);
+    PyObject *module = PyModule_Create(&lpl_module);
+    if (module == NULL) goto fail;
+    /* The option lists of lpl_math.h, in enum order: the Python side's only source of
+     * them (lpl_ext/_options.py). */
+    if (add_option_names(module, "NORMS", lpl_norm_names) < 0) goto fail;
+    if (add_option_names(module, "DISTANCES", lpl_dist_names) < 0) goto fail;
+    return module;
+fail:
+    Py_XDECREF(module);
+    return NULL;
 }

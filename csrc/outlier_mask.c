@@ -4,7 +4,6 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
-#include <stdio.h>
 
 #include "lpl_cuda_driver.h"
 #include "lpl_interop.h"
@@ -15,20 +14,23 @@ int64_t lpl_outlier_mask_workspace_bytes(int64_t n, int64_t c, int64_t h, int64_
     return lpl_om_workspace_layout(n, c, h, w).total;
 }
 
-/* Option checks shared with the Python wrapper's messages: ValueError naming the
- * argument. Returns 0 or -1 with the exception set. */
+/* ValueError "<message>, got <repr(value)>" (as Python formats the float); returns -1. */
+static int bad_double(const char *message, double value) {
+    PyObject *v = PyFloat_FromDouble(value); /* NULL: MemoryError set */
+    if (v != NULL) {
+        PyErr_Format(PyExc_ValueError, "%s, got %R", message, v);
+        Py_DECREF(v);
+    }
+    return -1;
+}
+
+/* Option checks with the messages of the Python side (lpl_ext/_options.py): ValueError
+ * naming the argument. Returns 0 or -1 with the exception set. */
 static int check_options(double quantile, double margin_std, int closing, int opening) {
-    if (!(quantile > 0.0 && quantile < 0.5)) {
-        char buf[64];
-        snprintf(buf, sizeof(buf), "%.17g", quantile);
-        PyErr_Format(PyExc_ValueError, "quantile: must be in the open interval (0, 0.5), got %s",
-                     buf);
-        return -1;
-    }
-    if (!(isfinite(margin_std) && margin_std >= 0.0)) {
-        PyErr_SetString(PyExc_ValueError, "margin_std: must be a finite number >= 0");
-        return -1;
-    }
+    if (!(quantile > 0.0 && quantile < 0.5))
+        return bad_double("quantile: must be in the open interval (0, 0.5)", quantile);
+    if (!(isfinite(margin_std) && margin_std >= 0.0))
+        return bad_double("margin_std: must be a finite number >= 0", margin_std);
     if (closing < 1 || closing % 2 == 0) {
         PyErr_Format(PyExc_ValueError, "closing: window size must be odd and positive, got %d",
                      closing);

@@ -5,6 +5,8 @@ from .feature_distance import FeatureDistanceFunction, feature_distance
 from .outlier_mask import OutlierStats, outlier_mask, outlier_windows
 from ._backend import torch as _torch
 
+from .config import LPLConfig
+
 if _torch is not None:  # the VAE-level loss and the objective need torch
     from .lpl_loss import LatentPerceptualLoss, cross_normalize, normalize_tensor, remove_outliers
     from .objective import LPLObjective, predict_z0, snr_weights
@@ -14,6 +16,7 @@ from ._version import __version__
 __all__ = [
     "BackendFallbackWarning",
     "FeatureDistanceFunction",
+    "LPLConfig",
     "LPLObjective",
     "LatentPerceptualLoss",
     "OutlierStats",

@@ -1,8 +1,10 @@
-"""Glue between Python objects and the flat C entry points of ``lpl_ext._C``.
+"""Where lpl_ext's ops run: torch (optional), the torch it needs, and the backend policy.
 
-Torch tensors cross as DLPack capsules (borrowed by the C side for the call), numpy
-arrays through the NumPy C API. Outputs are allocated here, with torch's caching
-allocator on GPU, and the current CUDA stream is passed down explicitly.
+torch is optional (numpy inputs work without it); where it is installed it must have
+``torch.library.custom_op`` (torch >= 2.4), which declares the ops (``lpl_ext._ops``).
+``LPL_EXT_BACKEND`` and the device decide between the C/CUDA kernels and the plain-PyTorch
+backend (docs/switching.md, "Backends and devices"); ``lpl_ext._launch`` asks
+:func:`use_native_kernels`, once per call, and nothing else makes that choice.
 """
 
 from __future__ import annotations
@@ -11,53 +13,32 @@ import os
 import warnings
 from typing import Any, Optional, Set
 
-import numpy as np
-
 from . import _C
+
+#: The oldest torch lpl_ext runs with: the first with torch.library.custom_op,
+#: register_fake and register_autograd (what lpl_ext._ops declares the ops with).
+TORCH_FLOOR = "2.4"
+_TORCH_LIBRARY_API = ("custom_op", "register_fake", "register_autograd")
+
+
+def check_torch(module: Any) -> None:
+    """ImportError naming the floor unless the torch ``module`` has the torch.library API
+    the ops are declared with (torch >= 2.4)."""
+    library = getattr(module, "library", None)
+    missing = [name for name in _TORCH_LIBRARY_API if not hasattr(library, name)]
+    if missing:
+        raise ImportError(
+            f"lpl_ext needs torch >= {TORCH_FLOOR} (torch.library.{', torch.library.'.join(missing)} "
+            f"missing), found torch {getattr(module, '__version__', '?')}. Upgrade torch (pip install "
+            f"'torch>={TORCH_FLOOR}'), or uninstall it to use lpl_ext's numpy API alone.")
+
 
 try:  # torch is optional: numpy inputs work without it
     import torch
-    from torch.utils.dlpack import to_dlpack as _to_dlpack
 except ImportError:  # pragma: no cover - exercised only without torch
     torch = None  # type: ignore[assignment]
-    _to_dlpack = None  # type: ignore[assignment]
-
-
-def is_tensor(obj: Any) -> bool:
-    """True for a torch.Tensor (False when torch is not installed)."""
-    return torch is not None and isinstance(obj, torch.Tensor)
-
-
-def as_c_arg(t: Any) -> Any:
-    """What the C entry points take for ``t``: a DLPack capsule of a torch tensor (the
-    memory is shared, so outputs written through it land in ``t``), a numpy array as is,
-    or None."""
-    if t is None or isinstance(t, np.ndarray):
-        return t
-    if is_tensor(t):
-        return _to_dlpack(t.detach())
-    return t
-
-
-def stream_of(t: Any) -> int:
-    """The current CUDA stream handle of ``t``'s device, 0 for CPU tensors and arrays."""
-    if is_tensor(t) and t.is_cuda:
-        return int(torch.cuda.current_stream(t.device).cuda_stream)
-    return 0
-
-
-def check_kind(name: str, obj: Any) -> None:
-    """Raise TypeError unless obj is a torch.Tensor or numpy.ndarray."""
-    if not (is_tensor(obj) or isinstance(obj, np.ndarray)):
-        raise TypeError(f"{name}: expected a torch.Tensor or numpy.ndarray, got {type(obj).__name__}")
-
-
-def cuda_kernels(device: Any) -> Any:
-    """The loaded CUDA kernels for a torch CUDA device (``_C`` takes them as ``kernels=``);
-    RuntimeError naming what is missing when no kernel image can be had (docs/cuda.md)."""
-    from . import _cuda
-
-    return _cuda.kernels_for(device)
+else:
+    check_torch(torch)
 
 
 # ---------------------------------------------------------------------- backend choice

@@ -9,9 +9,8 @@ on the caller's stream. The kernel image for a device comes from, in order:
    library is looked up in the user's environment (torch's CUDA wheels bring it), and
    the result is cached on disk, keyed by source hash, architecture and NVRTC version.
 
-``LPL_EXT_KERNELS=auto|cubin|nvrtc`` restricts the choice (default auto),
-``LPL_EXT_NVRTC`` names the NVRTC library, ``LPL_EXT_LIBCUDA`` the driver library,
-``LPL_EXT_CACHE_DIR`` the cache root (default ``~/.cache/lpl_ext``).
+The environment switches (``LPL_EXT_KERNELS``, ``LPL_EXT_NVRTC``, ``LPL_EXT_LIBCUDA``,
+``LPL_EXT_CACHE_DIR``) are documented once, in docs/cuda.md, "Switches".
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from . import _C
 from . import _kernel_sources as ks
@@ -256,6 +255,31 @@ def _nvrtc() -> Nvrtc:
     return _state["nvrtc"]
 
 
+def nvrtc_libraries() -> Iterator[Tuple[Optional[Nvrtc], str]]:
+    """Every NVRTC that loads, (library, ""), the one in use first, then the other
+    candidates in nvrtc_candidates() order; (None, why) when none loads. A driver may
+    refuse one NVRTC's image (PTX or cubin newer than the driver) and accept another's."""
+    try:
+        first = _nvrtc()
+    except RuntimeError as exc:
+        yield None, str(exc)
+        return
+    yield first, ""
+    seen = {os.path.realpath(first.path)}
+    for path in nvrtc_candidates():
+        real = os.path.realpath(path)
+        if real in seen:
+            continue
+        seen.add(real)
+        try:
+            nv = Nvrtc(path)
+        except (OSError, AttributeError, RuntimeError):
+            continue
+        if nv.version == first.version:  # the same compiler makes the same image
+            continue
+        yield nv, ""
+
+
 def nvrtc_target(arch: int, supported: Sequence[int]) -> str:
     """"sm_<arch>" when NVRTC knows the architecture, else PTX for the newest one below
     it (the driver compiles that for the device); RuntimeError when none is."""
@@ -350,12 +374,19 @@ def load_kernels(ordinal: int) -> Tuple[Any, str]:
                 except (OSError, RuntimeError) as exc:
                     tried.append(f"shipped cubin sm_{arch}: {exc}")
     if mode in ("auto", "nvrtc"):
-        try:
-            image, path = compile_cached(major * 10 + minor)
-            nv = _nvrtc()
-            return _C.cuda_load_kernels(drv, ordinal, image), f"NVRTC {nv.version[0]}.{nv.version[1]} ({path.name})"
-        except RuntimeError as exc:
-            tried.append(f"NVRTC: {exc}")
+        for nv, why in nvrtc_libraries():
+            if nv is None:
+                tried.append(f"NVRTC: {why}")
+                break
+            label = f"NVRTC {nv.version[0]}.{nv.version[1]}"
+            try:
+                image, path = compile_cached(major * 10 + minor, nv)
+                kernels = _C.cuda_load_kernels(drv, ordinal, image)
+            except RuntimeError as exc:
+                tried.append(f"{label} ({nv.path}): {exc}")
+                continue
+            _state["nvrtc"] = nv  # the one the driver accepted serves the other devices too
+            return kernels, f"{label} ({path.name})"
     raise RuntimeError(
         f"lpl_ext: no CUDA kernels for cuda:{ordinal} (compute capability {major}.{minor}, driver "
         f"{attrs['driver_version']}, LPL_EXT_KERNELS={mode}):\n  - " + "\n  - ".join(tried)

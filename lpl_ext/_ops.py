@@ -1,9 +1,9 @@
 """The lpl_ext kernels declared to PyTorch as operators (``torch.ops.lpl_ext.*``).
 
-Declared once here with ``torch.library.custom_op`` (torch >= 2.4), each with a fake
-implementation (output shapes and dtypes without running the kernel) so that
-``torch.compile`` / AOTAutograd trace through the call without a graph break, and the
-feature distance with an autograd registration:
+Declared once here with ``torch.library.custom_op`` (torch >= 2.4, the floor lpl_ext
+requires), each with a fake implementation (output shapes and dtypes without running the
+kernel) so that ``torch.compile`` / AOTAutograd trace through the call without a graph
+break, and the feature distance with an autograd registration:
 
 ``lpl_ext::feature_distance(x, y, mask, norm, distance, weight, need_grad, reentrant)
 -> (loss, grad)``
@@ -18,103 +18,117 @@ feature distance with an autograd registration:
     ``return_stats``, else (0,) (float32 on a device without float64, e.g. MPS). Not
     differentiable (a mask of a constant).
 
-Both run the C/CUDA kernels on CPU and CUDA tensors and lpl_ext's plain-PyTorch
-backend (``lpl_ext._torch_backend``) on other devices or with ``LPL_EXT_BACKEND=torch``
-(the choice is made inside the eager implementation, so a compiled graph holds the
-operator either way).
-
-The operators take torch tensors only and trust the options they are given: the public
-``lpl_ext.feature_distance`` / ``lpl_ext.outlier_mask`` validate them in Python first
-(outside any traced graph) and keep their direct path for numpy arrays. On older torch
-``HAS_CUSTOM_OPS`` is False and those functions fall back to the autograd.Function path.
-
-The eager implementations import the launchers lazily: those modules import this one.
+One layer of the one-way stack (``lpl_ext._launch`` describes it): the eager
+implementations call ``lpl_ext._launch``, which picks the kernels or the plain-PyTorch
+backend at run time (so a compiled graph holds the operator either way). The operators
+take torch tensors and trust their options: the public ``lpl_ext.feature_distance`` /
+``lpl_ext.outlier_mask`` validate them first, outside any traced graph.
 """
 
 # No ``from __future__ import annotations``: torch.library.custom_op reads the schema from
 # the annotations, and torch 2.4 cannot parse string annotations.
+import inspect
 from typing import Any, Optional, Tuple
 
+from . import _launch, _options
 from ._backend import torch
+from ._torch_backend import wide_dtype
 
-HAS_CUSTOM_OPS = bool(
-    torch is not None
-    and hasattr(torch, "library")
-    and all(hasattr(torch.library, a) for a in ("custom_op", "register_fake", "register_autograd"))
-)
+Tensor = torch.Tensor
 
-if HAS_CUSTOM_OPS:
-    Tensor = torch.Tensor
 
-    @torch.library.custom_op("lpl_ext::feature_distance", mutates_args=())
-    def _feature_distance_op(
-        x: Tensor, y: Tensor, mask: Optional[Tensor], norm: str, distance: str, weight: float,
-        need_grad: bool, reentrant: bool,
-    ) -> Tuple[Tensor, Tensor]:
-        from .feature_distance import _forward_torch
+# ---------------------------------------------------------------------- feature distance
 
-        loss, grad = _forward_torch(x, y, mask, norm, distance, weight, need_grad=need_grad)
-        if grad is None:
-            grad = x.new_empty((0,))
-        return loss, grad
 
-    @_feature_distance_op.register_fake
-    def _feature_distance_fake(
-        x: Tensor, y: Tensor, mask: Optional[Tensor], norm: str, distance: str, weight: float,
-        need_grad: bool, reentrant: bool,
-    ) -> Tuple[Tensor, Tensor]:
-        if x.dim() != 4:
-            raise ValueError(f"x: expected a 4-D (N, C, H, W) tensor, got shape {tuple(x.shape)}")
-        if tuple(y.shape) != tuple(x.shape):
-            raise ValueError(f"y: shape {tuple(y.shape)} differs from x {tuple(x.shape)}")
-        if mask is not None and tuple(mask.shape) != tuple(x.shape):
-            raise ValueError(f"mask: shape {tuple(mask.shape)} differs from x {tuple(x.shape)}")
-        loss = x.new_empty((x.shape[0],))
-        # The kernel writes a C-contiguous gradient whatever x's memory format.
-        grad = x.new_empty(tuple(x.shape)) if need_grad else x.new_empty((0,))
-        return loss, grad
+def _feature_distance(
+    x: Tensor, y: Tensor, mask: Optional[Tensor], norm: str, distance: str, weight: float,
+    need_grad: bool, reentrant: bool,
+) -> Tuple[Tensor, Tensor]:
+    loss, grad = _launch.feature_distance(x, y, mask, norm, distance, weight, need_grad)
+    return loss, x.new_empty((0,)) if grad is None else grad
 
-    def _feature_distance_setup_context(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[Tensor, Tensor]) -> None:
-        _, grad = output
-        ctx.mark_non_differentiable(grad)
-        ctx.save_for_backward(grad)
-        ctx.need_grad = bool(inputs[6])
-        ctx.reentrant = bool(inputs[7])
 
-    def _feature_distance_backward(ctx: Any, grad_loss: Tensor, _grad_of_grad: Any) -> Tuple[Any, ...]:
-        from .feature_distance import _scale_kept_gradient
+#: The operator's arguments in schema order (custom_op reads the schema from this
+#: signature): autograd's ``inputs`` and the gradients backward returns are matched to
+#: them by name, not by position.
+FEATURE_DISTANCE_ARGS: Tuple[str, ...] = tuple(inspect.signature(_feature_distance).parameters)
+feature_distance = torch.library.custom_op("lpl_ext::feature_distance", mutates_args=())(_feature_distance)
 
-        nones = (None,) * 7
-        (grad,) = ctx.saved_tensors
-        if not ctx.need_grad or grad_loss is None:
-            return (None,) + nones
-        return (_scale_kept_gradient(grad, grad_loss, ctx.reentrant),) + nones
 
-    _feature_distance_op.register_autograd(_feature_distance_backward, setup_context=_feature_distance_setup_context)
+@feature_distance.register_fake
+def _feature_distance_fake(
+    x: Tensor, y: Tensor, mask: Optional[Tensor], norm: str, distance: str, weight: float,
+    need_grad: bool, reentrant: bool,
+) -> Tuple[Tensor, Tensor]:
+    _options.check_feature_distance_args(x, y, mask)
+    loss = x.new_empty((x.shape[0],))
+    # The kernel writes a C-contiguous gradient whatever x's memory format.
+    grad = x.new_empty(tuple(x.shape)) if need_grad else x.new_empty((0,))
+    return loss, grad
 
-    @torch.library.custom_op("lpl_ext::outlier_mask", mutates_args=())
-    def _outlier_mask_op(
-        y: Tensor, quantile: float, margin_std: float, closing: int, opening: int, return_stats: bool,
-    ) -> Tuple[Tensor, Tensor]:
-        from ._torch_backend import wide_dtype
-        from .outlier_mask import _outlier_mask_torch
 
-        keep, stats = _outlier_mask_torch(y, quantile, margin_std, closing, opening, return_stats)
-        if stats is None:
-            stats = torch.empty((0,), dtype=wide_dtype(y.device), device=y.device)
-        return keep, stats
+def _feature_distance_setup_context(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[Tensor, Tensor]) -> None:
+    args = dict(zip(FEATURE_DISTANCE_ARGS, inputs))
+    _, grad = output
+    ctx.mark_non_differentiable(grad)
+    ctx.save_for_backward(grad)
+    ctx.need_grad = bool(args["need_grad"])
+    ctx.reentrant = bool(args["reentrant"])
 
-    @_outlier_mask_op.register_fake
-    def _outlier_mask_fake(
-        y: Tensor, quantile: float, margin_std: float, closing: int, opening: int, return_stats: bool,
-    ) -> Tuple[Tensor, Tensor]:
-        if y.dim() != 4:
-            raise ValueError(f"y: expected a 4-D (N, C, H, W) tensor, got shape {tuple(y.shape)}")
-        from ._torch_backend import wide_dtype
 
-        keep = y.new_empty(tuple(y.shape), dtype=torch.bool)
-        # float64, or float32 on a device without float64 (the plain-PyTorch backend's)
-        stats = y.new_empty((3,) if return_stats else (0,), dtype=wide_dtype(y.device, probe=False))
-        return keep, stats
+def _feature_distance_backward(ctx: Any, grad_loss: Tensor, _grad_of_grad: Any) -> Tuple[Any, ...]:
+    (grad,) = ctx.saved_tensors
+    grads = dict.fromkeys(FEATURE_DISTANCE_ARGS)  # y and mask are constants, the rest options
+    if ctx.need_grad and grad_loss is not None:
+        grads["x"] = scale_kept_gradient(grad, grad_loss, ctx.reentrant)
+    return tuple(grads.values())
 
-__all__ = ["HAS_CUSTOM_OPS"]
+
+def scale_kept_gradient(grad: Tensor, grad_loss: Tensor, reentrant: bool) -> Tensor:
+    """d(sum_n g_n loss_n)/dx from the kept d(sum loss)/dx: grad[n] * grad_loss[n].
+
+    In place unless ``reentrant`` (the kept buffer is then spent: a second backward
+    through the same graph trips autograd's version check). By default no second x-sized
+    allocation (on CPU its page faults cost as much as the kernel)."""
+    # Tensors being traced (torch.compile / AOTAutograd hand in tensor subclasses) take
+    # the plain out-of-place product: the shortcut below is a data-dependent branch, and
+    # the compiler functionalizes an in-place product anyway (it may re-inplace it).
+    traced = type(grad) is not torch.Tensor or type(grad_loss) is not torch.Tensor
+    if not traced and grad.device.type == "cpu" and bool((grad_loss == 1).all()):
+        # d(loss.sum())/dx is the kept gradient itself: no pass at all. The check costs a
+        # host sync, so every other device always rescales.
+        return grad
+    scale = grad_loss.to(grad.dtype).view(-1, 1, 1, 1)
+    if reentrant or traced:
+        return grad * scale
+    return grad.mul_(scale)
+
+
+feature_distance.register_autograd(_feature_distance_backward, setup_context=_feature_distance_setup_context)
+
+
+# ---------------------------------------------------------------------- outlier mask
+
+
+@torch.library.custom_op("lpl_ext::outlier_mask", mutates_args=())
+def outlier_mask(
+    y: Tensor, quantile: float, margin_std: float, closing: int, opening: int, return_stats: bool,
+) -> Tuple[Tensor, Tensor]:
+    keep, stats = _launch.outlier_mask(y, quantile, margin_std, closing, opening, return_stats)
+    if stats is None:
+        stats = torch.empty((0,), dtype=wide_dtype(y.device), device=y.device)
+    return keep, stats
+
+
+@outlier_mask.register_fake
+def _outlier_mask_fake(
+    y: Tensor, quantile: float, margin_std: float, closing: int, opening: int, return_stats: bool,
+) -> Tuple[Tensor, Tensor]:
+    _options.check_outlier_mask_args(y)
+    keep = y.new_empty(tuple(y.shape), dtype=torch.bool)
+    # float64, or float32 on a device without float64 (the plain-PyTorch backend's)
+    stats = y.new_empty((3,) if return_stats else (0,), dtype=wide_dtype(y.device, probe=False))
+    return keep, stats
+
+
+__all__ = ["FEATURE_DISTANCE_ARGS", "feature_distance", "outlier_mask", "scale_kept_gradient"]

@@ -15,21 +15,30 @@ spec computes in double (per-plane totals, coefficients, loss, spread, statistic
 computed in float32, and the quantile ranks are computed on the host (one small copy
 per call), so that they stay exact.
 
-Inputs are validated here with the same messages the C entry points give, since no
-C code sees them.
+Inputs arrive validated (``lpl_ext._options``, with the C entry points' messages); the
+option tables below are keyed by option name and checked against the C module's lists
+at import.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-# docs/spec.md, "Normalization": eps per option.
-_EPS = {"default": 1e-10, "shared": 1e-6, "batch": 1e-6}
-_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+from ._options import DISTANCES, NORMS, require_every_option
+
+# docs/spec.md, "Normalization": eps per option (none: no normalization, no eps).
+_EPS: Dict[str, Optional[float]] = {"default": 1e-10, "shared": 1e-6, "batch": 1e-6, "none": None}
+# docs/spec.md, "Feature distance": e(d) and de/dd per distance (sign(d), 0 at 0, for l1).
+_DISTANCE: Dict[str, Tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]] = {
+    "mse": (lambda d: d * d, lambda d: 2.0 * d),
+    "l1": (torch.abs, lambda d: (d > 0).to(d.dtype) - (d < 0).to(d.dtype)),
+}
+require_every_option("norm", _EPS, NORMS, where="lpl_ext._torch_backend")
+require_every_option("distance", _DISTANCE, DISTANCES, where="lpl_ext._torch_backend")
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 # Device types known to lack float64 (MPS has no float64 at all).
@@ -63,45 +72,13 @@ def wide_dtype(device: Any, probe: bool = True) -> torch.dtype:
     return torch.float64 if has_float64(device, probe) else torch.float32
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
-
-def _check_float(name: str, t: torch.Tensor) -> None:
-    if t.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name}: expected float32, float64, float16 or bfloat16, got {_dtype_name(t.dtype)}")
-
-
-def _check_like(name: str, t: torch.Tensor, ref: torch.Tensor) -> None:
-    if tuple(t.shape) != tuple(ref.shape):
-        raise ValueError(f"{name}: shape {tuple(t.shape)} does not match x shape {tuple(ref.shape)}")
-    if t.device != ref.device:
-        raise ValueError(f"{name}: on {t.device} but x is on {ref.device}")
-
-
-def check_feature_distance_args(x: torch.Tensor, y: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
-    """The checks of the C entry point: 4-D float x, y of x's shape, dtype and device, a
-    bool or uint8 mask of x's shape on x's device."""
-    if x.dim() != 4:
-        raise ValueError(f"x: expected a 4-D (N, C, H, W) tensor, got {x.dim()}-D")
-    _check_float("x", x)
-    _check_like("y", y, x)
-    if y.dtype != x.dtype:
-        raise TypeError(f"y: dtype {_dtype_name(y.dtype)} does not match x dtype {_dtype_name(x.dtype)}")
-    if mask is not None:
-        if mask.dtype not in (torch.bool, torch.uint8):
-            raise TypeError(f"mask: expected a bool or uint8 mask, got {_dtype_name(mask.dtype)}")
-        _check_like("mask", mask, x)
-
-
 def feature_distance(
     x: torch.Tensor, y: torch.Tensor, mask: Optional[torch.Tensor], norm: str, distance: str, weight: float,
     need_grad: bool,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """docs/spec.md, "Feature distance": (loss (N,) in the wide dtype, d(sum loss)/dx in
     x's shape and dtype when ``need_grad``, else None). x, y (N, C, H, W) of one float
-    dtype, mask bool/uint8 or None; options already validated."""
-    check_feature_distance_args(x, y, mask)
+    dtype, mask bool/uint8 or None; arguments already validated."""
     n, c, h, w = x.shape
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     wide = wide_dtype(x.device)
@@ -149,7 +126,8 @@ def feature_distance(
     else:
         d = xa - ya
 
-    e = d * d if distance == "mse" else d.abs()
+    value, deriv_of = _DISTANCE[distance]
+    e = value(d)
     ke = e if k is None else k * e
     sums = ke.sum(dim=(2, 3), dtype=wide)
     loss = (coef * sums).sum(dim=1)
@@ -157,7 +135,7 @@ def feature_distance(
     grad = None
     if need_grad:
         cf = coef.to(acc)[:, :, None, None]
-        deriv = 2.0 * d if distance == "mse" else (d > 0).to(acc) - (d < 0).to(acc)
+        deriv = deriv_of(d)
         g = (cf if k is None else cf * k) * deriv
         if norm == "shared":
             gx = g * ry
@@ -173,12 +151,6 @@ def feature_distance(
             gx = rx * g - q * xa
         grad = gx.to(x.dtype).contiguous()
     return loss, grad
-
-
-def check_outlier_mask_args(y: torch.Tensor) -> None:
-    if y.dim() != 4:
-        raise ValueError(f"y: expected a 4-D (N, C, H, W) tensor, got {y.dim()}-D")
-    _check_float("y", y)
 
 
 def _quantile_ranks(count: torch.Tensor, quantile: float, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -218,7 +190,6 @@ def outlier_mask(
     """docs/spec.md, "Outlier mask": (keep bool of y's shape, stats (3,) = mean, std,
     outlier ratio in the wide dtype, or None). y (N, C, H, W) float; options already
     validated."""
-    check_outlier_mask_args(y)
     y = y.detach()
     n, c, h, w = y.shape
     device = y.device

@@ -58,17 +58,43 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ._torch_backend import wide_dtype
+from .config import FEATURE_TYPES, LPLConfig, fields_of
 from .feature_distance import DISTANCES, NORMS, feature_distance
-from .outlier_mask import outlier_mask, outlier_windows
+from .outlier_mask import outlier_mask, outlier_windows, reference_windows
 
 try:  # torch >= 2.0
     from torch.func import functional_call as _functional_call
 except ImportError:  # pragma: no cover
     from torch.nn.utils.stateless import functional_call as _functional_call
 
-LOSS_TYPES = DISTANCES  # the reference's names for the kernel's options
+LOSS_TYPES = DISTANCES  # the reference's names for the kernel's options (FEATURE_TYPES: from .config)
 NORM_TYPES = NORMS
-FEATURE_TYPES = ("feature", "image")
+
+#: The drop-in's names of the loss options, the one place they are mapped: LPLConfig field
+#: -> (constructor argument, attribute). The first seven are the reference's (its
+#: attributes n_blocks, outlier_mask, gradient_checkpointing); lpl_ext's own options keep
+#: their field names. Each attribute reads ``self.config``, and assigning it replaces the
+#: config (validated). ``reference_compat`` has no such attribute: ``self.reference_compat``
+#: is the resolved value (LPL_EXT_REFERENCE_COMPAT decides where the option is None).
+REFERENCE_NAMES: Dict[str, Tuple[str, Optional[str]]] = {
+    "loss_type": ("loss_type", "loss_type"),
+    "grad_ckpt": ("grad_ckpt", "gradient_checkpointing"),
+    "pow_law": ("pow_law", "pow_law"),
+    "norm_type": ("norm_type", "norm_type"),
+    "num_blocks": ("num_mid_blocks", "n_blocks"),
+    "feature_type": ("feature_type", "feature_type"),
+    "remove_outliers": ("remove_outliers", "outlier_mask"),
+    "reference_compat": ("reference_compat", None),
+    "decoder_fp32": ("decoder_fp32", "decoder_fp32"),
+    "compute_stats": ("compute_stats", "compute_stats"),
+    "freeze_vae": ("freeze_vae", "freeze_vae"),
+    "checkpoint_granularity": ("checkpoint_granularity", "checkpoint_granularity"),
+}
+if set(REFERENCE_NAMES) != set(fields_of("loss")):
+    raise ImportError(f"lpl_ext.lpl_loss.REFERENCE_NAMES must name every loss option of LPLConfig: "
+                      f"{sorted(set(fields_of('loss')) ^ set(REFERENCE_NAMES))}")
+_ARGUMENT_NAMES = {field: names[0] for field, names in REFERENCE_NAMES.items()}
+_ATTRIBUTE_NAMES = {attribute: field for field, (_, attribute) in REFERENCE_NAMES.items() if attribute}
 
 # Layer index -> down factor of the reference's outlier removal (layer 5 never exists).
 OUTLIER_DOWN_FACTORS: Dict[int, int] = {2: 2, 3: 1, 4: 1, 5: 1}
@@ -176,12 +202,7 @@ def remove_outliers(
     for name, v in (("down_f", down_f), ("opening", opening), ("closing", closing)):
         if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not v > 0:
             raise ValueError(f"{name}: expected a positive number, got {v!r}")
-    opening = int(np.ceil(opening / down_f))
-    closing = int(np.ceil(closing / down_f))
-    if opening == 2:
-        opening = 3
-    if closing == 2:
-        closing = 1
+    closing, opening = reference_windows(down_f, closing=closing, opening=opening)
     y = feat.detach()
     mask = outlier_mask(y if y.dim() == 4 else y.unsqueeze(0), quantile=quant, margin_std=2.0,
                         closing=closing, opening=opening)
@@ -238,6 +259,13 @@ class LatentPerceptualLoss(nn.Module):
             backward peak; other block types fall back to whole blocks), "block" each
             whole block as the reference does. Same values and gradients either way.
 
+    Configuration: the arguments are validated once, as an :class:`lpl_ext.LPLConfig`
+    (``config``; errors name the argument as spelled here). :data:`REFERENCE_NAMES` maps
+    the argument names, and the reference's attributes (``n_blocks``, ``outlier_mask``,
+    ``gradient_checkpointing``, ``loss_type``, ...), onto its fields; assigning such an
+    attribute replaces the config. ``LatentPerceptualLoss.from_config(vae, config)``
+    builds the loss from a config.
+
     ``get_loss(input, target)`` takes latents in diffusion space (what the UNet sees),
     (N, C_latent, h, w), and returns the per-sample loss (N,).
 
@@ -276,40 +304,14 @@ class LatentPerceptualLoss(nn.Module):
         freeze_vae: bool = True,
         checkpoint_granularity: str = "module",
     ) -> None:
+        arguments = dict(locals())  # the constructor's arguments by name, nothing else yet
         super().__init__()
-        if not isinstance(loss_type, str) or loss_type not in LOSS_TYPES:
-            raise ValueError(f"loss_type: expected one of {LOSS_TYPES}, got {loss_type!r}")
-        if not isinstance(norm_type, str) or norm_type.lower() not in NORM_TYPES:
-            raise ValueError(f"norm_type: expected one of {NORM_TYPES}, got {norm_type!r}")
-        if isinstance(num_mid_blocks, bool) or not isinstance(num_mid_blocks, int) or not 0 <= num_mid_blocks <= 4:
-            raise ValueError(f"num_mid_blocks: expected an int in 0..4, got {num_mid_blocks!r}")
-        if feature_type not in FEATURE_TYPES:
-            raise ValueError(f"feature_type: expected one of {FEATURE_TYPES}, got {feature_type!r}")
-
-        if reference_compat is not None and not isinstance(reference_compat, (bool, np.bool_)):
-            raise TypeError(f"reference_compat: expected a bool or None, got {type(reference_compat).__name__}")
+        config = LPLConfig.named(_ARGUMENT_NAMES, **{f: arguments[a] for f, a in _ARGUMENT_NAMES.items()})
         from_env = _reference_compat_from_env()
-        compat = bool(reference_compat) if reference_compat is not None else bool(from_env)
-
         self._bind_vae(vae)
-        self.freeze_vae = bool(freeze_vae)
-
-        self.loss_type = loss_type
-        # The reference's elementwise loss module (public attribute there; the fused
-        # kernel computes the same distance here, see feature_distance).
-        self.loss_fn = nn.MSELoss(reduction="none") if loss_type == "mse" else nn.L1Loss(reduction="none")
-        if checkpoint_granularity not in ("block", "module"):
-            raise ValueError(f"checkpoint_granularity: expected 'block' or 'module', got {checkpoint_granularity!r}")
-        self.gradient_checkpointing = bool(grad_ckpt)
-        self.checkpoint_granularity = checkpoint_granularity
-        self.pow_law = bool(pow_law)
-        self.norm_type = norm_type.lower()
-        self.n_blocks = num_mid_blocks
-        self.feature_type = feature_type
-        self.outlier_mask = bool(remove_outliers)
-        self.reference_compat = compat
-        self.decoder_fp32 = bool(decoder_fp32)
-        self.compute_stats = bool(compute_stats)
+        self.config = config
+        # The resolved value (the config keeps None: "not given", the environment decides).
+        self.reference_compat = config.reference_compat if config.reference_compat is not None else bool(from_env)
         self._stats_tensors: List[Dict[str, torch.Tensor]] = []
         self._stats_floats: Optional[List[Dict[str, float]]] = []
         if reference_compat is None and from_env is None:
@@ -325,10 +327,10 @@ class LatentPerceptualLoss(nn.Module):
             return []
         differences = []
         pqc = getattr(self._vae, "post_quant_conv", None)
-        if self.feature_type == "feature":
+        if self.config.feature_type == "feature":
             if pqc is not None:
                 differences.append("applies the VAE's post_quant_conv before the decoder (the reference skips it)")
-            if self.norm_type == "batch":
+            if self.config.norm_type == "batch":
                 differences.append("standardizes each channel for norm_type='batch' (the reference normalizes "
                                    "nothing)")
             mid = next(iter(self.decoder.mid_block.parameters()), None)
@@ -434,7 +436,7 @@ class LatentPerceptualLoss(nn.Module):
     @property
     def num_layers(self) -> int:
         """Number of feature layers: the mid block plus min(K, len(up_blocks))."""
-        return 1 + min(self.n_blocks, len(self.decoder.up_blocks))
+        return 1 + min(self.config.num_blocks, len(self.decoder.up_blocks))
 
     def _apply(self, fn, *args, **kwargs):  # type: ignore[override]
         # Moving/casting the loss moves its VAE as well, as if it were a submodule.
@@ -453,13 +455,13 @@ class LatentPerceptualLoss(nn.Module):
         return next(iter(self.decoder.parameters())).dtype
 
     def _autocast_context(self, device: torch.device):
-        if self.decoder_fp32:
+        if self.config.decoder_fp32:
             return torch.autocast(device_type=device.type, enabled=False)
         return contextlib.nullcontext()
 
     def _prepare_latents(self, z: torch.Tensor) -> torch.Tensor:
         """Diffusion-space latents -> decoder input (before post_quant_conv)."""
-        if self.decoder_fp32:
+        if self.config.decoder_fp32:
             if self._decoder_dtype() != torch.float32:
                 raise ValueError("decoder_fp32: needs a float32 VAE, got parameters of dtype "
                                  f"{self._decoder_dtype()}")
@@ -480,7 +482,7 @@ class LatentPerceptualLoss(nn.Module):
             kwargs = {**module.keywords, **kwargs}
             args = module.args + args
             module = module.func
-        if self.freeze_vae and torch.is_grad_enabled() and isinstance(module, nn.Module):
+        if self.config.freeze_vae and torch.is_grad_enabled() and isinstance(module, nn.Module):
             detached = {name: p.detach() for name, p in module.named_parameters() if p.requires_grad}
             if detached:
                 return _functional_call(module, detached, args, kwargs)
@@ -495,7 +497,7 @@ class LatentPerceptualLoss(nn.Module):
 
     def _blocks(self, all_up_blocks: bool = False) -> List[nn.Module]:
         up = list(self.decoder.up_blocks)
-        return [self.decoder.mid_block] + (up if all_up_blocks else up[: self.n_blocks])
+        return [self.decoder.mid_block] + (up if all_up_blocks else up[: self.config.num_blocks])
 
     @staticmethod
     def _block_steps(block: nn.Module) -> Optional[List[Callable[[torch.Tensor], torch.Tensor]]]:
@@ -520,7 +522,7 @@ class LatentPerceptualLoss(nn.Module):
         temb: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         steps = None
-        if use_ckpt and self.checkpoint_granularity == "module" and temb is None:
+        if use_ckpt and self.config.checkpoint_granularity == "module" and temb is None:
             steps = self._block_steps(block)
         # Checkpointed functions go through _call too, so that the recomputation in
         # backward sees the same detached parameters as the forward.
@@ -556,8 +558,8 @@ class LatentPerceptualLoss(nn.Module):
             raise TypeError(f"latent_embeds: expected a torch.Tensor or None, got {type(latent_embeds).__name__}")
         with torch.set_grad_enabled(torch.is_grad_enabled() and not disable_grads), \
                 self._autocast_context(z.device):
-            use_ckpt = self.gradient_checkpointing and torch.is_grad_enabled()
-            if self.decoder_fp32:
+            use_ckpt = self.config.grad_ckpt and torch.is_grad_enabled()
+            if self.config.decoder_fp32:
                 z = z.float()
             h = self._decoder_stem(z)
             features = []
@@ -603,16 +605,16 @@ class LatentPerceptualLoss(nn.Module):
         keep = None
         stats = None
         with torch.no_grad():
-            if self.outlier_mask and index in OUTLIER_DOWN_FACTORS:
+            if self.config.remove_outliers and index in OUTLIER_DOWN_FACTORS:
                 closing, opening = outlier_windows(OUTLIER_DOWN_FACTORS[index])
-                if self.compute_stats:
+                if self.config.compute_stats:
                     keep, raw = outlier_mask(y, closing=closing, opening=opening, return_stats=True)
                     # 0-dim float64 tensors on y's device: mean, std of y * keep, 1 - mean(keep)
                     stats = {"mean": raw.mean.float(), "std": raw.std.float(),
                              "outlier_ratio": raw.outlier_ratio.float()}
                 else:
                     keep = outlier_mask(y, closing=closing, opening=opening)
-            if self.compute_stats and keep is None:  # unmasked layer: plain statistics
+            if self.config.compute_stats and keep is None:  # unmasked layer: plain statistics
                 std, mean = torch.std_mean(y)
                 stats = {"mean": mean.float(), "std": std.float(),
                          "outlier_ratio": torch.zeros((), dtype=torch.float32, device=y.device)}
@@ -636,8 +638,9 @@ class LatentPerceptualLoss(nn.Module):
         The target and prediction passes are interleaved block by block: each target
         feature is freed as soon as its layer loss is computed."""
         self._check_pair(input, target)
-        distance_norm = "none" if (self.reference_compat and self.norm_type == "batch") else self.norm_type
-        use_ckpt = self.gradient_checkpointing and torch.is_grad_enabled()
+        norm = self.config.norm_type
+        distance_norm = "none" if (self.reference_compat and norm == "batch") else norm
+        use_ckpt = self.config.grad_ckpt and torch.is_grad_enabled()
         losses: List[torch.Tensor] = []
         stats_list: List[Dict[str, torch.Tensor]] = []
         with self._autocast_context(input.device):
@@ -651,8 +654,8 @@ class LatentPerceptualLoss(nn.Module):
                 keep, stats = self._mask_and_stats(i, hy)
                 if stats is not None:
                     stats_list.append(stats)
-                loss = feature_distance(hx, hy.detach(), keep, norm=distance_norm, distance=self.loss_type,
-                                        weight=_layer_weight(i, self.pow_law))
+                loss = feature_distance(hx, hy.detach(), keep, norm=distance_norm, distance=self.config.loss_type,
+                                        weight=_layer_weight(i, self.config.pow_law))
                 if not self.reference_compat and loss.dtype in (torch.float16, torch.bfloat16):
                     loss = loss.float()
                 losses.append(loss)
@@ -662,7 +665,8 @@ class LatentPerceptualLoss(nn.Module):
     def _vae_decode(self, z: torch.Tensor) -> torch.Tensor:
         """``vae.decode(z).sample``; with frozen-but-trainable parameters, the same
         post_quant_conv + decoder path on detached parameters (see _call)."""
-        if self.freeze_vae and torch.is_grad_enabled() and any(p.requires_grad for p in self._vae.parameters()):
+        if (self.config.freeze_vae and torch.is_grad_enabled()
+                and any(p.requires_grad for p in self._vae.parameters())):
             pqc = getattr(self._vae, "post_quant_conv", None)
             if pqc is not None and getattr(self._vae.config, "use_post_quant_conv", True):
                 z = self._call(pqc, z)
@@ -676,7 +680,7 @@ class LatentPerceptualLoss(nn.Module):
             with torch.no_grad():
                 y = self._vae_decode(target / self.scale)
             return F.mse_loss(x, y)
-        use_ckpt = self.gradient_checkpointing and torch.is_grad_enabled()
+        use_ckpt = self.config.grad_ckpt and torch.is_grad_enabled()
         dec = self.decoder
 
         def decode(z: torch.Tensor, ckpt: bool) -> torch.Tensor:
@@ -707,7 +711,7 @@ class LatentPerceptualLoss(nn.Module):
             list of per-layer (N,) losses. feature_type="image": (N,) per-sample image MSE
             (compat: the reference's scalar).
         """
-        if self.feature_type == "image":
+        if self.config.feature_type == "image":
             self._check_pair(input, target)
             loss = self._image_loss(input, target)
             return [loss] if (get_hist and not self.reference_compat) else loss
@@ -721,7 +725,50 @@ class LatentPerceptualLoss(nn.Module):
         return self.get_loss(input, target, get_hist=get_hist)
 
     def extra_repr(self) -> str:
-        return (f"loss_type={self.loss_type!r}, norm_type={self.norm_type!r}, num_mid_blocks={self.n_blocks}, "
-                f"pow_law={self.pow_law}, remove_outliers={self.outlier_mask}, grad_ckpt="
-                f"{self.gradient_checkpointing}, reference_compat={self.reference_compat}, "
-                f"decoder_fp32={self.decoder_fp32}")
+        c = self.config
+        return (f"loss_type={c.loss_type!r}, norm_type={c.norm_type!r}, num_mid_blocks={c.num_blocks}, "
+                f"pow_law={c.pow_law}, remove_outliers={c.remove_outliers}, grad_ckpt={c.grad_ckpt}, "
+                f"reference_compat={self.reference_compat}, decoder_fp32={c.decoder_fp32}")
+
+    # ------------------------------------------------------------------ configuration
+    @classmethod
+    def from_config(cls, vae: nn.Module, config: LPLConfig) -> "LatentPerceptualLoss":
+        """The loss of ``config``'s loss options (``LPLObjective`` builds its loss so); its
+        ``config`` is ``config`` itself (the objective options in it are not used here)."""
+        if not isinstance(config, LPLConfig):
+            raise TypeError(f"config: expected an lpl_ext.LPLConfig, got {type(config).__name__}")
+        loss = cls(vae, **{argument: getattr(config, field) for field, argument in _ARGUMENT_NAMES.items()})
+        loss.config = config
+        return loss
+
+    @property
+    def config(self) -> LPLConfig:
+        """The options (an :class:`lpl_ext.LPLConfig`; its loss fields are what this loss uses)."""
+        return self.__dict__["_config"]
+
+    @config.setter
+    def config(self, value: LPLConfig) -> None:
+        if not isinstance(value, LPLConfig):
+            raise TypeError(f"config: expected an lpl_ext.LPLConfig, got {type(value).__name__}")
+        self.__dict__["_config"] = value
+        # The reference's elementwise loss module (public attribute there; the fused kernel
+        # computes the same distance here, see feature_distance).
+        kind = nn.MSELoss if value.loss_type == "mse" else nn.L1Loss
+        if not isinstance(getattr(self, "loss_fn", None), kind):
+            self.loss_fn = kind(reduction="none")
+
+
+def _config_attribute(attribute: str, field: str) -> property:
+    """The drop-in attribute ``attribute``: reads, and assigning it replaces, ``config.<field>``."""
+
+    def get(self: LatentPerceptualLoss) -> Any:
+        return getattr(self.config, field)
+
+    def set_(self: LatentPerceptualLoss, value: Any) -> None:
+        self.config = self.config.replace({field: attribute}, **{field: value})
+
+    return property(get, set_, doc=f"``config.{field}`` (the reference's name: {attribute}).")
+
+
+for _attribute, _field in _ATTRIBUTE_NAMES.items():
+    setattr(LatentPerceptualLoss, _attribute, _config_attribute(_attribute, _field))

@@ -44,11 +44,12 @@ SNR weights with ``scale=True`` (Min-SNR-gamma written for each parameterization
 from __future__ import annotations
 
 import functools
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
+from .config import LPLConfig, fields_of
 from .lpl_loss import LatentPerceptualLoss
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow_matching")
@@ -159,80 +160,74 @@ class LPLObjective(nn.Module):
 
     Args:
         vae: the (frozen) diffusers ``AutoencoderKL``; kept out of ``parameters()``.
-        loss_type, norm_type, pow_law, num_blocks, remove_outliers, grad_ckpt: the
-            :class:`LatentPerceptualLoss` options (``num_blocks`` = ``num_mid_blocks``).
+        config: the options, an :class:`lpl_ext.LPLConfig` (default: its defaults, the
+            seed document's recommendations); keywords (LPLConfig's field names) override
+            single options. Those the objective uses itself:
         t_threshold: apply LPL to samples with ``timesteps < t_threshold`` (None: all).
         snr_gamma: Min-SNR gamma for ``scale``.
         scale: weight each sample's LPL by its SNR weight (requires ``snr_gamma``).
         start_step: return 0 while ``global_step < start_step``.
-        decoder_fp32: run the decoder in fp32 with autocast disabled (float32 VAE).
-        reference_compat: reference arithmetic in the loss (see ``lpl_loss``).
-        checkpoint_granularity: "module" (default) or "block", see LatentPerceptualLoss.
         sync_free: select the samples below the threshold without a host sync (fixed
             decoder batch; see the module docstring). Default False: one sync per call,
             the decoder sees only the selected samples.
         capacity: with ``sync_free``, the decoder batch size (at most the batch size is
             used); None decodes the whole batch.
+        The others configure its :class:`LatentPerceptualLoss` (``num_blocks`` is its
+        ``num_mid_blocks``; ``feature_type`` must be "feature"). They read back as
+        ``objective.config.<name>``, the objective's own also as ``objective.<name>``.
 
     Call: ``lpl, logs = obj(model_pred, noisy_latents, latents, timesteps, *,
     prediction_type, alphas_cumprod=None, sigmas=None, global_step=0)`` with
     model_pred/noisy_latents/latents (N, C, h, w) and timesteps (N,). ``lpl`` is a 0-dim
     float32 tensor (the mean over the selected samples of their, optionally SNR-weighted,
-    LPL; 0 when none qualifies or before ``start_step``). ``logs`` always has the same keys:
-    lpl_loss, lpl_applied_ratio (fraction of the batch used), lpl_num_samples and, per layer
-    i, lpl_layer{i}_loss (unweighted mean over the selected samples), lpl_layer{i}_mean,
-    lpl_layer{i}_std, lpl_layer{i}_outlier_ratio (zeros when nothing was applied).
+    LPL; 0 when none qualifies or before ``start_step``). ``logs`` always has the keys
+    :meth:`log_keys` names for the loss's layers: lpl_loss, lpl_applied_ratio (fraction of
+    the batch used), lpl_num_samples and, per layer i, lpl_layer{i}_loss (unweighted mean
+    over the selected samples), lpl_layer{i}_mean, lpl_layer{i}_std,
+    lpl_layer{i}_outlier_ratio (zeros when nothing was applied).
     """
 
-    def __init__(
-        self,
-        vae: nn.Module,
-        *,
-        loss_type: str = "mse",
-        norm_type: str = "shared",
-        pow_law: bool = True,
-        num_blocks: int = 4,
-        remove_outliers: bool = True,
-        grad_ckpt: bool = True,
-        t_threshold: Optional[float] = 200,
-        snr_gamma: Optional[float] = None,
-        scale: bool = False,
-        start_step: int = 0,
-        decoder_fp32: bool = True,
-        reference_compat: bool = False,
-        checkpoint_granularity: str = "module",
-        sync_free: bool = False,
-        capacity: Optional[int] = None,
-    ) -> None:
+    #: Keys of every call's logs, in order; BATCH_KEYS describe the whole micro-batch, the
+    #: others are means over the samples LPL was applied to (weigh them by lpl_num_samples
+    #: when averaging over micro-batches).
+    SUMMARY_KEYS: Tuple[str, ...] = ("lpl_loss", "lpl_applied_ratio", "lpl_num_samples")
+    BATCH_KEYS: Tuple[str, ...] = ("lpl_applied_ratio", "lpl_num_samples")
+    #: Per-layer keys, lpl_layer{i}_<stat>.
+    LAYER_STATS: Tuple[str, ...] = ("loss", "mean", "std", "outlier_ratio")
+
+    def __init__(self, vae: nn.Module, config: Optional[LPLConfig] = None, **options: Any) -> None:
         super().__init__()
-        if not isinstance(sync_free, bool):
-            raise TypeError(f"sync_free: expected a bool, got {type(sync_free).__name__}")
-        if capacity is not None:
-            if isinstance(capacity, bool) or not isinstance(capacity, int):
-                raise TypeError(f"capacity: expected an int or None, got {type(capacity).__name__}")
-            if capacity < 1:
-                raise ValueError(f"capacity: expected a positive int, got {capacity}")
-            if not sync_free:
-                raise ValueError("capacity: only used with sync_free=True")
-        if scale and snr_gamma is None:
-            raise ValueError("scale: needs snr_gamma (the reference silently ignores scale without it)")
-        if snr_gamma is not None and not snr_gamma > 0:
-            raise ValueError(f"snr_gamma: expected a positive number, got {snr_gamma!r}")
-        if isinstance(start_step, bool) or not isinstance(start_step, int):
-            raise TypeError(f"start_step: expected an int, got {type(start_step).__name__}")
-        self.loss = LatentPerceptualLoss(
-            vae, loss_type=loss_type, grad_ckpt=grad_ckpt, pow_law=pow_law, norm_type=norm_type,
-            num_mid_blocks=num_blocks, feature_type="feature", remove_outliers=remove_outliers,
-            reference_compat=reference_compat, decoder_fp32=decoder_fp32,
-            checkpoint_granularity=checkpoint_granularity,
-        )
-        self.t_threshold = t_threshold
-        self.snr_gamma = None if snr_gamma is None else float(snr_gamma)
-        self.scale = bool(scale)
-        self.start_step = start_step
-        self.sync_free = sync_free
-        self.capacity = capacity
+        if config is None:
+            config = LPLConfig().replace(**options)
+        elif not isinstance(config, LPLConfig):
+            raise TypeError(f"config: expected an lpl_ext.LPLConfig, got {type(config).__name__}")
+        else:
+            config = config.replace(**options)
+        if config.feature_type != "feature":
+            raise ValueError(f"feature_type: LPLObjective needs 'feature' (per-layer feature losses), got "
+                             f"{config.feature_type!r}")
+        self.config = config
+        self.loss = LatentPerceptualLoss.from_config(vae, config)
         self._schedule_cache: Optional[Tuple[torch.Tensor, int, torch.Tensor]] = None
+
+    def __getattr__(self, name: str) -> Any:
+        # The objective's own options read as attributes (objective.t_threshold, ...).
+        if name in _OBJECTIVE_FIELDS and "config" in self.__dict__:
+            return getattr(self.__dict__["config"], name)
+        return super().__getattr__(name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _OBJECTIVE_FIELDS:  # assigning one replaces the config (validated)
+            name, value = "config", self.config.replace({name: name}, **{name: value})
+        super().__setattr__(name, value)
+
+    @classmethod
+    def log_keys(cls, num_blocks: int) -> List[str]:
+        """The keys of the logs of an objective with ``num_blocks`` up blocks (num_blocks + 1
+        layers), in order: the one schema of what it logs (trainers take their metric names
+        from it)."""
+        return list(cls.SUMMARY_KEYS) + [f"lpl_layer{i}_{stat}" for i in range(num_blocks + 1)
+                                         for stat in cls.LAYER_STATS]
 
     def _schedule_on(self, alphas_cumprod: Optional[torch.Tensor], device: torch.device) -> Optional[torch.Tensor]:
         """alphas_cumprod on ``device``, copied once and cached (a fresh host-to-device copy
@@ -251,14 +246,22 @@ class LPLObjective(nn.Module):
     def num_layers(self) -> int:
         return self.loss.num_layers
 
+    def _log_dict(
+        self, summary: Dict[str, torch.Tensor], layers: List[Dict[str, torch.Tensor]]
+    ) -> Dict[str, torch.Tensor]:
+        """The logs in :meth:`log_keys` order, from the summary values (SUMMARY_KEYS) and one
+        dict of LAYER_STATS per layer; a value missing for a key is a KeyError here, not a
+        key silently absent from the logs."""
+        values = [summary[key] for key in self.SUMMARY_KEYS]
+        values += [layer[stat] for layer in layers for stat in self.LAYER_STATS]
+        return dict(zip(self.log_keys(len(layers) - 1), values))
+
     def _empty_logs(self, device: torch.device, applied_ratio: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
         zero = torch.zeros((), dtype=torch.float32, device=device)
-        logs = {"lpl_loss": zero, "lpl_applied_ratio": zero if applied_ratio is None else applied_ratio,
-                "lpl_num_samples": zero}
-        for i in range(self.num_layers):
-            for key in ("loss", "mean", "std", "outlier_ratio"):
-                logs[f"lpl_layer{i}_{key}"] = zero
-        return logs
+        summary = dict.fromkeys(self.SUMMARY_KEYS, zero)
+        if applied_ratio is not None:
+            summary["lpl_applied_ratio"] = applied_ratio
+        return self._log_dict(summary, [dict.fromkeys(self.LAYER_STATS, zero)] * self.num_layers)
 
     @staticmethod
     def _zero_like_graph(model_pred: torch.Tensor) -> torch.Tensor:
@@ -287,12 +290,12 @@ class LPLObjective(nn.Module):
         n = model_pred.shape[0]
         device = model_pred.device
         timesteps = _per_sample(timesteps, n, "timesteps", device)
-        if global_step < self.start_step:
+        if global_step < self.config.start_step:
             return self._zero_like_graph(model_pred), self._empty_logs(device, None)
         alphas_cumprod = self._schedule_on(alphas_cumprod, device)
         if sigmas is not None:
             sigmas = _per_sample(sigmas, n, "sigmas", device)
-        if self.sync_free:
+        if self.config.sync_free:
             return self._forward_sync_free(model_pred, noisy_latents, latents, timesteps,
                                            prediction_type=prediction_type, alphas_cumprod=alphas_cumprod,
                                            sigmas=sigmas)
@@ -300,7 +303,7 @@ class LPLObjective(nn.Module):
         below = self._below(timesteps, n, device)
         index = None
         count = n
-        if self.t_threshold is not None:
+        if self.config.t_threshold is not None:
             index = below.nonzero().reshape(-1)  # the one host sync: its size is the batch
             count = index.numel()
             if count == n:
@@ -317,8 +320,8 @@ class LPLObjective(nn.Module):
                             alphas_cumprod=alphas_cumprod, sigmas=sel_sigmas)
         layer_losses = self.loss.get_loss(z0_hat, pick(latents).float(), get_hist=True)
         per_sample = (sum(layer_losses) / len(layer_losses)).float()
-        if self.scale:
-            weights = snr_weights(sel_t, self.snr_gamma, prediction_type=prediction_type,
+        if self.config.scale:
+            weights = snr_weights(sel_t, self.config.snr_gamma, prediction_type=prediction_type,
                                   alphas_cumprod=alphas_cumprod, sigmas=sel_sigmas)
             lpl = (per_sample * weights).mean()
         else:
@@ -328,26 +331,22 @@ class LPLObjective(nn.Module):
 
     def _below(self, timesteps: torch.Tensor, n: int, device: torch.device) -> torch.Tensor:
         """(N,) bool: the samples LPL applies to (t < t_threshold; all without a threshold)."""
-        if self.t_threshold is None:
+        if self.config.t_threshold is None:
             return torch.ones(n, dtype=torch.bool, device=device)
-        return timesteps < self.t_threshold
+        return timesteps < self.config.t_threshold
 
     def _logs(
         self, lpl: torch.Tensor, applied_ratio: torch.Tensor, num_samples: torch.Tensor,
         layer_means: List[torch.Tensor], device: torch.device,
     ) -> Dict[str, torch.Tensor]:
-        logs: Dict[str, torch.Tensor] = {
-            "lpl_loss": lpl.detach(),
-            "lpl_applied_ratio": applied_ratio,
-            "lpl_num_samples": num_samples,  # device-side: no host-to-device copy
-        }
+        summary = {"lpl_loss": lpl.detach(), "lpl_applied_ratio": applied_ratio,
+                   "lpl_num_samples": num_samples}  # device-side: no host-to-device copy
         stats = self.loss.last_feature_stats_tensors  # 0-dim tensors: no host sync
         zero = torch.zeros((), device=device) if len(stats) < len(layer_means) else None
-        for i, layer in enumerate(layer_means):
-            logs[f"lpl_layer{i}_loss"] = layer
-            for key in ("mean", "std", "outlier_ratio"):
-                logs[f"lpl_layer{i}_{key}"] = stats[i][key] if i < len(stats) else zero
-        return logs
+        no_stats = dict.fromkeys(self.LAYER_STATS, zero)
+        layers = [{**(stats[i] if i < len(stats) else no_stats), "loss": layer}
+                  for i, layer in enumerate(layer_means)]
+        return self._log_dict(summary, layers)
 
     def _forward_sync_free(
         self,
@@ -366,10 +365,10 @@ class LPLObjective(nn.Module):
         below = self._below(timesteps, n, device)
         index: Optional[torch.Tensor] = None
         used = below
-        if self.capacity is not None and self.capacity < n:
+        if self.config.capacity is not None and self.config.capacity < n:
             # The first `capacity` samples below the threshold in batch order, padded with
             # the others: a stable sort of the 0/1 key "not selected" (no sync, fixed size).
-            index = torch.sort((~below).to(torch.uint8), stable=True).indices[: self.capacity]
+            index = torch.sort((~below).to(torch.uint8), stable=True).indices[: self.config.capacity]
             used = below.index_select(0, index)
 
         pick = functools.partial(_gather, index=index)
@@ -388,10 +387,13 @@ class LPLObjective(nn.Module):
         count = used.sum()
         denom = count.clamp(min=1).float()
         per_sample = torch.where(used, (sum(layer_losses) / len(layer_losses)).float(), zero)
-        if self.scale:
-            weights = snr_weights(sel_t, self.snr_gamma, prediction_type=prediction_type,
+        if self.config.scale:
+            weights = snr_weights(sel_t, self.config.snr_gamma, prediction_type=prediction_type,
                                   alphas_cumprod=alphas_cumprod, sigmas=sel_sigmas)
             per_sample = torch.where(used, per_sample * weights, zero)
         lpl = per_sample.sum() / denom
         layer_means = [torch.where(used, layer.detach().float(), zero).sum() / denom for layer in layer_losses]
         return lpl, self._logs(lpl, count.float() / n, count.float(), layer_means, device)
+
+
+_OBJECTIVE_FIELDS = frozenset(fields_of("objective"))

@@ -23,19 +23,23 @@ layer, and the outlier ratio 1 - mean(keep). Masked values count as 0 (not y * k
 a NaN in y cannot make the statistics NaN).
 
 Torch tensors go through the PyTorch operator ``torch.ops.lpl_ext.outlier_mask``
-(declared in ``lpl_ext._ops``; traced by ``torch.compile`` without a graph break) where
-torch has ``torch.library.custom_op`` (>= 2.4), and call the kernel directly otherwise.
+(declared in ``lpl_ext._ops``; traced by ``torch.compile`` without a graph break); numpy
+arrays call the kernel directly (``lpl_ext._launch``).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple, Optional, Tuple, Union
+from typing import Any, NamedTuple, Tuple, Union
 
 import numpy as np
 
-from . import _C, _ops
-from ._backend import as_c_arg, check_kind, cuda_kernels, stream_of, torch, use_native_kernels
+from . import _launch
+from ._backend import torch
+from ._options import check_kind, check_outlier_mask_args, check_outlier_mask_options
+
+if torch is not None:
+    from . import _ops  # noqa: F401 (declares torch.ops.lpl_ext.*)
 
 
 class OutlierStats(NamedTuple):
@@ -47,6 +51,19 @@ class OutlierStats(NamedTuple):
     outlier_ratio: Any
 
 
+def reference_windows(down_factor: float, closing: float = 3, opening: float = 5) -> Tuple[int, int]:
+    """The reference's window rule, the one place it is written: (closing, opening) =
+    (ceil(closing / d), ceil(opening / d)), then an opening of 2 becomes 3 and a closing of
+    2 becomes 1. Positive numbers, checked by the callers."""
+    closing_size = int(math.ceil(closing / down_factor))
+    opening_size = int(math.ceil(opening / down_factor))
+    if opening_size == 2:
+        opening_size = 3
+    if closing_size == 2:
+        closing_size = 1
+    return closing_size, opening_size
+
+
 def outlier_windows(down_factor: int) -> Tuple[int, int]:
     """(closing, opening) window sizes of the reference for a down factor d >= 1:
     opening = ceil(5 / d), closing = ceil(3 / d); an opening of 2 becomes 3 and a
@@ -55,39 +72,7 @@ def outlier_windows(down_factor: int) -> Tuple[int, int]:
         raise TypeError(f"down_factor: expected an int, got {type(down_factor).__name__}")
     if down_factor < 1:
         raise ValueError(f"down_factor: must be >= 1, got {down_factor}")
-    opening = int(math.ceil(5 / int(down_factor)))
-    closing = int(math.ceil(3 / int(down_factor)))
-    if opening == 2:
-        opening = 3
-    if closing == 2:
-        closing = 1
-    return closing, opening
-
-
-def _check_options(quantile: Any, margin_std: Any, closing: Any, opening: Any) -> Tuple[float, float, int, int]:
-    for name, v in (("quantile", quantile), ("margin_std", margin_std)):
-        if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)):
-            raise TypeError(f"{name}: expected a float, got {type(v).__name__}")
-    quantile, margin_std = float(quantile), float(margin_std)
-    if not (0.0 < quantile < 0.5):
-        raise ValueError(f"quantile: must be in the open interval (0, 0.5), got {quantile}")
-    if not (math.isfinite(margin_std) and margin_std >= 0.0):
-        raise ValueError(f"margin_std: must be a finite number >= 0, got {margin_std}")
-    for name, v in (("closing", closing), ("opening", opening)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-            raise TypeError(f"{name}: expected an odd positive int, got {type(v).__name__}")
-        if v < 1 or v % 2 == 0:
-            raise ValueError(f"{name}: window size must be odd and positive, got {v}")
-        if v > 2**31 - 1:
-            raise ValueError(f"{name}: window size too large, got {v}")
-    return quantile, margin_std, int(closing), int(opening)
-
-
-def _native_contiguous(a: np.ndarray) -> np.ndarray:
-    if not a.dtype.isnative:
-        a = a.astype(a.dtype.newbyteorder("="))
-    # a copy also realigns misaligned buffers (views into byte arrays)
-    return np.require(a, requirements=["C", "A"])
+    return reference_windows(int(down_factor))
 
 
 def outlier_mask(
@@ -117,60 +102,17 @@ def outlier_mask(
         bool keep-mask of y's shape on y's device (a torch tensor or a numpy array like
         y); with ``return_stats``, ``(mask, OutlierStats(mean, std, outlier_ratio))``.
     """
-    quantile, margin_std, closing, opening = _check_options(quantile, margin_std, closing, opening)
+    quantile, margin_std, closing, opening = check_outlier_mask_options(quantile, margin_std, closing, opening)
     check_kind("y", y)
+    check_outlier_mask_args(y)
     if isinstance(y, np.ndarray):
-        if y.ndim != 4:
-            raise ValueError(f"y: expected a 4-D (N, C, H, W) array, got shape {y.shape}")
-        y = _native_contiguous(y)
-        keep = np.empty(y.shape, dtype=np.bool_)
-        stats = np.empty(3, dtype=np.float64)
-        _C.outlier_mask(y, keep, stats, quantile, margin_std, closing, opening, 0, None)
-        if return_stats:
-            return keep, OutlierStats(stats[0], stats[1], stats[2])
-        return keep
-    if y.dim() != 4:
-        raise ValueError(f"y: expected a 4-D (N, C, H, W) tensor, got shape {tuple(y.shape)}")
-    if _ops.HAS_CUSTOM_OPS:
+        keep, stats = _launch.outlier_mask_numpy(y, quantile, margin_std, closing, opening)
+    else:
         keep, stats = torch.ops.lpl_ext.outlier_mask(y.detach(), quantile, margin_std, closing, opening,
                                                      bool(return_stats))
-    else:
-        keep, stats = _outlier_mask_torch(y, quantile, margin_std, closing, opening, bool(return_stats))
     if return_stats:
         return keep, OutlierStats(stats[0], stats[1], stats[2])
     return keep
 
 
-def _launch_outlier_mask(
-    y: "torch.Tensor", keep: "torch.Tensor", stats: Optional["torch.Tensor"], quantile: float,
-    margin_std: float, closing: int, opening: int,
-) -> None:
-    """The raw kernel call: writes keep (y's shape, bool) and, when given, stats (3,)
-    float64. All tensors contiguous on y's device."""
-    cuda_args: tuple = ()
-    if y.is_cuda:
-        n, c, h, w = y.shape
-        workspace = torch.empty(_C.outlier_mask_workspace_bytes(n, c, h, w), dtype=torch.uint8, device=y.device)
-        cuda_args = (stream_of(y), as_c_arg(workspace), cuda_kernels(y.device))
-    _C.outlier_mask(as_c_arg(y), as_c_arg(keep), as_c_arg(stats), quantile, margin_std, closing, opening,
-                    *cuda_args)
-
-
-def _outlier_mask_torch(
-    y: "torch.Tensor", quantile: float, margin_std: float, closing: int, opening: int, return_stats: bool,
-) -> Tuple["torch.Tensor", Optional["torch.Tensor"]]:
-    """(keep bool of y's shape, stats (3,) float64 or None) for a 4-D torch tensor y: the
-    C/CUDA kernel, or the plain-PyTorch backend where ``_backend.use_native_kernels`` says
-    so (its stats are float32 on devices without float64)."""
-    y = y.detach().contiguous()
-    if not use_native_kernels(y.device):
-        from . import _torch_backend
-
-        return _torch_backend.outlier_mask(y, quantile, margin_std, closing, opening, return_stats)
-    keep = torch.empty(y.shape, dtype=torch.bool, device=y.device)
-    stats = torch.empty(3, dtype=torch.float64, device=y.device) if return_stats else None
-    _launch_outlier_mask(y, keep, stats, quantile, margin_std, closing, opening)
-    return keep, stats
-
-
-__all__ = ["OutlierStats", "outlier_mask", "outlier_windows"]
+__all__ = ["OutlierStats", "outlier_mask", "outlier_windows", "reference_windows"]

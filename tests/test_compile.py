@@ -15,11 +15,9 @@ import pytest
 import torch
 
 import lpl_ext
-from lpl_ext import LatentPerceptualLoss, LPLObjective, _ops
+from lpl_ext import LatentPerceptualLoss, LPLObjective
 from reference_lpl import tiny_vae
 from tolerance import assert_close_to_scale
-
-pytestmark = pytest.mark.skipif(not _ops.HAS_CUSTOM_OPS, reason="torch has no torch.library.custom_op (< 2.4)")
 
 CUDA = lpl_ext.build_info()["cuda_available"]
 

@@ -1,6 +1,7 @@
 """The kernels as PyTorch operators (lpl_ext._ops): torch.library.opcheck on CPU (and
 CUDA when present), the public functions routed through them, the numpy path kept
-direct, and the autograd.Function fallback for torch versions without custom ops.
+direct, and the deprecated FeatureDistanceFunction (once the path for torch < 2.4) being
+the operator itself.
 
 Oracle for values and gradients: the float64 plain-PyTorch restatement in
 tests/reference.py.
@@ -14,11 +15,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lpl_ext
-from lpl_ext import _ops
 from lpl_ext.feature_distance import FeatureDistanceFunction
 from reference import ref_feature_distance, ref_outlier_mask
-
-pytestmark = pytest.mark.skipif(not _ops.HAS_CUSTOM_OPS, reason="torch has no torch.library.custom_op (< 2.4)")
 
 DEVICES = ["cpu"] + (["cuda"] if lpl_ext.build_info()["cuda_available"] else [])
 
@@ -119,23 +117,25 @@ def test_numpy_inputs_keep_their_direct_path():
 
 
 @pytest.mark.parametrize("reentrant", [False, True])
-def test_operator_and_fallback_paths_agree(monkeypatch, reentrant):
-    """torch < 2.4 takes the autograd.Function path: same values and gradients."""
+def test_deprecated_function_is_the_operator(reentrant):
+    """FeatureDistanceFunction.apply (the autograd.Function of torch < 2.4) warns and runs
+    the operator and its autograd: the same values and gradients, bit for bit."""
     x, y = features(seed=3)
     keep = lpl_ext.outlier_mask(y)
     g_out = torch.tensor([0.5, -2.0])
     results = []
-    for has_ops in (True, False):
-        monkeypatch.setattr(_ops, "HAS_CUSTOM_OPS", has_ops)
+    for deprecated in (False, True):
         xr = x.clone().requires_grad_(True)
         with OpRecorder() as rec:
-            loss = lpl_ext.feature_distance(xr, y, keep, norm="batch", distance="l1", weight=0.5,
-                                            reentrant=reentrant)
-            mask2, stats = lpl_ext.outlier_mask(y, return_stats=True)
-        assert ("lpl_ext.feature_distance" in rec.names) == has_ops
-        assert ("lpl_ext.outlier_mask" in rec.names) == has_ops
+            if deprecated:
+                with pytest.warns(DeprecationWarning, match="lpl_ext.feature_distance"):
+                    loss = FeatureDistanceFunction.apply(xr, y, keep, "batch", "l1", 0.5, reentrant)
+            else:
+                loss = lpl_ext.feature_distance(xr, y, keep, norm="batch", distance="l1", weight=0.5,
+                                                reentrant=reentrant)
+        assert "lpl_ext.feature_distance" in rec.names
         (grad,) = torch.autograd.grad(loss, xr, g_out)
-        results.append((loss.detach(), grad, mask2, torch.stack(list(stats))))
+        results.append((loss.detach(), grad))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     want = ref_feature_distance(x.double().requires_grad_(True), y.double(), keep, norm="batch", distance="l1",

@@ -425,7 +425,6 @@ def test_objective_on_the_torch_backend_matches_the_kernels(monkeypatch):
         assert logs_t[key] == pytest.approx(logs_n[key], rel=1e-5, abs=1e-6), key
 
 
-@pytest.mark.skipif(not lpl_ext._ops.HAS_CUSTOM_OPS, reason="torch has no torch.library.custom_op (< 2.4)")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 def test_operators_pass_opcheck_on_the_torch_backend(monkeypatch, dtype):
     """The operators' fake and autograd registrations hold for the fallback's outputs too

@@ -173,14 +173,16 @@ def test_objective_gets_the_lpl_flags(monkeypatch):
                           "--lpl_num_blocks", "2", "--no_lpl_remove_outliers", "--lpl_t_threshold", "300",
                           "--snr_gamma", "5", "--lpl_scale", "--lpl_start", "7"])
     tr.build_lpl_objective(args, "VAE")
-    assert seen == dict(vae="VAE", loss_type="l1", norm_type="batch", pow_law=False, num_blocks=2,
-                        remove_outliers=False, grad_ckpt=True, t_threshold=300, snr_gamma=5.0, scale=True,
-                        start_step=7, decoder_fp32=True, reference_compat=False)
+    # One configuration end to end: every option under its LPLConfig name, the rest at its defaults.
+    assert seen == dict(vae="VAE", config=lpl_ext.LPLConfig(
+        loss_type="l1", norm_type="batch", pow_law=False, num_blocks=2, remove_outliers=False, grad_ckpt=True,
+        t_threshold=300, snr_gamma=5.0, scale=True, start_step=7, decoder_fp32=True, reference_compat=False,
+        sync_free=False, capacity=None))
     # --gradient_checkpointing (UNet) does not switch decoder checkpointing, --no_lpl_grad_ckpt does.
     tr.build_lpl_objective(tr.parse_args(["--gradient_checkpointing"]), "VAE")
-    assert seen["grad_ckpt"] is True
+    assert seen["config"].grad_ckpt is True
     tr.build_lpl_objective(tr.parse_args(["--no_lpl_grad_ckpt"]), "VAE")
-    assert seen["grad_ckpt"] is False
+    assert seen["config"].grad_ckpt is False
 
 
 def test_readme_main_command_parses():
@@ -347,12 +349,15 @@ def test_cached_latents_keep_their_crop_coordinates():
 
 
 def test_step_metrics_reset_every_step():
-    """Reference bug: train_loss accumulated forever. Each pop is the mean of that step's micro-batches."""
+    """Reference bug: train_loss accumulated forever. Each pop is the mean of that step's micro-batches. A
+    name outside the list raises (a value nobody would log must not vanish) and adds nothing."""
     m = tr.StepMetrics(["loss", "lpl_loss"])
     m.add({"loss": torch.tensor(2.0), "lpl_loss": torch.tensor(1.0)})
     m.add({"loss": torch.tensor(4.0)})
     assert m.pop() == {"loss": 3.0, "lpl_loss": 1.0}
-    m.add({"loss": torch.tensor(10.0), "other": torch.tensor(5.0)})
+    with pytest.raises(ValueError, match=r"unknown metric name\(s\) \['other'\]"):
+        m.add({"loss": torch.tensor(10.0), "other": torch.tensor(5.0)})
+    m.add({"loss": torch.tensor(10.0)})
     out = m.pop()
     assert out["loss"] == 10.0 and out["lpl_loss"] != out["lpl_loss"]  # NaN: not seen this step
     # Weighted values: a micro-batch with weight 0 (LPL not applied) does not dilute the mean.

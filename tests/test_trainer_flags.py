@@ -486,11 +486,16 @@ def test_lpl_sync_free_flag_gives_the_synced_objectives_loss(capsys):
 
 def test_step_metrics_stack_a_micro_batch_into_one_vector():
     """add() keeps one (names,) vector of sums and one of weights, whatever the number of names; unseen
-    names pop as NaN, names outside the list are ignored, a step without any add pops all NaN."""
+    names pop as NaN, a name outside the list (in the values or the weights) raises, a step without any add
+    pops all NaN."""
     names = tr.metric_names(1)
     m = tr.StepMetrics(names)
     assert all(math.isnan(v) for v in m.pop().values())
-    m.add({"loss": torch.tensor(1.0), "lpl_layer1_std": 0.5, "not_a_metric": torch.tensor(9.0)})
+    with pytest.raises(ValueError, match="not_a_metric"):
+        m.add({"loss": torch.tensor(1.0), "lpl_layer1_std": 0.5, "not_a_metric": torch.tensor(9.0)})
+    with pytest.raises(ValueError, match="lpl_layer2_std"):  # metric_names(1): layers 0 and 1 only
+        m.add({"loss": torch.tensor(1.0)}, {"lpl_layer2_std": torch.tensor(1.0)})
+    m.add({"loss": torch.tensor(1.0), "lpl_layer1_std": 0.5})
     m.add({"loss": torch.tensor(3.0)}, {"loss": torch.tensor(3.0)})
     assert m.sums.shape == m.counts.shape == (len(names),)
     out = m.pop()
