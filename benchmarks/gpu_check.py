@@ -48,7 +48,6 @@ CUDA_TESTS = ["tests/test_feature_distance.py", "tests/test_outlier_mask.py", "t
 # when that test exists, else the stand-in driver's launch tests.
 DRY_TESTS = ["tests/test_cuda_emulated.py"] if (REPO / "tests" / "test_cuda_emulated.py").exists() else [
     "tests/test_cuda_loader.py"]
-NORMS = ["default", "shared", "batch", "none"]
 
 
 @dataclass
@@ -273,7 +272,9 @@ def bench_plan(dry: bool, kernel_envs: Sequence[Tuple[Tuple[str, str], ...]]) ->
     for w in bench_head.workloads("outlier", mode):
         plan += [BenchItem("outlier", w, "lpl_ext", env) for env in kernel_envs]
         plan.append(BenchItem("outlier", w, "eager"))
-    for norm in (n for n in NORMS if n != "shared"):
+    from lpl_ext import _C  # imported after the build step: the option list of this build
+
+    for norm in (n for n in _C.NORMS if n != "shared"):
         w = bench_head.HeadWorkload(res, batch, bench_head.PYRAMID, norm, "mse", True)
         plan += [BenchItem("head", w, "lpl_ext", env) for env in kernel_envs]
     return plan

@@ -25,6 +25,7 @@ each measures; --json FILE also writes their rows):
     python benchmarks/run_all.py --only sync_free [--quick] [--device cuda] [--reps 5] [--threads 1]
     python benchmarks/run_all.py --only vae_memory [--res 512] [--no-ckpt] [--variants reference,lpl_ext]
     python benchmarks/run_all.py --only loss_scale [--res 128] [--batch 4] [--tiny] [--vae PATH]
+    python benchmarks/run_all.py --only emulated_bytes [--res 32]   # bytes the CUDA kernels move, emulated
 """
 
 from __future__ import annotations
@@ -43,13 +44,15 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks import bench_decoder, bench_head, common
+from benchmarks import bench_decoder, bench_emulated_bytes, bench_head, common
 
 # bench -> (module with workloads() and measure(), variants)
 SUITE = {"head": (bench_head, bench_head.VARIANTS), "outlier": (bench_head, bench_head.VARIANTS),
          "decoder": (bench_decoder, bench_decoder.VARIANTS)}
 PRINTED = {"sync_free": bench_decoder.SYNC_FREE_VARIANTS, "vae_memory": bench_decoder.MEMORY_VARIANTS,
-           "loss_scale": ()}
+           "loss_scale": (), "emulated_bytes": ()}
+# RESULTS.md keeps the emulated-bytes table (--only emulated_bytes) from this line on when the suite rewrites it
+EMULATED_MARKER = "<!-- emulated bytes: python benchmarks/run_all.py --only emulated_bytes -->"
 ALL_VARIANTS = tuple(dict.fromkeys(bench_head.VARIANTS + bench_decoder.VARIANTS + bench_decoder.MEMORY_VARIANTS
                                    + bench_decoder.SYNC_FREE_VARIANTS))
 # Targets for lpl_ext's loss head, per device kind.
@@ -214,7 +217,8 @@ def write_results_md(path: Path, all_rows: List[Dict[str, Any]], command: str, w
             *_bench_table(rows, "decoder", "reference"),
             "",
         ]
-    path.write_text("\n".join(out) + "\n")
+    kept = path.read_text().split(EMULATED_MARKER, 1) if path.is_file() else []
+    path.write_text("\n".join(out) + "\n" + (EMULATED_MARKER + kept[1] if len(kept) == 2 else ""))
 
 
 def _is_gpu_key(key: Tuple[str, ...]) -> bool:
@@ -346,7 +350,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     g.add_argument("--threads", type=int, default=1, help="sync_free: torch CPU threads in the workers (default "
                    "1: on a shared machine, idle OpenMP threads spinning at barriers would inflate the CPU time)")
     g.add_argument("--res", type=int, default=None, help="image resolution, latents res/8 (vae_memory: 512, "
-                   "loss_scale: 128)")
+                   "loss_scale: 128, emulated_bytes: 32)")
     g.add_argument("--no-ckpt", action="store_true", help="vae_memory: also every variant without checkpointing")
     g.add_argument("--batch", type=int, default=4, help="loss_scale: batch")
     g.add_argument("--seed", type=int, default=0, help="loss_scale: seed")
@@ -397,6 +401,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              "SDXL VAE config, random weights")
         log(f"{which}; {args.batch}x{res}px; flags {bench_decoder.FLAGS}")
         log(bench_decoder.loss_scale_table(rows))
+        printed += rows
+    if "emulated_bytes" in benches:
+        rows = bench_emulated_bytes.run(args.res or 32, log=log)
+        log(bench_emulated_bytes.table(rows, args.res or 32))
         printed += rows
     if args.json:
         Path(args.json).write_text(json.dumps(printed, indent=1))

@@ -35,8 +35,9 @@ echo "[sanitize] building the sanitized extension in $WORK" >&2
     CFLAGS="${CFLAGS:-} -fno-wrapv -fsanitize=float-cast-overflow -fno-sanitize-recover=all" \
     # no cubins (NVCC=nothing: nvcc is slow), but the kernel sources, so that the CUDA
     # host path runs sanitized against the stand-in driver with NVRTC-built images
-    LPL_EXT_SANITIZE=1 NVCC=/nonexistent/nvcc CC="$CC" "$PY" setup.py -q build_ext --force \
-        -b "$WORK/build" -t "$WORK/tmp" >"$WORK/build.log" 2>&1
+    # (build_py makes lpl_ext/_kernels, the package data; build_ext the sanitized module)
+    LPL_EXT_SANITIZE=1 NVCC=/nonexistent/nvcc CC="$CC" "$PY" setup.py -q build_py -d "$WORK/build" \
+        build_ext --force -b "$WORK/build" -t "$WORK/tmp" >"$WORK/build.log" 2>&1
 ) || { tail -60 "$WORK/build.log" >&2; exit 1; }
 
 PKG="$WORK/site"

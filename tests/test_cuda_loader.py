@@ -2,8 +2,9 @@
 sources and cubins the build ships, NVRTC discovery in torch's CUDA wheel layouts and
 compilation of every kernel, the on-disk cache, and the whole host side (driver API,
 image choice, argument checks, context and stream handling, launch sequences) against
-tests/fake_cuda/fake_libcuda.c, a stand-in driver that records launches instead of
-running them."""
+tests/fake_cuda/fake_libcuda.c, a stand-in driver that records each launch and runs it on
+the emulated device (tests/emu/; the kernels' results are checked in
+tests/test_cuda_emulated.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import gc
 import json
 import os
 import re
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +20,7 @@ import pytest
 
 import lpl_ext
 from lpl_ext import _C, _cuda
+from fake_cuda.build import build as build_fake_libcuda, build_dir
 from test_fuzz import DL_CODES, make_capsule  # the suite's DLPack capsule builder
 from lpl_ext import _kernel_sources as ks
 
@@ -235,11 +236,8 @@ class FakeCudaArray:
 
 @pytest.fixture(scope="module")
 def fake_libcuda(tmp_path_factory):
-    out = tmp_path_factory.mktemp("fake_cuda") / "libcuda.so.1"
-    cc = os.environ.get("CC", "cc")
-    subprocess.run([cc, "-std=c11", "-O1", "-shared", "-fPIC", "-o", str(out),
-                    str(ROOT / "tests" / "fake_cuda" / "fake_libcuda.c")], check=True)
-    return out
+    # the stand-in with the emulated device, built once per session (cached by content)
+    return build_fake_libcuda(build_dir(tmp_path_factory.getbasetemp()), os.environ.get("LPL_EMU_SANITIZE") or None)
 
 
 @pytest.fixture(scope="module")
@@ -312,10 +310,12 @@ def test_feature_distance_launches_on_the_callers_stream(fake_cuda):
         assert _field(fields, "stream") == str(0xABC) and _field(fields, "depth") == "1"
     main = fake_cuda.lines()[1]
     assert int(_field(main, "smem")) == 3 * 8  # one double per channel
-    # sums and kept counts zeroed on the same stream, before the first launch
+    # sums and kept counts zeroed on the same stream, before the first launch; then the
+    # kernels ran: x == y leaves the sums 0, and the fill set each kept count to H*W
     memsets = fake_cuda.lines("memset")
     assert len(memsets) == 1 and _field(memsets[0], "bytes") == str(2 * 8 * 2 * 3)
-    assert np.all(ws.array[: 2 * 2 * 3] == 0)
+    assert np.all(ws.array[: 2 * 3] == 0) and np.all(ws.array[2 * 3: 2 * 2 * 3] == 4 * 5)
+    assert np.all(loss.array == 0)
     assert fake_cuda.hooks.fake_ctx_depth() == 0  # the caller's context is restored
 
 

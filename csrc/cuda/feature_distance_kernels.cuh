@@ -21,14 +21,14 @@ extern "C" __global__ void lpl_fd_kept_count(const uint8_t *__restrict__ mask, i
     const int64_t blk = blockIdx.x, plane = blk / blocks_per_plane, part = blk % blocks_per_plane;
     const uint8_t *m = mask + plane * hw;
     double count = 0.0;
-    for (int64_t i = part * blockDim.x + threadIdx.x; i < hw; i += blocks_per_plane * blockDim.x) count += m[i] != 0;
+    for (int64_t i = part * blockDim.x + threadIdx.x; i < hw; i += blocks_per_plane * blockDim.x) count += lpl_ld(m, i) != 0;
     count = lpl_block_sum(count, red);
     if (threadIdx.x == 0 && count != 0.0) atomicAdd(&kept[plane], count);
 }
 
 extern "C" __global__ void lpl_fd_fill(double *__restrict__ out, int64_t len, double value) {
     const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < len) out[i] = value;
+    if (i < len) lpl_st(out, i, value);
 }
 
 // Sum and M2 of y*keep per plane (`batch` only), one block per plane: two passes so the
@@ -42,7 +42,7 @@ __device__ __forceinline__ void fd_plane_moments(const T *__restrict__ y, const 
     const int64_t off = plane * hw;
     double sum = 0.0;
     for (int64_t i = threadIdx.x; i < hw; i += blockDim.x) {
-        const int k = mask ? mask[off + i] != 0 : 1;
+        const int k = mask ? lpl_ld(mask, off + i) != 0 : 1;
         if (k) sum += (double)lpl_io<T>::load(y, off + i);
     }
     sum = lpl_block_sum(sum, red);
@@ -51,14 +51,14 @@ __device__ __forceinline__ void fd_plane_moments(const T *__restrict__ y, const 
     const double mean = mean_shared;
     double m2 = 0.0;
     for (int64_t i = threadIdx.x; i < hw; i += blockDim.x) {
-        const int k = mask ? mask[off + i] != 0 : 1;
+        const int k = mask ? lpl_ld(mask, off + i) != 0 : 1;
         const double v = (k ? (double)lpl_io<T>::load(y, off + i) : 0.0) - mean;
         m2 += v * v;
     }
     m2 = lpl_block_sum(m2, red);
     if (threadIdx.x == 0) {
-        plane_sum[plane] = sum;
-        plane_m2[plane] = m2;
+        lpl_st(plane_sum, plane, sum);
+        lpl_st(plane_m2, plane, m2);
     }
 }
 
@@ -68,7 +68,10 @@ extern "C" __global__ void lpl_fd_channel_moments(const double *__restrict__ pla
                                                   double *__restrict__ chan_std) {
     const int64_t c = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= channels) return;
-    lpl_channel_moments(plane_sum + c, plane_m2 + c, n_samples, channels, hw, &chan_mean[c], &chan_std[c]);
+    double mean, std;  // lpl_channel_moments' own reads of the plane moments are not counted
+    lpl_channel_moments(plane_sum + c, plane_m2 + c, n_samples, channels, hw, &mean, &std);
+    lpl_st(chan_mean, c, mean);
+    lpl_st(chan_std, c, std);
 }
 
 // ---- main kernel, in named steps --------------------------------------------------
@@ -82,7 +85,7 @@ __device__ __forceinline__ void fd_pixel_norms(const T *__restrict__ x, const T 
     acc sx = 0, sy = 0;
     for (int64_t c = 0; c < channels; ++c) {
         const int64_t i = base + c * hw;
-        const bool k = mask ? mask[i] != 0 : true;
+        const bool k = mask ? lpl_ld(mask, i) != 0 : true;
         const acc yv = k ? lpl_io<T>::load(y, i) : (acc)0;
         sy += yv * yv;
         if (norm == LPL_NORM_DEFAULT) {
@@ -134,12 +137,12 @@ __device__ __forceinline__ void fd_default_grad(const T *__restrict__ x, const T
     const acc q = lpl_default_norm_coef(inv_x, norm_x, dot);
     for (int64_t c = 0; c < channels; ++c) {
         const int64_t i = base + c * hw;
-        const bool keep = mask ? mask[i] != 0 : true;
+        const bool keep = mask ? lpl_ld(mask, i) != 0 : true;
         const acc k = keep ? (acc)1 : (acc)0;
         const acc xv = lpl_io<T>::load(x, i);
         const acc yv = keep ? lpl_io<T>::load(y, i) : (acc)0;
         const acc d = xv * inv_x - yv * inv_y;
-        const acc cf = (acc)lpl_plane_coef(weight, channels, kept_n[c]);
+        const acc cf = (acc)lpl_plane_coef(weight, channels, lpl_ld(kept_n, c));
         const acc g = cf * k * lpl_dist_deriv(d, dist);
         lpl_io<T>::store(grad, i, lpl_default_norm_grad(g, xv, inv_x, q));
     }
@@ -153,7 +156,7 @@ __device__ __forceinline__ void fd_main(const T *__restrict__ x, const T *__rest
                                         int dist, double weight, int use_shared_acc, int64_t blocks_per_sample,
                                         double *__restrict__ sums) {
     typedef typename lpl_io<T>::acc acc;
-    extern __shared__ double chan_acc[];  // channels doubles when use_shared_acc
+    LPL_DYNAMIC_SHARED(double, chan_acc);  // channels doubles when use_shared_acc
     const int64_t n = blockIdx.x / blocks_per_sample;
     const int64_t pix = (blockIdx.x % blocks_per_sample) * blockDim.x + threadIdx.x;
     const bool active = pix < hw;
@@ -172,14 +175,14 @@ __device__ __forceinline__ void fd_main(const T *__restrict__ x, const T *__rest
         double e = 0.0;
         if (active) {
             const int64_t i = base + c * hw;
-            const acc cf = (acc)lpl_plane_coef(weight, channels, kept_n[c]);
-            const bool keep = mask ? mask[i] != 0 : true;
+            const acc cf = (acc)lpl_plane_coef(weight, channels, lpl_ld(kept_n, c));
+            const bool keep = mask ? lpl_ld(mask, i) != 0 : true;
             const acc k = keep ? (acc)1 : (acc)0;
             const acc xv = lpl_io<T>::load(x, i);
             const acc yv = keep ? lpl_io<T>::load(y, i) : (acc)0;
             acc scale;
-            const acc d = fd_difference<acc>(xv, yv, norm, inv_x, inv_y, norm == LPL_NORM_BATCH ? chan_mean[c] : 0.0,
-                                             norm == LPL_NORM_BATCH ? chan_std[c] : 0.0, &scale);
+            const acc d = fd_difference<acc>(xv, yv, norm, inv_x, inv_y, norm == LPL_NORM_BATCH ? lpl_ld(chan_mean, c) : 0.0,
+                                             norm == LPL_NORM_BATCH ? lpl_ld(chan_std, c) : 0.0, &scale);
             e = (double)(k * lpl_dist_value(d, dist));
             const acc g = cf * k * lpl_dist_deriv(d, dist);
             if (norm == LPL_NORM_DEFAULT)
@@ -206,9 +209,9 @@ extern "C" __global__ void lpl_fd_finalize(const double *__restrict__ sums, cons
     const int64_t n = blockIdx.x;
     double total = 0.0;
     for (int64_t c = threadIdx.x; c < channels; c += blockDim.x)
-        total += lpl_plane_coef(weight, channels, kept[n * channels + c]) * sums[n * channels + c];
+        total += lpl_plane_coef(weight, channels, lpl_ld(kept, n * channels + c)) * lpl_ld(sums, n * channels + c);
     total = lpl_block_sum(total, red);
-    if (threadIdx.x == 0) loss[n] = total;
+    if (threadIdx.x == 0) lpl_st(loss, n, total);
 }
 
 #define LPL_FD_ENTRY_POINTS(sfx, T)                                                                                  \

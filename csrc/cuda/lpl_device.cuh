@@ -16,26 +16,48 @@ enum { LPL_FLOAT32 = 0, LPL_FLOAT64 = 1, LPL_FLOAT16 = 2, LPL_BFLOAT16 = 3 };
 struct lpl_f16 { uint16_t bits; };
 struct lpl_bf16 { uint16_t bits; };
 
+// Every global-memory access of the kernels goes through lpl_ld / lpl_st (or lpl_io,
+// which converts through them): plain loads and stores on the GPU, where the hooks are
+// empty; the emulated device (tests/emu/lpl_emu.cuh) defines them to count the bytes
+// each launch moves. Shared memory is accessed directly.
+#ifndef LPL_EMU_GLOBAL_READ
+#define LPL_EMU_GLOBAL_READ(ptr, bytes) ((void)0)
+#define LPL_EMU_GLOBAL_WRITE(ptr, bytes) ((void)0)
+#endif
+template <typename T> __device__ __forceinline__ T lpl_ld(const T *p, int64_t i) {
+    LPL_EMU_GLOBAL_READ(p + i, sizeof(T));
+    return p[i];
+}
+template <typename T> struct lpl_same { typedef T type; };  // keeps v out of deduction: literals convert
+template <typename T> __device__ __forceinline__ void lpl_st(T *p, int64_t i, typename lpl_same<T>::type v) {
+    LPL_EMU_GLOBAL_WRITE(p + i, sizeof(T));
+    p[i] = v;
+}
+
 template <typename T> struct lpl_io;
 template <> struct lpl_io<float> {
     typedef float acc;
-    static __device__ __forceinline__ float load(const float *p, int64_t i) { return p[i]; }
-    static __device__ __forceinline__ void store(float *p, int64_t i, float v) { p[i] = v; }
+    static __device__ __forceinline__ float load(const float *p, int64_t i) { return lpl_ld(p, i); }
+    static __device__ __forceinline__ void store(float *p, int64_t i, float v) { lpl_st(p, i, v); }
 };
 template <> struct lpl_io<double> {
     typedef double acc;
-    static __device__ __forceinline__ double load(const double *p, int64_t i) { return p[i]; }
-    static __device__ __forceinline__ void store(double *p, int64_t i, double v) { p[i] = v; }
+    static __device__ __forceinline__ double load(const double *p, int64_t i) { return lpl_ld(p, i); }
+    static __device__ __forceinline__ void store(double *p, int64_t i, double v) { lpl_st(p, i, v); }
 };
 template <> struct lpl_io<lpl_f16> {
     typedef float acc;
-    static __device__ __forceinline__ float load(const lpl_f16 *p, int64_t i) { return lpl_half_to_float(p[i].bits); }
-    static __device__ __forceinline__ void store(lpl_f16 *p, int64_t i, float v) { p[i].bits = lpl_float_to_half(v); }
+    static __device__ __forceinline__ float load(const lpl_f16 *p, int64_t i) { return lpl_half_to_float(lpl_ld(p, i).bits); }
+    static __device__ __forceinline__ void store(lpl_f16 *p, int64_t i, float v) {
+        lpl_st(p, i, lpl_f16{lpl_float_to_half(v)});
+    }
 };
 template <> struct lpl_io<lpl_bf16> {
     typedef float acc;
-    static __device__ __forceinline__ float load(const lpl_bf16 *p, int64_t i) { return lpl_bf16_to_float(p[i].bits); }
-    static __device__ __forceinline__ void store(lpl_bf16 *p, int64_t i, float v) { p[i].bits = lpl_float_to_bf16(v); }
+    static __device__ __forceinline__ float load(const lpl_bf16 *p, int64_t i) { return lpl_bf16_to_float(lpl_ld(p, i).bits); }
+    static __device__ __forceinline__ void store(lpl_bf16 *p, int64_t i, float v) {
+        lpl_st(p, i, lpl_bf16{lpl_float_to_bf16(v)});
+    }
 };
 
 // Overloads of the lpl_math.h formulas on the accumulation type (float for 32- and
@@ -73,6 +95,13 @@ __device__ __forceinline__ double lpl_block_sum(double v, double *shared) {
         for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
     return v;
 }
+
+// Dynamic shared memory (the launch's `smem` bytes). C++ cannot express the CUDA
+// declaration `extern __shared__ T name[]`, so the emulated device (tests/emu/lpl_emu.cuh)
+// defines this macro first; nvcc and NVRTC get the real declaration.
+#ifndef LPL_DYNAMIC_SHARED
+#define LPL_DYNAMIC_SHARED(T, name) extern __shared__ T name[]
+#endif
 
 // Per-dtype kernel entry points with C linkage (names in LPL_KERNEL_LIST): M(suffix, T)
 // is expanded once per storage type, in lpl_dtype order.

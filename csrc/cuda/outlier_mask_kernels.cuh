@@ -90,7 +90,7 @@ __device__ __forceinline__ void moments_kernel(const T *__restrict__ y, int64_t 
     double count = 0.0, sum = 0.0;
     uint64_t kmin = UINT64_MAX, kmax = 0;
     for (int64_t i = j * kThreads + threadIdx.x; i < len; i += nb * kThreads) {
-        const T r = yp[i];
+        const T r = lpl_ld(yp, i);
         if (!om_traits<T>::finite(r)) continue;
         const uint64_t k = om_traits<T>::key(r);
         count += 1.0;
@@ -104,10 +104,10 @@ __device__ __forceinline__ void moments_kernel(const T *__restrict__ y, int64_t 
     kmin = block_min_u64(kmin, redu);
     kmax = block_max_u64(kmax, redu);
     if (threadIdx.x == 0) {
-        ws.part_d[(int64_t)blockIdx.x * 4] = count;
-        ws.part_d[(int64_t)blockIdx.x * 4 + 1] = sum;
-        ws.part_u[(int64_t)blockIdx.x * 2] = kmin;
-        ws.part_u[(int64_t)blockIdx.x * 2 + 1] = kmax;
+        lpl_st(ws.part_d, (int64_t)blockIdx.x * 4, count);
+        lpl_st(ws.part_d, (int64_t)blockIdx.x * 4 + 1, sum);
+        lpl_st(ws.part_u, (int64_t)blockIdx.x * 2, kmin);
+        lpl_st(ws.part_u, (int64_t)blockIdx.x * 2 + 1, kmax);
     }
 }
 
@@ -119,24 +119,25 @@ extern "C" __global__ void lpl_om_setup(int64_t planes, int64_t nb, double quant
     uint64_t kmin = UINT64_MAX, kmax = 0;
     for (int64_t j = 0; j < nb; ++j) {
         const int64_t b = plane * nb + j;
-        count += ws.part_d[b * 4];
-        sum += ws.part_d[b * 4 + 1];
-        kmin = ws.part_u[b * 2] < kmin ? ws.part_u[b * 2] : kmin;
-        kmax = ws.part_u[b * 2 + 1] > kmax ? ws.part_u[b * 2 + 1] : kmax;
+        count += lpl_ld(ws.part_d, b * 4);
+        sum += lpl_ld(ws.part_d, b * 4 + 1);
+        const uint64_t lo = lpl_ld(ws.part_u, b * 2), hi = lpl_ld(ws.part_u, b * 2 + 1);
+        kmin = lo < kmin ? lo : kmin;
+        kmax = hi > kmax ? hi : kmax;
     }
     double *pd = ws.plane_d + plane * LPL_OM_PLANE_D;
     uint64_t *pu = ws.plane_u + plane * 4;
     const int is_const = count > 0.0 && kmin == kmax;
-    pd[PD_COUNT] = count;
-    pd[PD_MEAN] = count > 0.0 ? (is_const ? lpl_om_key_to_double(kmin, dtype) : sum / count) : 0.0;
-    pd[PD_CONST] = (double)is_const;
+    lpl_st(pd, PD_COUNT, count);
+    lpl_st(pd, PD_MEAN, count > 0.0 ? (is_const ? lpl_om_key_to_double(kmin, dtype) : sum / count) : 0.0);
+    lpl_st(pd, PD_CONST, (double)is_const);
     const int64_t cnt = (int64_t)count;
-    pu[PU_PREFIX1] = 0;
-    pu[PU_PREFIX2] = 0;
-    pu[PU_RANK1] = cnt > 0 ? (uint64_t)lpl_quantile_rank(cnt, quantile) : 1;
-    pu[PU_RANK2] = cnt > 0 ? (uint64_t)lpl_quantile_rank(cnt, 1.0 - quantile) : 1;
+    lpl_st(pu, PU_PREFIX1, 0);
+    lpl_st(pu, PU_PREFIX2, 0);
+    lpl_st(pu, PU_RANK1, cnt > 0 ? (uint64_t)lpl_quantile_rank(cnt, quantile) : 1);
+    lpl_st(pu, PU_RANK2, cnt > 0 ? (uint64_t)lpl_quantile_rank(cnt, 1.0 - quantile) : 1);
     uint32_t *h = ws.hist + plane * 512;
-    for (int i = 0; i < 512; ++i) h[i] = 0;
+    for (int i = 0; i < 512; ++i) lpl_st(h, i, 0);
 }
 
 // 3. Two-pass variance partials.
@@ -145,10 +146,10 @@ __device__ __forceinline__ void variance_kernel(const T *__restrict__ y, int64_t
     __shared__ double red[32];
     const int64_t plane = blockIdx.x / nb, j = blockIdx.x % nb;
     const T *yp = y + plane * len;
-    const double mean = ws.plane_d[plane * LPL_OM_PLANE_D + PD_MEAN];
+    const double mean = lpl_ld(ws.plane_d, plane * LPL_OM_PLANE_D + PD_MEAN);
     double ss = 0.0, sd = 0.0;
     for (int64_t i = j * kThreads + threadIdx.x; i < len; i += nb * kThreads) {
-        const T r = yp[i];
+        const T r = lpl_ld(yp, i);
         if (!om_traits<T>::finite(r)) continue;
         const double d = (double)om_traits<T>::load(r) - mean;
         ss += d * d;
@@ -158,8 +159,8 @@ __device__ __forceinline__ void variance_kernel(const T *__restrict__ y, int64_t
     __syncthreads();
     sd = lpl_block_sum(sd, red);
     if (threadIdx.x == 0) {
-        ws.part_d[(int64_t)blockIdx.x * 4 + 2] = ss;
-        ws.part_d[(int64_t)blockIdx.x * 4 + 3] = sd;
+        lpl_st(ws.part_d, (int64_t)blockIdx.x * 4 + 2, ss);
+        lpl_st(ws.part_d, (int64_t)blockIdx.x * 4 + 3, sd);
     }
 }
 
@@ -175,10 +176,10 @@ __device__ __forceinline__ void radix_hist_kernel(const T *__restrict__ y, int64
     const int64_t plane = blockIdx.x / nb, j = blockIdx.x % nb;
     for (int i = threadIdx.x; i < 512; i += blockDim.x) h[i] = 0;
     __syncthreads();
-    const uint64_t p1 = ws.plane_u[plane * 4 + PU_PREFIX1], p2 = ws.plane_u[plane * 4 + PU_PREFIX2];
+    const uint64_t p1 = lpl_ld(ws.plane_u, plane * 4 + PU_PREFIX1), p2 = lpl_ld(ws.plane_u, plane * 4 + PU_PREFIX2);
     const T *yp = y + plane * len;
     for (int64_t i = j * kThreads + threadIdx.x; i < len; i += nb * kThreads) {
-        const T r = yp[i];
+        const T r = lpl_ld(yp, i);
         if (!om_traits<T>::finite(r)) continue;
         const uint64_t k = om_traits<T>::key(r);
         const unsigned d = (unsigned)((k >> shift) & 255u);
@@ -199,17 +200,18 @@ extern "C" __global__ void lpl_om_radix_select(int64_t planes, int shift, om_ws 
     const int s = (int)(t & 1);
     uint32_t *h = ws.hist + plane * 512 + s * 256;
     uint64_t *pu = ws.plane_u + plane * 4;
-    uint64_t rank = pu[PU_RANK1 + s];
+    uint64_t rank = lpl_ld(pu, PU_RANK1 + s);
     uint64_t before = 0;
     int digit = -1;
     for (int d = 0; d < 256; ++d) {
-        if (digit < 0 && before + h[d] >= rank) digit = d;
-        if (digit < 0) before += h[d];
-        h[d] = 0;
+        const uint32_t hd = lpl_ld(h, d);
+        if (digit < 0 && before + hd >= rank) digit = d;
+        if (digit < 0) before += hd;
+        lpl_st(h, d, 0);
     }
     if (digit < 0) return;  // no finite value: nothing to select
-    pu[PU_RANK1 + s] = rank - before;
-    pu[PU_PREFIX1 + s] |= (uint64_t)digit << shift;
+    lpl_st(pu, PU_RANK1 + s, rank - before);
+    lpl_st(pu, PU_PREFIX1 + s, lpl_ld(pu, PU_PREFIX1 + s) | ((uint64_t)digit << shift));
 }
 
 // 5. One thread per plane: std, order statistics, thresholds (lpl_math.h).
@@ -218,23 +220,24 @@ extern "C" __global__ void lpl_om_thresholds(int64_t planes, int64_t nb, double 
     if (plane >= planes) return;
     double *pd = ws.plane_d + plane * LPL_OM_PLANE_D;
     const uint64_t *pu = ws.plane_u + plane * 4;
-    const double count = pd[PD_COUNT];
+    const double count = lpl_ld(pd, PD_COUNT);
     if (count <= 0.0) {
-        pd[PD_LO] = pd[PD_HI] = NAN;
+        lpl_st(pd, PD_LO, NAN);
+        lpl_st(pd, PD_HI, NAN);
         return;
     }
     double ss = 0.0, sd = 0.0;
     for (int64_t j = 0; j < nb; ++j) {
-        ss += ws.part_d[(plane * nb + j) * 4 + 2];
-        sd += ws.part_d[(plane * nb + j) * 4 + 3];
+        ss += lpl_ld(ws.part_d, (plane * nb + j) * 4 + 2);
+        sd += lpl_ld(ws.part_d, (plane * nb + j) * 4 + 3);
     }
-    const double std_d = lpl_om_sample_std(count, ss, sd, pd[PD_CONST] != 0.0);
-    const double q1 = lpl_om_key_to_double(pu[PU_PREFIX1], dtype);
-    const double q2 = lpl_om_key_to_double(pu[PU_PREFIX2], dtype);
+    const double std_d = lpl_om_sample_std(count, ss, sd, lpl_ld(pd, PD_CONST) != 0.0);
+    const double q1 = lpl_om_key_to_double(lpl_ld(pu, PU_PREFIX1), dtype);
+    const double q2 = lpl_om_key_to_double(lpl_ld(pu, PU_PREFIX2), dtype);
     double lo, hi;
     lpl_om_thresholds(dtype, q1, q2, std_d, margin_std, &lo, &hi);
-    pd[PD_LO] = lo;
-    pd[PD_HI] = hi;
+    lpl_st(pd, PD_LO, lo);
+    lpl_st(pd, PD_HI, hi);
 }
 
 // 6. keep0 and the row max filter of the closing, one thread per pixel.
@@ -246,15 +249,15 @@ __device__ __forceinline__ void keep_rowor_kernel(const T *__restrict__ y, int64
         const int64_t plane = idx / len;
         const int64_t x = idx % w;
         const double *pd = ws.plane_d + plane * LPL_OM_PLANE_D;
-        const double lo = pd[PD_LO], hi = pd[PD_HI];
+        const double lo = lpl_ld(pd, PD_LO), hi = lpl_ld(pd, PD_HI);
         const int64_t a = x - r < 0 ? -x : -r, b = x + r > w - 1 ? w - 1 - x : r;
         uint8_t out = 0;
         for (int64_t d = a; d <= b && !out; ++d) {
             // compared in the dtype's value type: exact, the thresholds are dtype values
-            const double v = (double)om_traits<T>::load(y[idx + d]);
+            const double v = (double)om_traits<T>::load(lpl_ld(y, idx + d));
             out = (uint8_t)((lo < v) & (v < hi));
         }
-        ws.tmp[idx] = out;
+        lpl_st(ws.tmp, idx, out);
     }
 }
 
@@ -266,8 +269,8 @@ extern "C" __global__ void lpl_om_col_or(const uint8_t *__restrict__ src, uint8_
         const int64_t row = (idx % len) / w;
         const int64_t a = row - r < 0 ? -row : -r, b = row + r > h - 1 ? h - 1 - row : r;
         uint8_t out = 0;
-        for (int64_t d = a; d <= b; ++d) out |= src[idx + d * w];
-        dst[idx] = out;
+        for (int64_t d = a; d <= b; ++d) out |= lpl_ld(src, idx + d * w);
+        lpl_st(dst, idx, out);
     }
 }
 
@@ -279,8 +282,8 @@ extern "C" __global__ void lpl_om_row_and(const uint8_t *__restrict__ src, uint8
         const int64_t x = idx % w;
         const int64_t a = x - r < 0 ? -x : -r, b = x + r > w - 1 ? w - 1 - x : r;
         uint8_t out = 1;
-        for (int64_t d = a; d <= b; ++d) out &= src[idx + d];
-        dst[idx] = out;
+        for (int64_t d = a; d <= b; ++d) out &= lpl_ld(src, idx + d);
+        lpl_st(dst, idx, out);
     }
 }
 
@@ -294,16 +297,16 @@ __device__ __forceinline__ void final_kernel(const T *__restrict__ y, uint8_t *_
     const T *yp = y + plane * len;
     const uint8_t *tp = ws.tmp + plane * len;
     uint8_t *kp = keep + plane * len;
-    const double k = ws.plane_d[plane * LPL_OM_PLANE_D + PD_MEAN];
+    const double k = lpl_ld(ws.plane_d, plane * LPL_OM_PLANE_D + PD_MEAN);
     double kept = 0.0, s1 = 0.0, s2 = 0.0;
     for (int64_t i = j * kThreads + threadIdx.x; i < len; i += nb * kThreads) {
         const int64_t row = i / w;
         const int64_t a = row - r < 0 ? -row : -r, b = row + r > h - 1 ? h - 1 - row : r;
         uint8_t out = 1;
-        for (int64_t d = a; d <= b; ++d) out &= tp[i + d * w];
-        const T raw = yp[i];
+        for (int64_t d = a; d <= b; ++d) out &= lpl_ld(tp, i + d * w);
+        const T raw = lpl_ld(yp, i);
         out &= (uint8_t)om_traits<T>::finite(raw);
-        kp[i] = out;
+        lpl_st(kp, i, out);
         if (out) {
             const double dv = (double)om_traits<T>::load(raw) - k;
             kept += 1.0;
@@ -317,9 +320,9 @@ __device__ __forceinline__ void final_kernel(const T *__restrict__ y, uint8_t *_
     __syncthreads();
     s2 = lpl_block_sum(s2, red);
     if (threadIdx.x == 0) {
-        ws.part_d[(int64_t)blockIdx.x * 4] = kept;
-        ws.part_d[(int64_t)blockIdx.x * 4 + 1] = s1;
-        ws.part_d[(int64_t)blockIdx.x * 4 + 2] = s2;
+        lpl_st(ws.part_d, (int64_t)blockIdx.x * 4, kept);
+        lpl_st(ws.part_d, (int64_t)blockIdx.x * 4 + 1, s1);
+        lpl_st(ws.part_d, (int64_t)blockIdx.x * 4 + 2, s2);
     }
 }
 
@@ -330,17 +333,17 @@ extern "C" __global__ void lpl_om_plane_stats(int64_t planes, int64_t nb, int64_
     double *pd = ws.plane_d + plane * LPL_OM_PLANE_D;
     double kept = 0.0, s1 = 0.0, s2 = 0.0;
     for (int64_t j = 0; j < nb; ++j) {
-        kept += ws.part_d[(plane * nb + j) * 4];
-        s1 += ws.part_d[(plane * nb + j) * 4 + 1];
-        s2 += ws.part_d[(plane * nb + j) * 4 + 2];
+        kept += lpl_ld(ws.part_d, (plane * nb + j) * 4);
+        s1 += lpl_ld(ws.part_d, (plane * nb + j) * 4 + 1);
+        s2 += lpl_ld(ws.part_d, (plane * nb + j) * 4 + 2);
     }
-    const double zeros = (double)len - kept, k = pd[PD_MEAN];
+    const double zeros = (double)len - kept, k = lpl_ld(pd, PD_MEAN);
     s1 -= zeros * k;
     s2 += zeros * k * k;
     const double m2 = len > 0 ? s2 - s1 * s1 / (double)len : 0.0;
-    pd[PD_PMEAN] = len > 0 ? k + s1 / (double)len : 0.0;
-    pd[PD_PM2] = m2 > 0.0 ? m2 : 0.0;
-    pd[PD_KEPT] = kept;
+    lpl_st(pd, PD_PMEAN, len > 0 ? k + s1 / (double)len : 0.0);
+    lpl_st(pd, PD_PM2, m2 > 0.0 ? m2 : 0.0);
+    lpl_st(pd, PD_KEPT, kept);
 }
 
 // 10b. Single thread: planes merged in order (as the CPU does).
@@ -349,10 +352,12 @@ extern "C" __global__ void lpl_om_layer_stats(int64_t planes, int64_t len, om_ws
     double n = 0.0, mean = 0.0, m2 = 0.0, kept = 0.0;
     for (int64_t pl = 0; pl < planes && len > 0; ++pl) {
         const double *pd = ws.plane_d + pl * LPL_OM_PLANE_D;
-        lpl_om_merge_moments(&n, &mean, &m2, (double)len, pd[PD_PMEAN], pd[PD_PM2]);
-        kept += pd[PD_KEPT];
+        lpl_om_merge_moments(&n, &mean, &m2, (double)len, lpl_ld(pd, PD_PMEAN), lpl_ld(pd, PD_PM2));
+        kept += lpl_ld(pd, PD_KEPT);
     }
-    lpl_om_finish_stats(n, mean, m2, kept, stats);
+    double out[3];
+    lpl_om_finish_stats(n, mean, m2, kept, out);
+    for (int i = 0; i < 3; ++i) lpl_st(stats, i, out[i]);
 }
 
 #define LPL_OM_ENTRY_POINTS(sfx, T)                                                                                  \

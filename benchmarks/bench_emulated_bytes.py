@@ -1,0 +1,168 @@
+"""Global-memory bytes the CUDA kernels move, counted on the emulated device (docs/cuda.md,
+"The emulated device"), per op and layer of the SDXL decoder pyramid at a reduced size,
+against the minimal bytes:
+
+- feature distance: read x, y and the keep-mask once, write the gradient once;
+- outlier mask: read y once, write the mask once.
+
+Emulated traffic, not DRAM measurements: *requested* counts every load and store of every
+thread through the kernels' io helpers (lpl_device.cuh), as if nothing were cached or
+coalesced; *distinct* counts each byte once per launch (what a launch must move if every
+re-read hits a cache), summed over the op's launches. A GPU's DRAM traffic lies between
+the two. Global atomics count once per operation.
+
+    python benchmarks/run_all.py --only emulated_bytes [--res 32] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+from benchmarks import bench_head, common
+
+ref = common.tests_module("reference")
+
+NORMS = tuple(ref.NORMS)
+DTYPES = ("float32", "bfloat16")
+ELEM = bench_head.ELEM_SIZE
+Row = Dict[str, Any]
+
+
+def _device() -> Tuple[Any, Any]:
+    """(tests/test_cuda_emulated.py, its Emu): the emulated device's helpers, the stand-in
+    driver built and its kernels loaded, counting distinct bytes too."""
+    build = common.tests_module("fake_cuda.build")
+    lib = build.build(Path(os.environ.get("LPL_EMU_BUILD_DIR") or Path(tempfile.gettempdir()) / "lpl_fake_cuda"))
+    log_dir = tempfile.mkdtemp(prefix="lpl_emulated_bytes.")
+    atexit.register(shutil.rmtree, log_dir, ignore_errors=True)
+    log = Path(log_dir) / "launches.log"
+    os.environ.update(LPL_EXT_LIBCUDA=str(lib), FAKE_CUDA_LOG=str(log), FAKE_CUDA_FOOTPRINT="1", FAKE_CUDA_SEED="1")
+    for var in ("FAKE_CUDA_CC", "FAKE_CUDA_SMS", "FAKE_CUDA_DEVICES"):
+        os.environ.pop(var, None)
+    emulated = common.tests_module("test_cuda_emulated")
+    from lpl_ext import _C, _cuda
+
+    image, origin = emulated._image_for_emulation()
+    kernels = _C.cuda_load_kernels(_cuda.driver(), 0, image) if image else _cuda.load_kernels(0)[0]
+    return emulated, emulated.Emu(lib, log, kernels, kernels, origin or "lpl_ext's image choice")
+
+
+def _totals(dev: Any) -> Row:
+    """Sums over the launches since the last clear, and their count."""
+    launches = dev.launches()
+    bad = [ln for ln in launches if ln["kind"] != "launch" or ln.get("rc") != "0"]
+    if bad or dev.warnings():
+        raise RuntimeError(f"emulated launches failed or warned: {bad or dev.warnings()}")
+    keys = ("read", "write", "atomic", "unique_read", "unique_write")
+    out = {k: sum(int(ln[k]) for ln in launches) for k in keys}
+    out["launches"] = len(launches)
+    return out
+
+
+def _row(op: str, layer: str, shape: Sequence[int], dtype: str, norm: str, masked: bool, totals: Row,
+         minimal_per_elem: float, wall_s: float) -> Row:
+    elems = 1
+    for d in shape:
+        elems *= d
+    requested = (totals["read"] + totals["write"] + totals["atomic"]) / elems
+    distinct = (totals["unique_read"] + totals["unique_write"]) / elems
+    return dict(op=op, layer=layer, shape="x".join(map(str, shape)), dtype=dtype, norm=norm, mask=masked,
+                read_per_elem=totals["read"] / elems, write_per_elem=totals["write"] / elems,
+                atomic_per_elem=totals["atomic"] / elems, requested_per_elem=requested, distinct_per_elem=distinct,
+                minimal_per_elem=minimal_per_elem, requested_over_minimal=requested / minimal_per_elem,
+                distinct_over_minimal=distinct / minimal_per_elem, launches=totals["launches"],
+                emulation_s=round(wall_s, 2))
+
+
+def run(res: int = 32, dtypes: Sequence[str] = DTYPES, norms: Sequence[str] = NORMS,
+        log: Callable[[str], None] = print) -> List[Row]:
+    """One row per (op, layer, dtype[, norm]) of the pyramid at `res` px (latent res/8)."""
+    import torch
+
+    emulated, dev = _device()
+    lat = res // 8
+    rows: List[Row] = []
+    g = torch.Generator().manual_seed(0)
+    for i, name in enumerate(bench_head.LAYER_NAMES):
+        shape = (1, bench_head.LAYER_CHANNELS[i], lat * bench_head.LAYER_SCALE[i], lat * bench_head.LAYER_SCALE[i])
+        masked = i in ref.OUTLIER_DOWN_FACTOR  # the layers the loss masks (docs/spec.md, "Loss module")
+        closing, opening = ref.outlier_windows(ref.OUTLIER_DOWN_FACTOR.get(i, 1))
+        for dtype in dtypes:
+            tdt = getattr(torch, dtype)
+            y = torch.randn(shape, generator=g).to(tdt)
+            x = (y.float() + 0.1 * torch.randn(shape, generator=g)).to(tdt)
+            dev.clear()
+            t = time.time()
+            keep, _ = emulated.emu_outlier_mask(dev, y, closing, opening)
+            rows.append(_row("outlier_mask", name, shape, dtype, "", False, _totals(dev), ELEM[dtype] + 1,
+                             time.time() - t))
+            log(_line(rows[-1]))
+            mask = torch.from_numpy(keep.view(bool).copy()) if masked else None
+            for norm in norms:
+                dev.clear()
+                t = time.time()
+                emulated.emu_feature_distance(dev, x, y, mask, norm, "mse", 1.0)
+                minimal = 2 * ELEM[dtype] + (1 if masked else 0) + ELEM[dtype]
+                rows.append(_row("feature_distance", name, shape, dtype, norm, masked, _totals(dev), minimal,
+                                 time.time() - t))
+                log(_line(rows[-1]))
+    return rows
+
+
+def _line(r: Row) -> str:
+    return (f"[emulated bytes] {r['op']} {r['layer']} {r['shape']} {r['dtype']} {r['norm'] or '-'}"
+            f"{' mask' if r['mask'] else ''}: requested {r['requested_per_elem']:.2f} B/elem, distinct "
+            f"{r['distinct_per_elem']:.2f}, minimal {r['minimal_per_elem']:.0f} ({r['emulation_s']:.1f} s)")
+
+
+def table(rows: List[Row], res: int) -> str:
+    """Markdown: the rows, labelled as emulated traffic."""
+    out = [
+        f"Emulated global-memory traffic (not DRAM measurements), SDXL decoder pyramid at {res}px"
+        f" (latent {res // 8}x{res // 8}), batch 1; bytes per element of the op's tensor."
+        " *requested*: every load and store of every thread (no caching, no coalescing);"
+        " *distinct*: each byte once per launch, summed over the launches; *minimal*: feature distance"
+        " reads x, y (and the 1-byte mask on masked layers) and writes the gradient once, the outlier"
+        " mask reads y and writes the mask once.",
+        "",
+        "| op | layer | shape | dtype | norm | mask | requested B/elem (read + write + atomic) | distinct B/elem"
+        " | minimal B/elem | requested / minimal | distinct / minimal | launches |",
+        "|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        out.append(
+            f"| {r['op']} | {r['layer']} | {r['shape']} | {r['dtype']} | {r['norm'] or '–'}"
+            f" | {'yes' if r['mask'] else 'no'}"
+            f" | {r['requested_per_elem']:.2f} ({r['read_per_elem']:.2f} + {r['write_per_elem']:.2f}"
+            f" + {r['atomic_per_elem']:.3f}) | {r['distinct_per_elem']:.2f} | {r['minimal_per_elem']:.0f}"
+            f" | {r['requested_over_minimal']:.2f}× | {r['distinct_over_minimal']:.2f}× | {r['launches']} |")
+    return "\n".join(out)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--res", type=int, default=32)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    rows = run(args.res)
+    print(table(rows, args.res))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    if __package__ in (None, ""):
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.exit(main())

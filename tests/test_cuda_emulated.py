@@ -1,0 +1,714 @@
+"""The CUDA kernels of csrc/cuda/ executed on the emulated device (docs/cuda.md, "The
+emulated device"), on every machine: lpl_ext's CUDA host path (feature_distance_cuda.c,
+outlier_mask_cuda.c) picks every launch configuration and packs every argument as on a
+GPU; the stand-in driver (tests/fake_cuda/fake_libcuda.c) enforces the device's launch
+limits and runs each kernel, every CUDA thread an OS thread, blocks one at a time in a
+seeded shuffled order.
+
+Compared with the CPU kernels through the same _C entry points, on CUDA-labelled DLPack
+capsules over host memory:
+- keep-masks bit-identical; the outlier ratio bit-identical, the layer mean and std too
+  when the partial sums are exact (and within reduction order otherwise: the device sums
+  each plane's kept values in block-reduction order, the CPU sequentially);
+- gradients bit-identical (the per-element math is the same, lpl_math.h), except for
+  norm="batch", whose channel mean and std come from per-plane sums in block-reduction
+  order: within a few units in the last place of the storage dtype (bit-identical again
+  when those sums are exact);
+- losses within reduction order (per-channel sums of identical per-element terms, added
+  by double atomics in an order that varies run to run);
+- a copy of the target gives exactly 0 (tests/test_exact_zero.py's cases).
+
+Modes: the default is the quick subset CI runs; LPL_EMU_FULL=1 runs the whole grid;
+tests/emu/run_sanitized.sh sets LPL_EMU_SANITIZE=thread|address and runs the sanitizer
+subset under ThreadSanitizer or AddressSanitizer + UBSan."""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import itertools
+import os
+import re
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import pytest
+import torch
+
+import lpl_ext
+from fake_cuda.build import KERNEL_FILES, ROOT, build as build_fake_libcuda, build_dir
+from lpl_ext import _C, _cuda
+from lpl_ext._options import DISTANCES, NORMS  # the C module's lists
+from reference import ref_feature_distance, ref_outlier_mask
+from test_cuda_loader import FakeCudaArray
+from test_exact_zero import copy_of_target
+from test_nonfinite import SHAPE as NONFINITE_SHAPE, _data as nonfinite_data
+
+SANITIZE = os.environ.get("LPL_EMU_SANITIZE") or None
+MODE = "full" if os.environ.get("LPL_EMU_FULL") == "1" else ("sanitize" if SANITIZE else "quick")
+STREAM = 0x5EED  # any handle: the stand-in runs launches in order on the calling thread
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+SUFFIX = {torch.float32: "f32", torch.float64: "f64", torch.float16: "f16", torch.bfloat16: "bf16"}
+EPS = {torch.float32: 2.0 ** -23, torch.float64: 2.0 ** -52, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
+# Relative tolerance of a loss: the same per-element terms (all >= 0: no cancellation),
+# which the device adds one by one in double and the CPU row by row in its accumulation
+# type (float for 32- and 16-bit storage, feature_distance_cpu_impl.h) before double.
+# Summing n terms >= 0 in precision u is off by at most (n - 1) u of the sum (Higham).
+LOSS_RTOL = 1e-12
+
+
+def loss_rtol(dtype: torch.dtype, hw: int, norm: str) -> float:
+    if dtype == torch.float64:
+        return LOSS_RTOL
+    # batch: the terms themselves may differ by a few float ulps (see the gradients)
+    return max(hw - 1, 1) * 2.0 ** -24 + (16 * 2.0 ** -24 if norm == "batch" else 0.0)
+
+
+def _dtype_id(d: torch.dtype) -> str:
+    return str(d).split(".")[-1]
+
+
+# ---- the emulated device ------------------------------------------------------------------
+
+
+class Emu:
+    """The stand-in driver with the emulated device, its kernels loaded for cuda:0 (with
+    the default 132 SMs, and with 1 SM, which makes the host code choose 256-thread
+    blocks), and a reader of its launch log."""
+
+    def __init__(self, lib: Path, log: Path, kernels, kernels_1sm, origin: str):
+        self.lib, self.log, self.kernels, self.kernels_1sm, self.origin = lib, log, kernels, kernels_1sm, origin
+        self.hooks = ctypes.CDLL(str(lib))
+        self.hooks.fake_warning.restype = ctypes.c_char_p
+
+    def launches(self) -> List[Dict[str, str]]:
+        """Every launch logged since clear(): {"kernel": name, field: value}."""
+        if not self.log.exists():
+            return []
+        out = []
+        for line in self.log.read_text().splitlines():
+            kind, name, *fields = line.split()
+            if kind in ("launch", "refused"):
+                out.append({"kind": kind, "kernel": name, **dict(f.split("=", 1) for f in fields)})
+        return out
+
+    def clear(self) -> None:
+        self.log.unlink(missing_ok=True)
+        self.hooks.fake_clear_warnings()
+
+    def warnings(self) -> List[str]:
+        return [self.hooks.fake_warning(i).decode() for i in range(self.hooks.fake_warning_count())]
+
+    def check_clean(self) -> None:
+        """Every launch since clear() ran (none refused or failed) and raised no warning."""
+        bad = [ln for ln in self.launches() if ln["kind"] != "launch" or ln.get("rc") != "0"]
+        assert not bad, bad
+        assert self.warnings() == []
+
+
+def _image_for_emulation() -> Tuple[Optional[bytes], str]:
+    """The shipped sm_90 cubin (the stand-in reads each kernel's static shared memory and
+    launch bounds from it), else None: lpl_ext's own image choice then finds one."""
+    name = Path(lpl_ext.__file__).parent / "_kernels" / "lpl_kernels.sm_90.cubin"
+    return (name.read_bytes(), "shipped cubin sm_90") if name.is_file() else (None, "")
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory) -> Emu:
+    # LPL_EMU_CSRC: kernel sources from another tree (tests/emu/mutation_check.py's mutants)
+    lib = build_fake_libcuda(build_dir(tmp_path_factory.getbasetemp()), SANITIZE,
+                             Path(os.environ.get("LPL_EMU_CSRC") or ROOT / "csrc"))
+    log = tmp_path_factory.mktemp("emulated") / "launches.log"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LPL_EXT_LIBCUDA", str(lib))
+        mp.setenv("FAKE_CUDA_LOG", str(log))
+        for var in ("FAKE_CUDA_CC", "FAKE_CUDA_DEVICES", "FAKE_CUDA_SMS", "FAKE_CUDA_REJECT_CUBIN",
+                    "FAKE_CUDA_INIT_ERROR", "FAKE_CUDA_SEED", "FAKE_CUDA_FOOTPRINT", "LPL_EXT_KERNELS"):
+            mp.delenv(var, raising=False)
+        mp.setattr(_cuda, "_state", {"driver": None, "kernels": {}, "nvrtc": None})
+        image, origin = _image_for_emulation()
+        if image is None:
+            kernels, origin = _cuda.load_kernels(0)  # NVRTC (skips would be a CI failure: .ci/run has nvcc)
+            mp.setenv("FAKE_CUDA_SMS", "1")
+            kernels_1sm, _ = _cuda.load_kernels(0)
+        else:
+            drv = _cuda.driver()
+            kernels = _C.cuda_load_kernels(drv, 0, image)
+            mp.setenv("FAKE_CUDA_SMS", "1")  # read when the kernels are loaded (their sm_count)
+            kernels_1sm = _C.cuda_load_kernels(drv, 0, image)
+        mp.delenv("FAKE_CUDA_SMS")
+        device = Emu(lib, log, kernels, kernels_1sm, origin)
+        del kernels, kernels_1sm
+        yield device
+        # release the modules and the primary context (tests/test_cuda_loader.py counts them
+        # on the same stand-in)
+        device.kernels = device.kernels_1sm = None
+        gc.collect()
+
+
+@pytest.fixture
+def dev(emu, monkeypatch) -> Emu:
+    """The emulated device with a clean log; each test ends with no refused or failed
+    launch and no warning."""
+    monkeypatch.delenv("FAKE_CUDA_SEED", raising=False)
+    emu.clear()
+    yield emu
+    emu.check_clean()
+
+
+# ---- running an op on both devices -----------------------------------------------------------
+
+
+def _bits(a: np.ndarray) -> np.ndarray:
+    return a.view({1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[a.itemsize])
+
+
+def _on_device(t: torch.Tensor) -> FakeCudaArray:
+    """The tensor's values in host memory labelled cuda:0 (bfloat16 as raw 16-bit words)."""
+    t = t.contiguous()
+    if t.dtype == torch.bfloat16:
+        return FakeCudaArray(t.view(torch.int16).numpy().view(np.uint16), bfloat16=True)
+    return FakeCudaArray(t.numpy())
+
+
+def _storage(dtype: torch.dtype) -> np.dtype:
+    return {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16,
+            torch.bfloat16: np.uint16}[dtype]
+
+
+def _values(bits: np.ndarray, dtype: torch.dtype) -> np.ndarray:
+    """float64 values of raw storage (bfloat16 words widened exactly)."""
+    if dtype == torch.bfloat16:
+        return (bits.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    return bits.astype(np.float64)
+
+
+def emu_feature_distance(emu: Emu, x, y, mask, norm, distance, weight, kernels=None) -> Tuple[np.ndarray, np.ndarray]:
+    """(loss float64 (N,), gradient in x's storage) computed on the emulated device; every
+    output starts as NaN / all-ones bits, so that a value no kernel wrote shows."""
+    n, c = x.shape[:2]
+    loss = FakeCudaArray(np.full(n, np.nan))
+    storage = np.dtype(_storage(x.dtype))
+    grad = FakeCudaArray(np.full(x.numel() * storage.itemsize, 0xFF, np.uint8).view(storage).reshape(tuple(x.shape)),
+                         bfloat16=x.dtype == torch.bfloat16)
+    ws = FakeCudaArray(np.full(_C.feature_distance_workspace(n, c), np.nan))
+    _C.feature_distance(_on_device(x), _on_device(y), None if mask is None else _on_device(mask), loss, grad, norm,
+                        distance, weight, stream=STREAM, workspace=ws, kernels=kernels or emu.kernels)
+    return loss.array, grad.array
+
+
+def cpu_feature_distance(x, y, mask, norm, distance, weight) -> Tuple[np.ndarray, np.ndarray]:
+    loss = torch.full((x.shape[0],), float("nan"), dtype=torch.float64)
+    grad = torch.empty_like(x)
+    _C.feature_distance(x, y, mask, loss, grad, norm, distance, weight)
+    return loss.numpy(), _on_device(grad).array
+
+
+def emu_outlier_mask(emu: Emu, y, closing, opening, stats=True, quantile=0.02, margin_std=2.0):
+    keep = FakeCudaArray(np.full(tuple(y.shape), 0xAB, np.uint8).view(np.bool_))  # neither 0 nor 1
+    st = FakeCudaArray(np.full(3, 12345.0)) if stats else None
+    ws = FakeCudaArray(np.full(_C.outlier_mask_workspace_bytes(*y.shape), 0xCD, np.uint8))
+    _C.outlier_mask(_on_device(y), keep, st, quantile, margin_std, closing, opening, stream=STREAM, workspace=ws,
+                    kernels=emu.kernels)
+    return keep.array.view(np.uint8), (st.array if stats else None)
+
+
+def cpu_outlier_mask(y, closing, opening, stats=True, quantile=0.02, margin_std=2.0):
+    keep = torch.zeros(y.shape, dtype=torch.bool)
+    st = torch.zeros(3, dtype=torch.float64) if stats else None
+    _C.outlier_mask(y, keep, st, quantile, margin_std, closing, opening)
+    return keep.numpy().view(np.uint8), (st.numpy() if stats else None)
+
+
+def assert_same_values(a_bits: np.ndarray, b_bits: np.ndarray, dtype: torch.dtype) -> None:
+    """Bit-identical, except that NaNs need only be NaN at the same places (their payload
+    depends on operand order, which is not part of the contract)."""
+    va, vb = _values(a_bits, dtype), _values(b_bits, dtype)
+    np.testing.assert_array_equal(np.isnan(va), np.isnan(vb))
+    keep = ~np.isnan(vb)
+    diff = np.flatnonzero(_bits(np.ascontiguousarray(a_bits))[keep] != _bits(np.ascontiguousarray(b_bits))[keep])
+    assert diff.size == 0, f"{diff.size} values differ, e.g. {va[keep][diff[:5]]} vs {vb[keep][diff[:5]]}"
+
+
+def assert_close_values(a_bits, b_bits, dtype: torch.dtype, ulps: float) -> None:
+    """Within `ulps` units of the storage dtype's last place, relative to the largest
+    magnitude (the tolerance of norm="batch" gradients)."""
+    va, vb = _values(a_bits, dtype), _values(b_bits, dtype)
+    np.testing.assert_array_equal(np.isnan(va), np.isnan(vb))
+    fin = np.isfinite(vb)
+    np.testing.assert_array_equal(va[~fin & ~np.isnan(vb)], vb[~fin & ~np.isnan(vb)])
+    scale = np.max(np.abs(vb[fin]), initial=0.0)
+    np.testing.assert_allclose(va[fin], vb[fin], rtol=ulps * EPS[dtype], atol=ulps * EPS[dtype] * scale)
+
+
+def assert_losses_close(a: np.ndarray, b: np.ndarray, rtol: float = LOSS_RTOL) -> None:
+    """Same non-finite pattern (NaN, +Inf, -Inf do not depend on the order of the sums),
+    finite values within rtol."""
+    for test in (np.isnan, np.isposinf, np.isneginf):
+        np.testing.assert_array_equal(test(a), test(b))
+    fin = np.isfinite(b)
+    np.testing.assert_allclose(a[fin], b[fin], rtol=rtol, atol=0)
+
+
+# ---- feature distance: the grid ------------------------------------------------------------------
+
+# name: (shape, SMs the host code sees): odd sizes with 2 blocks per sample of 64 threads; one
+# channel; C >= 512 on small planes; C above the shared-accumulator limit (4096: global
+# atomics instead); 256-thread blocks, 8 per sample; empty planes; no sample at all
+FD_SHAPES = {
+    "odd": ((2, 5, 9, 13), 132),
+    "c1": ((3, 1, 7, 5), 132),
+    "c512": ((1, 512, 3, 5), 132),
+    "c4100": ((1, 4100, 1, 2), 132),
+    "blocks": ((2, 3, 40, 50), 1),
+    "hw0": ((2, 3, 0, 4), 132),
+    "n0": ((0, 3, 4, 4), 132),
+}
+ALL_COMBOS = list(itertools.product(DTYPES, NORMS, DISTANCES, [False, True]))
+
+
+def _diagonal(shift: int, count: int = 4) -> list:
+    """`count` combinations that cover every norm (and, with 4, every dtype, both distances
+    and mask / no mask)."""
+    return [(DTYPES[(i + shift) % 4], NORMS[i], DISTANCES[(i + shift) % 2], bool((i // 2 + shift) % 2))
+            for i in range(count)]
+
+
+def _fd_grid() -> list:
+    cases = []
+    for k, name in enumerate(FD_SHAPES):
+        if MODE == "full":
+            combos = ALL_COMBOS
+        elif MODE == "quick":
+            combos = ALL_COMBOS if name == "odd" else _diagonal(k, 2 if name == "c4100" else 4)
+        else:  # sanitizers: every kernel on a few shapes (each emulated thread costs more there)
+            if name in ("c4100", "n0"):
+                continue
+            combos = _diagonal(k, 4 if name in ("odd", "blocks") else 1)
+        cases += [pytest.param(name, *c, id=f"{name}-{_dtype_id(c[0])}-{c[1]}-{c[2]}-{'mask' if c[3] else 'nomask'}")
+                  for c in combos]
+    return cases
+
+
+def _fd_inputs(shape, dtype, masked, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n, c = shape[:2]
+    scale = torch.logspace(-2, 2, max(c, 1), dtype=torch.float64)[:c].view(1, c, 1, 1)
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+    y = (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+    mask = None
+    if masked:
+        mask = torch.rand(shape, generator=g) > 0.3
+        if n and c > 1:
+            mask[0, 0] = False  # a plane with nothing kept contributes 0
+    return x, y, mask
+
+
+@pytest.mark.parametrize("shape_name,dtype,norm,distance,masked", _fd_grid())
+def test_feature_distance_matches_cpu(dev, shape_name, dtype, norm, distance, masked):
+    shape, sms = FD_SHAPES[shape_name]
+    x, y, mask = _fd_inputs(shape, dtype, masked)
+    kernels = dev.kernels_1sm if sms == 1 else None
+    loss, grad = emu_feature_distance(dev, x, y, mask, norm, distance, 0.75, kernels)
+    want_loss, want_grad = cpu_feature_distance(x, y, mask, norm, distance, 0.75)
+    if norm == "batch":
+        # the channel statistics come from per-plane sums in block-reduction order: they
+        # differ from the CPU's in their last bits, and so may every term after them
+        assert_close_values(grad, want_grad, dtype, ulps=8)
+    else:
+        assert_same_values(grad, want_grad, dtype)
+    assert_losses_close(loss, want_loss, rtol=loss_rtol(dtype, shape[2] * shape[3], norm))
+    if dtype == torch.float64 and shape[0] and shape[2]:
+        ref = ref_feature_distance(x, y, mask, norm, distance, 0.75).numpy()
+        np.testing.assert_allclose(loss, ref, rtol=1e-9, atol=1e-300)
+    if shape[0] and shape[2]:
+        assert f"lpl_fd_main_{SUFFIX[dtype]}" in {ln["kernel"] for ln in dev.launches()}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+def test_batch_norm_gradient_is_bit_identical_when_its_statistics_are_exact(dev, dtype, masked):
+    """Dyadic values on planes of 64: every per-plane sum and the mean are exact in any
+    order, so norm="batch" is bit-identical too (its tolerance above is only the order of
+    the statistics' sums)."""
+    g = torch.Generator().manual_seed(3)
+    shape = (2, 3, 8, 8)
+    x = (torch.randint(-24, 25, shape, generator=g).double() / 8).to(dtype)
+    y = (torch.randint(-24, 25, shape, generator=g).double() / 8).to(dtype)
+    mask = torch.rand(shape, generator=g) > 0.3 if masked else None
+    for distance in DISTANCES:
+        loss, grad = emu_feature_distance(dev, x, y, mask, "batch", distance, 1.0)
+        want_loss, want_grad = cpu_feature_distance(x, y, mask, "batch", distance, 1.0)
+        assert_same_values(grad, want_grad, dtype)
+        assert_losses_close(loss, want_loss, rtol=loss_rtol(dtype, 64, "none"))
+
+
+def _exact_zero_grid() -> list:
+    combos = itertools.product(DTYPES, NORMS, DISTANCES, [False, True])
+    if MODE == "sanitize":
+        combos = _diagonal(1)
+    return [pytest.param(*c, id=f"{_dtype_id(c[0])}-{c[1]}-{c[2]}-{'mask' if c[3] else 'nomask'}") for c in combos]
+
+
+@pytest.mark.parametrize("dtype,norm,distance,masked", _exact_zero_grid())
+def test_copy_of_target_gives_exact_zero(dev, dtype, norm, distance, masked):
+    x, y, mask = copy_of_target(dtype, masked)
+    loss, grad = emu_feature_distance(dev, x, y, mask, norm, distance, 0.75)
+    assert np.all(loss == 0.0), loss
+    assert np.all(_values(grad, dtype) == 0.0)
+
+
+def _nonfinite_grid() -> list:
+    kinds = ["kept", "dropped", "plane_dropped"]
+    combos = list(itertools.product(DTYPES, NORMS, DISTANCES, kinds))
+    if MODE == "quick":
+        combos = [c for i, c in enumerate(combos) if i % 3 == 0]  # 32 of 96, every value of each axis
+    elif MODE == "sanitize":
+        combos = [(DTYPES[i % 4], NORMS[i], DISTANCES[i % 2], kinds[i % 3]) for i in range(4)]
+    return [pytest.param(*c, id=f"{_dtype_id(c[0])}-{c[1]}-{c[2]}-{c[3]}") for c in combos]
+
+
+@pytest.mark.parametrize("dtype,norm,distance,mask_kind", _nonfinite_grid())
+def test_nonfinite_inputs_match_cpu(dev, dtype, norm, distance, mask_kind):
+    """tests/test_nonfinite.py's data with NaN, +Inf and -Inf in x (one per sample) and in
+    y, kept or dropped by the mask, or in a plane the mask drops whole."""
+    x, y = nonfinite_data(dtype)
+    bad_x = [(0, 1, 2, 3), (1, 2, 0, 0), (2, 3, 5, 6)]
+    bad_y = [(1, 0, 1, 1), (2, 1, 4, 4), (0, 3, 0, 6)]
+    for pos, v in zip(bad_x, (float("nan"), float("inf"), -float("inf"))):
+        x[pos] = v
+    for pos, v in zip(bad_y, (float("inf"), float("nan"), -float("inf"))):
+        y[pos] = v
+    mask = None
+    if mask_kind != "kept":
+        mask = torch.ones(NONFINITE_SHAPE, dtype=torch.bool)
+        for pos in bad_y + ([bad_x[1]] if mask_kind == "dropped" else []):
+            mask[pos] = False
+        if mask_kind == "plane_dropped":
+            mask[bad_x[0][:2]] = False
+    loss, grad = emu_feature_distance(dev, x, y, mask, norm, distance, 1.0)
+    want_loss, want_grad = cpu_feature_distance(x, y, mask, norm, distance, 1.0)
+    assert_losses_close(loss, want_loss, rtol=loss_rtol(dtype, NONFINITE_SHAPE[2] * NONFINITE_SHAPE[3], norm))
+    if norm == "batch":
+        assert_close_values(grad, want_grad, dtype, ulps=8)
+    else:
+        assert_same_values(grad, want_grad, dtype)
+    assert not np.all(np.isfinite(loss))  # the policy of tests/test_nonfinite.py: nothing hides a bad x
+
+
+def test_block_order_changes_no_result(dev, monkeypatch):
+    """Three block orders (grid order and two shuffles): gradients, masks and outlier
+    statistics bit-identical (per-block partials are combined in a fixed order); the loss
+    within reduction order (double atomics)."""
+    x, y, mask = _fd_inputs(FD_SHAPES["blocks"][0], torch.float32, True, seed=5)
+    ym = torch.randn(1, 2, 50, 60, generator=torch.Generator().manual_seed(2)) * 3  # 2 blocks per plane
+    results = []
+    for seed in ("0", "1", "2"):
+        monkeypatch.setenv("FAKE_CUDA_SEED", seed)
+        loss, grad = emu_feature_distance(dev, x, y, mask, "default", "mse", 1.0, dev.kernels_1sm)
+        keep, stats = emu_outlier_mask(dev, ym, 3, 5)
+        results.append((loss, grad, keep, stats))
+    grids = {ln["kernel"]: int(ln["grid"]) for ln in dev.launches()}
+    assert grids["lpl_fd_main_f32"] == 2 * 8 and grids["lpl_om_moments_f32"] == 2 * 2  # blocks to reorder
+    for loss, grad, keep, stats in results[1:]:
+        assert_losses_close(loss, results[0][0])  # both summed in double, in other orders
+        np.testing.assert_array_equal(_bits(grad), _bits(results[0][1]))
+        np.testing.assert_array_equal(keep, results[0][2])
+        np.testing.assert_array_equal(_bits(stats), _bits(results[0][3]))
+
+
+# ---- outlier mask -------------------------------------------------------------------------------
+
+
+def _om_input(case: str, dtype: torch.dtype) -> Tuple[torch.Tensor, int, int]:
+    """(y, closing, opening) of a named case."""
+    g = torch.Generator().manual_seed(11)
+    if case == "nonfinite":  # tests/test_nonfinite.py's pipeline case
+        y = torch.randn(2, 3, 16, 16, generator=g).to(dtype)
+        y[0, 0, 3, 3] = float("nan")
+        y[0, 1, 8, 2] = float("inf")
+        y[1, 2, 0, 15] = -float("inf")
+        y[1, 0] = float("nan")  # a plane with no finite value keeps nothing
+        return y, 3, 5
+    shape, closing, opening = {"odd": ((2, 3, 9, 13), 3, 5), "c1": ((1, 1, 17, 11), 1, 1),
+                               "blocks": ((1, 2, 50, 60), 3, 3), "tiny": ((2, 2, 1, 1), 3, 5),
+                               "constant": ((1, 2, 7, 6), 3, 5), "hw0": ((1, 2, 0, 5), 3, 5)}[case]
+    y = torch.randn(shape, generator=g, dtype=torch.float64)
+    if y.numel() > 8:
+        y.view(-1)[:: 7] *= 6  # outliers to drop
+    if case == "constant":
+        y[0, 0] = 0.375  # a constant plane: std exactly 0
+    return y.to(dtype), closing, opening
+
+
+OM_CASES = ["odd", "c1", "blocks", "nonfinite", "tiny", "constant", "hw0"]
+
+
+def _om_grid() -> list:
+    combos = list(itertools.product(OM_CASES, DTYPES))
+    if MODE == "sanitize":
+        combos = [(c, DTYPES[i % 4]) for i, c in enumerate(["odd", "blocks", "nonfinite", "tiny"])]
+    return [pytest.param(c, d, id=f"{c}-{_dtype_id(d)}") for c, d in combos]
+
+
+@pytest.mark.parametrize("case,dtype", _om_grid())
+def test_outlier_mask_matches_cpu(dev, case, dtype):
+    y, closing, opening = _om_input(case, dtype)
+    keep, stats = emu_outlier_mask(dev, y, closing, opening)
+    want_keep, want_stats = cpu_outlier_mask(y, closing, opening)
+    np.testing.assert_array_equal(keep, want_keep)
+    if y.numel():  # (the oracle's max_pool2d refuses empty planes)
+        np.testing.assert_array_equal(keep, ref_outlier_mask(y, 0.02, 2.0, closing, opening).numpy())
+    # the outlier ratio is 1 - kept / n (integers): exact; mean and std: within reduction order
+    np.testing.assert_array_equal(_bits(stats[2:]), _bits(want_stats[2:]))
+    assert_losses_close(stats[:2], want_stats[:2])
+    if case == "odd":  # without stats the same keep-mask, and fewer launches
+        dev.clear()
+        keep2, _ = emu_outlier_mask(dev, y, closing, opening, stats=False)
+        np.testing.assert_array_equal(keep2, want_keep)
+        assert "lpl_om_layer_stats" not in {ln["kernel"] for ln in dev.launches()}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+def test_outlier_stats_are_bit_identical_when_the_sums_are_exact(dev, dtype):
+    """Dyadic values on 2 planes of 64: every partial sum is exact in any order, so the
+    layer mean and std are bit-identical too."""
+    g = torch.Generator().manual_seed(4)
+    y = (torch.randint(-32, 33, (1, 2, 8, 8), generator=g).double() / 8).to(dtype)
+    y[0, 0, 2, 5] = 100.0  # beyond the 98% quantile + 2 std: dropped (windows of 1: no closing)
+    keep, stats = emu_outlier_mask(dev, y, 1, 1)
+    want_keep, want_stats = cpu_outlier_mask(y, 1, 1)
+    np.testing.assert_array_equal(keep, want_keep)
+    np.testing.assert_array_equal(_bits(stats), _bits(want_stats))
+    assert 0 < stats[2] < 1
+
+
+# ---- bytes moved ------------------------------------------------------------------------------------
+
+
+def test_bytes_are_counted_per_access(dev, monkeypatch):
+    """The io helpers count every access of every thread; with FAKE_CUDA_FOOTPRINT the
+    distinct bytes too. norm="none", no mask, float32, (2, 3, 4, 5): the main kernel reads
+    x, y and the plane's kept count per element and writes the gradient; each block adds
+    its per-channel sums with one global atomic each."""
+    monkeypatch.setenv("FAKE_CUDA_FOOTPRINT", "1")
+    n, c, h, w = 2, 3, 4, 5
+    x, y, _ = _fd_inputs((n, c, h, w), torch.float32, False)
+    emu_feature_distance(dev, x, y, None, "none", "mse", 1.0)
+    by_kernel = {ln["kernel"]: {k: int(v) for k, v in ln.items() if k not in ("kind", "kernel")}
+                 for ln in dev.launches()}
+    e, planes = n * c * h * w, n * c
+    assert list(by_kernel) == ["lpl_fd_fill", "lpl_fd_main_f32", "lpl_fd_finalize"]
+    fill, main, fin = by_kernel["lpl_fd_fill"], by_kernel["lpl_fd_main_f32"], by_kernel["lpl_fd_finalize"]
+    assert (fill["read"], fill["write"], fill["unique_write"]) == (0, 8 * planes, 8 * planes)
+    assert main["grid"] == n and main["block"] == 64  # 20 pixels: one 64-thread block per sample
+    assert (main["read"], main["write"]) == ((4 + 4 + 8) * e, 4 * e)
+    assert main["unique_read"] == (4 + 4) * e + 8 * planes
+    assert main["atomic"] == 8 * planes  # one per channel and block (random data: no sum is 0)
+    assert main["unique_write"] == 4 * e + 8 * planes
+    assert (fin["read"], fin["write"]) == (16 * planes, 8 * n)
+
+
+@pytest.mark.skipif(MODE == "sanitize", reason="the bytes benchmark runs unsanitized (its numbers do not depend on it)")
+def test_bytes_benchmark_on_a_small_pyramid(emu, monkeypatch):
+    """benchmarks/run_all.py --only emulated_bytes, on a pyramid of 2-channel layers: every
+    launch is counted, requested >= distinct >= minimal bytes per element, and a masked
+    layer moves its mask."""
+    from benchmarks import bench_emulated_bytes, bench_head
+
+    monkeypatch.setattr(bench_head, "LAYER_CHANNELS", (2,) * 5)
+    for var in ("LPL_EXT_LIBCUDA", "FAKE_CUDA_LOG", "FAKE_CUDA_FOOTPRINT", "FAKE_CUDA_SEED"):
+        monkeypatch.setenv(var, "")  # restored afterwards: the benchmark sets them for itself
+    monkeypatch.setenv("LPL_EMU_BUILD_DIR", str(emu.lib.parent.parent))  # the session's build
+    monkeypatch.setattr(_cuda, "_state", {"driver": None, "kernels": {}, "nvrtc": None})
+    rows = bench_emulated_bytes.run(16, dtypes=("float32",), norms=("none",), log=lambda line: None)
+    gc.collect()  # its kernels capsule: the module and the primary context are released
+    assert [(r["op"], r["layer"]) for r in rows] == [
+        (op, layer) for layer in bench_head.LAYER_NAMES for op in ("outlier_mask", "feature_distance")]
+    for r in rows:
+        assert r["requested_per_elem"] >= r["distinct_per_elem"] >= r["minimal_per_elem"] > 0, r
+        assert r["launches"] >= 3
+    masked = {r["layer"]: r["mask"] for r in rows if r["op"] == "feature_distance"}
+    assert masked == {"mid": False, "up0": False, "up1": True, "up2": True, "up3": True}
+    assert "not DRAM measurements" in bench_emulated_bytes.table(rows, 16)
+
+
+# ---- the device's limits ------------------------------------------------------------------------------
+
+
+class _Driver:
+    """The stand-in's driver API through ctypes, with the caller's context pushed."""
+
+    def __init__(self, lib: Path):
+        self.cu = ctypes.CDLL(str(lib))
+        assert self.cu.cuInit(0) == 0
+        self.ctx = ctypes.c_void_p()
+        assert self.cu.cuDevicePrimaryCtxRetain(ctypes.byref(self.ctx), 0) == 0
+        assert self.cu.cuCtxPushCurrent_v2(self.ctx) == 0
+
+    def close(self) -> None:
+        self.cu.cuCtxPopCurrent_v2(None)
+        self.cu.cuDevicePrimaryCtxRelease_v2(0)
+
+    def module(self, image: bytes) -> ctypes.c_void_p:
+        mod = ctypes.c_void_p()
+        assert self.cu.cuModuleLoadData(ctypes.byref(mod), image) == 0
+        return mod
+
+    def function(self, mod, name: str) -> ctypes.c_void_p:
+        fn = ctypes.c_void_p()
+        assert self.cu.cuModuleGetFunction(ctypes.byref(fn), mod, name.encode()) == 0, name
+        return fn
+
+    def attribute(self, fn, attr: int) -> int:
+        v = ctypes.c_int()
+        assert self.cu.cuFuncGetAttribute(ctypes.byref(v), attr, fn) == 0
+        return v.value
+
+    def launch(self, fn, grid, block, smem, args) -> int:
+        params = (ctypes.c_void_p * len(args))(*[ctypes.cast(ctypes.pointer(a), ctypes.c_void_p) for a in args])
+        return self.cu.cuLaunchKernel(fn, *[ctypes.c_uint(v) for v in (*grid, *block, smem)], None, params, None)
+
+
+@pytest.fixture
+def driver(emu, monkeypatch):
+    monkeypatch.delenv("FAKE_CUDA_CC", raising=False)
+    drv = _Driver(emu.lib)
+    yield drv
+    drv.close()
+
+
+CU_INVALID_VALUE, CU_LAUNCH_OUT_OF_RESOURCES = 1, 701
+ATTR_MAX_THREADS, ATTR_SHARED, ATTR_MAX_DYNAMIC = 0, 1, 8
+
+
+def _fill_args(out: np.ndarray, value: float) -> list:
+    return [ctypes.c_void_p(out.ctypes.data), ctypes.c_int64(out.size), ctypes.c_double(value)]
+
+
+@pytest.mark.skipif(_image_for_emulation()[0] is None, reason="no shipped sm_90 cubin (built without nvcc)")
+def test_launch_limits_of_the_device(emu, driver, monkeypatch):
+    """What a GPU refuses, the stand-in refuses with the driver's code; what it accepts
+    runs (lpl_fd_fill writes its value)."""
+    mod = driver.module(_image_for_emulation()[0])
+    fill, kept, main = (driver.function(mod, n) for n in ("lpl_fd_fill", "lpl_fd_kept_count", "lpl_fd_main_f32"))
+    assert driver.attribute(fill, ATTR_SHARED) == 0 and driver.attribute(kept, ATTR_SHARED) == 32 * 8
+    assert driver.attribute(main, ATTR_MAX_THREADS) == 256  # __launch_bounds__(LPL_FD_THREADS)
+    out = np.zeros(1000)
+    refused = {"block of 1025 threads": ((1, 1, 1), (1025, 1, 1), 0),
+               "32 x 32 x 2 threads": ((1, 1, 1), (32, 32, 2), 0),
+               "block z 65": ((1, 1, 1), (1, 1, 65), 0), "grid y 65536": ((1, 65536, 1), (32, 1, 1), 0),
+               "grid z 65536": ((1, 1, 65536), (32, 1, 1), 0), "empty grid": ((0, 1, 1), (32, 1, 1), 0),
+               "empty block": ((1, 1, 1), (0, 1, 1), 0), "48 KiB + 1 dynamic": ((1, 1, 1), (32, 1, 1), 48 * 1024 + 1)}
+    for what, (grid, block, smem) in refused.items():
+        assert driver.launch(fill, grid, block, smem, _fill_args(out, 1.0)) == CU_INVALID_VALUE, what
+    assert not out.any()  # nothing ran
+    assert driver.launch(fill, (4, 1, 1), (256, 1, 1), 48 * 1024, _fill_args(out, 2.0)) == 0
+    assert np.all(out == 2.0)
+    assert driver.launch(fill, (1, 1, 1), (1024, 1, 1), 0, _fill_args(out, 3.0)) == 0 and np.all(out == 3.0)
+    # static + dynamic: lpl_fd_kept_count has 256 bytes of its own
+    mask, kept_out = np.ones(64, np.uint8), np.zeros(1)
+    kargs = [ctypes.c_void_p(mask.ctypes.data), ctypes.c_int64(64), ctypes.c_int64(1),
+             ctypes.c_void_p(kept_out.ctypes.data)]
+    assert driver.launch(kept, (1, 1, 1), (32, 1, 1), 48 * 1024 - 255, kargs) == CU_INVALID_VALUE
+    assert driver.launch(kept, (1, 1, 1), (32, 1, 1), 48 * 1024 - 256, kargs) == 0 and kept_out[0] == 64
+    # more threads than the kernel's launch bounds
+    assert driver.launch(main, (1, 1, 1), (512, 1, 1), 0, [ctypes.c_int64(0)] * 15) == CU_LAUNCH_OUT_OF_RESOURCES
+    # the opt-in: up to the device's maximum (227 KiB on sm_90, 99 KiB on sm_86) minus static
+    assert driver.cu.cuFuncSetAttribute(fill, ATTR_MAX_DYNAMIC, 227 * 1024 + 1) == CU_INVALID_VALUE
+    assert driver.cu.cuFuncSetAttribute(kept, ATTR_MAX_DYNAMIC, 227 * 1024 - 255) == CU_INVALID_VALUE
+    assert driver.cu.cuFuncSetAttribute(fill, ATTR_MAX_DYNAMIC, 100 * 1024) == 0
+    assert driver.attribute(fill, ATTR_MAX_DYNAMIC) == 100 * 1024
+    assert driver.launch(fill, (1, 1, 1), (64, 1, 1), 100 * 1024, _fill_args(out, 4.0)) == 0 and np.all(out[:64] == 4)
+    assert driver.launch(fill, (1, 1, 1), (64, 1, 1), 100 * 1024 + 1, _fill_args(out, 5.0)) == CU_INVALID_VALUE
+    monkeypatch.setenv("FAKE_CUDA_CC", "86")
+    assert driver.cu.cuFuncSetAttribute(fill, ATTR_MAX_DYNAMIC, 100 * 1024) == CU_INVALID_VALUE
+    assert driver.cu.cuFuncSetAttribute(fill, ATTR_MAX_DYNAMIC, 99 * 1024) == 0
+    assert driver.cu.cuModuleUnload(mod) == 0
+
+
+@pytest.mark.skipif(not lpl_ext.build_info()["cuda_cubin_archs"], reason="built without nvcc: no cubins")
+def test_static_shared_memory_is_read_from_every_cubin(emu, driver):
+    """nvcc 13 counts the 1 KiB the driver reserves per block into .nv.shared.<kernel> from
+    sm_90 on; the stand-in reports the kernel's own bytes on every architecture."""
+    kdir = Path(lpl_ext.__file__).parent / "_kernels"
+    for arch in lpl_ext.build_info()["cuda_cubin_archs"]:
+        mod = driver.module((kdir / f"lpl_kernels.sm_{arch}.cubin").read_bytes())
+        sizes = {n: driver.attribute(driver.function(mod, n), ATTR_SHARED)
+                 for n in ("lpl_fd_fill", "lpl_fd_kept_count", "lpl_om_moments_f32", "lpl_om_radix_hist_f64")}
+        # red[32] doubles; red[32] + redu[256] uint64; h[512] uint32
+        assert sizes == {"lpl_fd_fill": 0, "lpl_fd_kept_count": 256, "lpl_om_moments_f32": 256 + 2048,
+                         "lpl_om_radix_hist_f64": 2048}, (arch, sizes)
+        assert driver.cu.cuModuleUnload(mod) == 0
+
+
+# ---- warnings and deadlocks, from kernels written to provoke them -------------------------------------
+
+PROVOKING_EDITS = {
+    # a barrier reached from two source lines
+    "cuda/feature_distance_kernels.cuh": [(
+        "    if (i < len) lpl_st(out, i, value);",
+        "    if (threadIdx.x & 1)\n        __syncthreads();\n    else\n        __syncthreads();\n"
+        "    if (i < len) lpl_st(out, i, value);")],
+    # a shuffle after lanes exited; a block whose lane 0 waits at __syncthreads while the
+    # rest of its warp waits at a shuffle for lane 0
+    "cuda/outlier_mask_kernels.cuh": [
+        ("    if (plane >= planes) return;\n    double count = 0.0, sum = 0.0;",
+         "    if (plane >= planes) return;\n    (void)__shfl_down_sync(0xffffffffu, 1.0, 1);\n"
+         "    double count = 0.0, sum = 0.0;"),
+        ("    if (t >= planes * 2) return;",
+         "    if (threadIdx.x == 0)\n        __syncthreads();\n    else\n"
+         "        (void)__shfl_down_sync(0xffffffffu, 1.0, 1);\n    if (t >= planes * 2) return;")],
+}
+
+
+def _edited_sources(dest: Path, edits: Dict[str, list]) -> Path:
+    """A copy of csrc/'s kernel sources with textual edits, each of which must apply once."""
+    for rel in KERNEL_FILES:
+        text = (ROOT / "csrc" / rel).read_text()
+        for old, new in edits.get(rel, []):
+            assert text.count(old) == 1, (rel, old)
+            text = text.replace(old, new)
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        (dest / rel).write_text(text)
+    return dest
+
+
+class _OmWs(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_void_p) for n in ("part_d", "part_u", "plane_d", "plane_u", "hist", "tmp")]
+
+
+@pytest.mark.skipif(_image_for_emulation()[0] is None, reason="no shipped sm_90 cubin (built without nvcc)")
+def test_divergent_barriers_are_reported(tmp_path_factory, monkeypatch):
+    src = _edited_sources(tmp_path_factory.mktemp("provoking_csrc"), PROVOKING_EDITS)
+    lib = build_fake_libcuda(build_dir(tmp_path_factory.getbasetemp()), SANITIZE, src)
+    monkeypatch.setenv("FAKE_CUDA_DEADLOCK_MS", "600")
+    drv = _Driver(lib)
+    drv.cu.fake_warning.restype = ctypes.c_char_p
+    try:
+        drv.cu.fake_clear_warnings()
+        mod = drv.module(_image_for_emulation()[0])
+        out = np.zeros(64)
+        assert drv.launch(drv.function(mod, "lpl_fd_fill"), (1, 1, 1), (64, 1, 1), 0, _fill_args(out, 1.0)) == 0
+        assert np.all(out == 1.0)
+        warnings = [drv.cu.fake_warning(i).decode() for i in range(drv.cu.fake_warning_count())]
+        assert len(warnings) == 1 and re.search(r"lpl_fd_fill: __syncthreads reached from two source lines, "
+                                                r"\S+feature_distance_kernels.cuh:\d+ and \S+:\d+", warnings[0])
+        drv.cu.fake_clear_warnings()
+        part = np.zeros(8)
+        keys = np.array([2 ** 64 - 1, 0], np.uint64)
+        plane = np.zeros(16)
+        plane_u = np.zeros(4, np.uint64)
+        hist = np.zeros(512, np.uint32)
+        ws = _OmWs(part.ctypes.data, keys.ctypes.data, plane.ctypes.data, plane_u.ctypes.data, hist.ctypes.data, None)
+        setup = [ctypes.c_int64(1), ctypes.c_int64(1), ctypes.c_double(0.02), ctypes.c_int(0), ws]
+        assert drv.launch(drv.function(mod, "lpl_om_setup"), (1, 1, 1), (128, 1, 1), 0, setup) == 0
+        warnings = [drv.cu.fake_warning(i).decode() for i in range(drv.cu.fake_warning_count())]
+        assert len(warnings) == 1 and "after lanes exited" in warnings[0]
+        assert warnings[0].startswith("lpl_om_setup: a warp shuffle or __syncwarp at")
+        select = [ctypes.c_int64(0), ctypes.c_int(0), ws]
+        assert drv.launch(drv.function(mod, "lpl_om_radix_select"), (1, 1, 1), (32, 1, 1), 0, select) == 719
+    finally:
+        drv.close()
