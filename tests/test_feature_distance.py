@@ -76,18 +76,28 @@ def test_matches_reference_float64(shape, norm, distance, masked):
     torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-12)
 
 
+NON_CONTIGUOUS_LAYOUTS = ["transposed", "sliced", "channels_last"]
+
+
+def non_contiguous_inputs(layout: str):
+    """(x, y, mask) of make_inputs((2, 5, 14, 18), masked) as non-contiguous views: H and W
+    transposed, a strided slice, or channels_last."""
+    base = make_inputs((2, 5, 14, 18), masked=True, seed=3)
+    if layout == "transposed":
+        out = tuple(t.transpose(2, 3) for t in base)
+    elif layout == "sliced":
+        out = tuple(t[:, :, ::2, 1:] for t in base)
+    else:
+        out = tuple(t.contiguous(memory_format=torch.channels_last) for t in base)
+    assert not out[0].is_contiguous()
+    return out
+
+
 @pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("distance", DISTANCES)
-@pytest.mark.parametrize("layout", ["transposed", "sliced", "channels_last"])
+@pytest.mark.parametrize("layout", NON_CONTIGUOUS_LAYOUTS)
 def test_non_contiguous_inputs(norm, distance, layout):
-    base_x, base_y, base_m = make_inputs((2, 5, 14, 18), masked=True, seed=3)
-    if layout == "transposed":
-        x, y, m = (t.transpose(2, 3) for t in (base_x, base_y, base_m))
-    elif layout == "sliced":
-        x, y, m = (t[:, :, ::2, 1:] for t in (base_x, base_y, base_m))
-    else:
-        x, y, m = (t.contiguous(memory_format=torch.channels_last) for t in (base_x, base_y, base_m))
-    assert not x.is_contiguous()
+    x, y, m = non_contiguous_inputs(layout)
     grad_out = torch.tensor([0.5, -2.0], dtype=torch.float64)
     loss, grad, ref, ref_grad = run_both(x, y, m, norm, distance, 1.0, grad_out)
     torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-12)

@@ -27,7 +27,8 @@ import lpl_ext
 import test_module_parity as parity
 from lpl_ext import LatentPerceptualLoss, LPLObjective, _backend, _torch_backend
 from reference_lpl import blob_vae, tiny_vae
-from test_feature_distance import DISTANCES, NORMS, SHAPES, make_inputs
+from test_feature_distance import (DISTANCES, NON_CONTIGUOUS_LAYOUTS, NORMS, SHAPES, make_inputs,
+                                   non_contiguous_inputs)
 from test_outlier_mask import DTYPES, KINDS, SMALL_SHAPES, WINDOWS, assert_same_mask, make_features
 from tolerance import assert_close_to_scale
 
@@ -117,16 +118,9 @@ def test_feature_distance_low_precision_grid(monkeypatch, dtype, norm, distance,
 
 @pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("distance", DISTANCES)
-@pytest.mark.parametrize("layout", ["transposed", "sliced", "channels_last"])
+@pytest.mark.parametrize("layout", NON_CONTIGUOUS_LAYOUTS)
 def test_feature_distance_non_contiguous(monkeypatch, norm, distance, layout):
-    base_x, base_y, base_m = make_inputs((2, 5, 14, 18), masked=True, seed=3)
-    if layout == "transposed":
-        x, y, m = (t.transpose(2, 3) for t in (base_x, base_y, base_m))
-    elif layout == "sliced":
-        x, y, m = (t[:, :, ::2, 1:] for t in (base_x, base_y, base_m))
-    else:
-        x, y, m = (t.contiguous(memory_format=torch.channels_last) for t in (base_x, base_y, base_m))
-    assert not x.is_contiguous()
+    x, y, m = non_contiguous_inputs(layout)
     grad_out = torch.tensor([0.5, -2.0], dtype=torch.float64)
     (loss_n, grad_n), (loss_t, grad_t) = both_backends(
         monkeypatch, lambda: distance_and_grad(x, y, m, norm, distance, 1.0, grad_out))
