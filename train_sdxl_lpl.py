@@ -983,9 +983,7 @@ class StepMetrics:
     def pop(self, accelerator=None) -> dict[str, float]:
         """Means over this step's micro-batches (and processes); NaN for names never added. Resets."""
         if self.sums is None:
-            packed = torch.zeros(2, len(self.names))
-            if accelerator is not None:
-                packed = packed.to(accelerator.device)
+            packed = torch.zeros(2, len(self.names), device=accelerator.device if accelerator is not None else None)
         else:
             packed = torch.stack([self.sums, self.counts])
         if accelerator is not None and accelerator.num_processes > 1:

@@ -447,9 +447,8 @@ def test_resuming_with_another_seed_is_refused(tmp_path, capsys):
 def test_lpl_sync_free_flag_gives_the_synced_objectives_loss(capsys):
     """--lpl_sync_free builds LPLObjective(sync_free=True) (no host sync per micro-batch); with the
     whole batch as capacity its loss and logs are the synced objective's."""
-    from diffusers import DDPMScheduler
-
     from reference_lpl import tiny_vae
+    from test_train_sdxl_lpl import _scheduler
     from tolerance import assert_close_to_scale
 
     assert "--lpl_capacity sets the decoder batch" in _parse_error(["--lpl_capacity", "2"], capsys)
@@ -459,8 +458,7 @@ def test_lpl_sync_free_flag_gives_the_synced_objectives_loss(capsys):
     free = tr.build_lpl_objective(tr.parse_args(["--lpl_sync_free"]), vae)
     capped = tr.build_lpl_objective(tr.parse_args(["--lpl_sync_free", "--lpl_capacity", "1"]), vae)
     assert (synced.sync_free, free.sync_free, free.capacity, capped.capacity) == (False, True, None, 1)
-    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
-                          beta_end=0.012)
+    sched = _scheduler()
     g = torch.Generator().manual_seed(5)
     latents = torch.randn(3, 4, 8, 8, generator=g)
     noise = torch.randn(3, 4, 8, 8, generator=g)
