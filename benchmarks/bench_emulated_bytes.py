@@ -5,6 +5,10 @@ against the minimal bytes:
 - feature distance: read x, y and the keep-mask once, write the gradient once;
 - outlier mask: read y once, write the mask once.
 
+Both kernel sets are counted (LPL_EXT_KERNEL_SET, docs/cuda.md "Switches"): ``v2``, the
+current kernels, and ``v1``, the 0.2 kernels kept until a GPU run has compared the two:
+the v1 rows are the "before" of the table, the v2 rows the "after".
+
 Emulated traffic, not DRAM measurements: *requested* counts every load and store of every
 thread through the kernels' io helpers (lpl_device.cuh), as if nothing were cached or
 coalesced; *distinct* counts each byte once per launch (what a launch must move if every
@@ -12,6 +16,7 @@ re-read hits a cache), summed over the op's launches. A GPU's DRAM traffic lies 
 the two. Global atomics count once per operation.
 
     python benchmarks/run_all.py --only emulated_bytes [--res 32] [--json FILE]
+    python benchmarks/bench_emulated_bytes.py [--res 32] [--kernel-sets v2,v1] [--json FILE]
 """
 
 from __future__ import annotations
@@ -29,14 +34,15 @@ from benchmarks import bench_head, common
 ref = common.tests_module("reference")
 
 NORMS = tuple(ref.NORMS)
+KERNEL_SETS = ("v2", "v1")
 DTYPES = ("float32", "bfloat16")
 ELEM = bench_head.ELEM_SIZE
 Row = Dict[str, Any]
 
 
-def _device() -> Tuple[Any, Any]:
+def _device(kernel_set: str = "v2") -> Tuple[Any, Any]:
     """(tests/test_cuda_emulated.py, its Emu): the emulated device's helpers, the stand-in
-    driver built and its kernels loaded, counting distinct bytes too."""
+    driver built and the kernels of `kernel_set` loaded, counting distinct bytes too."""
     build = common.tests_module("fake_cuda.build")
     lib = build.build(Path(os.environ.get("LPL_EMU_BUILD_DIR") or Path(tempfile.gettempdir()) / "lpl_fake_cuda"))
     log_dir = tempfile.mkdtemp(prefix="lpl_emulated_bytes.")
@@ -49,8 +55,12 @@ def _device() -> Tuple[Any, Any]:
     from lpl_ext import _C, _cuda
 
     image, origin = emulated._image_for_emulation()
-    kernels = _C.cuda_load_kernels(_cuda.driver(), 0, image) if image else _cuda.load_kernels(0)[0]
-    return emulated, emulated.Emu(lib, log, kernels, kernels, origin or "lpl_ext's image choice")
+    code = _cuda.KERNEL_SETS[kernel_set]
+    kernels = (_C.cuda_load_kernels(_cuda.driver(), 0, image, code) if image
+               else _cuda.load_kernels(0, kernel_set)[0])
+    dev = emulated.Emu(lib, log, kernels, kernels, origin or "lpl_ext's image choice")
+    dev.kernel_set = kernel_set
+    return emulated, dev
 
 
 def _totals(dev: Any) -> Row:
@@ -65,14 +75,14 @@ def _totals(dev: Any) -> Row:
     return out
 
 
-def _row(op: str, layer: str, shape: Sequence[int], dtype: str, norm: str, masked: bool, totals: Row,
-         minimal_per_elem: float, wall_s: float) -> Row:
+def _row(kernels: str, op: str, layer: str, shape: Sequence[int], dtype: str, norm: str, masked: bool,
+         totals: Row, minimal_per_elem: float, wall_s: float) -> Row:
     elems = 1
     for d in shape:
         elems *= d
     requested = (totals["read"] + totals["write"] + totals["atomic"]) / elems
     distinct = (totals["unique_read"] + totals["unique_write"]) / elems
-    return dict(op=op, layer=layer, shape="x".join(map(str, shape)), dtype=dtype, norm=norm, mask=masked,
+    return dict(kernels=kernels, op=op, layer=layer, shape="x".join(map(str, shape)), dtype=dtype, norm=norm, mask=masked,
                 read_per_elem=totals["read"] / elems, write_per_elem=totals["write"] / elems,
                 atomic_per_elem=totals["atomic"] / elems, requested_per_elem=requested, distinct_per_elem=distinct,
                 minimal_per_elem=minimal_per_elem, requested_over_minimal=requested / minimal_per_elem,
@@ -81,42 +91,46 @@ def _row(op: str, layer: str, shape: Sequence[int], dtype: str, norm: str, maske
 
 
 def run(res: int = 32, dtypes: Sequence[str] = DTYPES, norms: Sequence[str] = NORMS,
-        log: Callable[[str], None] = print) -> List[Row]:
-    """One row per (op, layer, dtype[, norm]) of the pyramid at `res` px (latent res/8)."""
+        log: Callable[[str], None] = print, kernel_sets: Sequence[str] = KERNEL_SETS) -> List[Row]:
+    """One row per (kernel set, op, layer, dtype[, norm]) of the pyramid at `res` px
+    (latent res/8), on the same inputs for every kernel set."""
     import torch
 
-    emulated, dev = _device()
-    lat = res // 8
     rows: List[Row] = []
-    g = torch.Generator().manual_seed(0)
-    for i, name in enumerate(bench_head.LAYER_NAMES):
-        shape = (1, bench_head.LAYER_CHANNELS[i], lat * bench_head.LAYER_SCALE[i], lat * bench_head.LAYER_SCALE[i])
-        masked = i in ref.OUTLIER_DOWN_FACTOR  # the layers the loss masks (docs/spec.md, "Loss module")
-        closing, opening = ref.outlier_windows(ref.OUTLIER_DOWN_FACTOR.get(i, 1))
-        for dtype in dtypes:
-            tdt = getattr(torch, dtype)
-            y = torch.randn(shape, generator=g).to(tdt)
-            x = (y.float() + 0.1 * torch.randn(shape, generator=g)).to(tdt)
-            dev.clear()
-            t = time.time()
-            keep, _ = emulated.emu_outlier_mask(dev, y, closing, opening)
-            rows.append(_row("outlier_mask", name, shape, dtype, "", False, _totals(dev), ELEM[dtype] + 1,
-                             time.time() - t))
-            log(_line(rows[-1]))
-            mask = torch.from_numpy(keep.view(bool).copy()) if masked else None
-            for norm in norms:
+    for kernel_set in kernel_sets:
+        emulated, dev = _device(kernel_set)
+        lat = res // 8
+        g = torch.Generator().manual_seed(0)
+        for i, name in enumerate(bench_head.LAYER_NAMES):
+            shape = (1, bench_head.LAYER_CHANNELS[i], lat * bench_head.LAYER_SCALE[i],
+                     lat * bench_head.LAYER_SCALE[i])
+            masked = i in ref.OUTLIER_DOWN_FACTOR  # the layers the loss masks (docs/spec.md, "Loss module")
+            closing, opening = ref.outlier_windows(ref.OUTLIER_DOWN_FACTOR.get(i, 1))
+            for dtype in dtypes:
+                tdt = getattr(torch, dtype)
+                y = torch.randn(shape, generator=g).to(tdt)
+                x = (y.float() + 0.1 * torch.randn(shape, generator=g)).to(tdt)
                 dev.clear()
                 t = time.time()
-                emulated.emu_feature_distance(dev, x, y, mask, norm, "mse", 1.0)
-                minimal = 2 * ELEM[dtype] + (1 if masked else 0) + ELEM[dtype]
-                rows.append(_row("feature_distance", name, shape, dtype, norm, masked, _totals(dev), minimal,
-                                 time.time() - t))
+                keep, _ = emulated.emu_outlier_mask(dev, y, closing, opening)
+                rows.append(_row(kernel_set, "outlier_mask", name, shape, dtype, "", False, _totals(dev),
+                                 ELEM[dtype] + 1, time.time() - t))
                 log(_line(rows[-1]))
+                mask = torch.from_numpy(keep.view(bool).copy()) if masked else None
+                for norm in norms:
+                    dev.clear()
+                    t = time.time()
+                    emulated.emu_feature_distance(dev, x, y, mask, norm, "mse", 1.0)
+                    minimal = 2 * ELEM[dtype] + (1 if masked else 0) + ELEM[dtype]
+                    rows.append(_row(kernel_set, "feature_distance", name, shape, dtype, norm, masked,
+                                     _totals(dev), minimal, time.time() - t))
+                    log(_line(rows[-1]))
+        del dev  # the kernels capsule (its module) before the next set's
     return rows
 
 
 def _line(r: Row) -> str:
-    return (f"[emulated bytes] {r['op']} {r['layer']} {r['shape']} {r['dtype']} {r['norm'] or '-'}"
+    return (f"[emulated bytes] {r['kernels']} {r['op']} {r['layer']} {r['shape']} {r['dtype']} {r['norm'] or '-'}"
             f"{' mask' if r['mask'] else ''}: requested {r['requested_per_elem']:.2f} B/elem, distinct "
             f"{r['distinct_per_elem']:.2f}, minimal {r['minimal_per_elem']:.0f} ({r['emulation_s']:.1f} s)")
 
@@ -131,13 +145,15 @@ def table(rows: List[Row], res: int) -> str:
         " reads x, y (and the 1-byte mask on masked layers) and writes the gradient once, the outlier"
         " mask reads y and writes the mask once.",
         "",
-        "| op | layer | shape | dtype | norm | mask | requested B/elem (read + write + atomic) | distinct B/elem"
-        " | minimal B/elem | requested / minimal | distinct / minimal | launches |",
-        "|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|",
+        "*kernels*: v2 the current kernels (after), v1 the 0.2 kernels (before; LPL_EXT_KERNEL_SET=v1).",
+        "",
+        "| kernels | op | layer | shape | dtype | norm | mask | requested B/elem (read + write + atomic)"
+        " | distinct B/elem | minimal B/elem | requested / minimal | distinct / minimal | launches |",
+        "|---|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         out.append(
-            f"| {r['op']} | {r['layer']} | {r['shape']} | {r['dtype']} | {r['norm'] or '–'}"
+            f"| {r['kernels']} | {r['op']} | {r['layer']} | {r['shape']} | {r['dtype']} | {r['norm'] or '–'}"
             f" | {'yes' if r['mask'] else 'no'}"
             f" | {r['requested_per_elem']:.2f} ({r['read_per_elem']:.2f} + {r['write_per_elem']:.2f}"
             f" + {r['atomic_per_elem']:.3f}) | {r['distinct_per_elem']:.2f} | {r['minimal_per_elem']:.0f}"
@@ -152,8 +168,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--res", type=int, default=32)
     p.add_argument("--json", default=None)
+    p.add_argument("--kernel-sets", default=",".join(KERNEL_SETS),
+                   help=f"comma-separated kernel sets to count (default {','.join(KERNEL_SETS)})")
     args = p.parse_args(argv)
-    rows = run(args.res)
+    sets = [k.strip() for k in args.kernel_sets.split(",") if k.strip()]
+    bad = [k for k in sets if k not in KERNEL_SETS]
+    if bad or not sets:
+        p.error(f"--kernel-sets: expected a subset of {','.join(KERNEL_SETS)}, got {args.kernel_sets!r}")
+    rows = run(args.res, kernel_sets=sets)
     print(table(rows, args.res))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))

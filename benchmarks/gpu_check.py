@@ -40,6 +40,8 @@ STEPS = ["build", "tests", "sanitizer", "bench"]
 # Seconds of the budget each step may use at most (it also never runs past the budget).
 STEP_SHARE_S = {"build": 100, "tests": 130, "sanitizer": 90, "bench": 170}
 DEFAULT_BUDGET_S = 470.0
+# Old and new kernels side by side in one call, so a lent GPU decides which to keep (issue 23).
+DEFAULT_KERNEL_ENV = "LPL_EXT_KERNEL_SET=v2,v1"
 SANITIZER_TOOLS = ["memcheck", "racecheck"]
 SANITIZER_SUBSET = ["tests/test_exact_zero.py", "-k", "cuda and (float32 or bfloat16) and shared"]
 CUDA_TESTS = ["tests/test_feature_distance.py", "tests/test_outlier_mask.py", "tests/test_exact_zero.py",
@@ -150,9 +152,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S,
                    help=f"wall-clock budget of the whole check from its start (default {DEFAULT_BUDGET_S:.0f}); "
                         "each step also has its own share")
-    p.add_argument("--kernel-env", default=os.environ.get("GPU_CHECK_KERNEL_ENV", ""),
-                   help="benchmark lpl_ext once per value of an environment switch, NAME=V1,V2 (e.g. the "
-                        "kernel generation switch of docs/cuda.md); default: the build's kernels only")
+    p.add_argument("--kernel-env", default=os.environ.get("GPU_CHECK_KERNEL_ENV", DEFAULT_KERNEL_ENV),
+                   help="benchmark lpl_ext once per value of an environment switch, NAME=V1,V2; default "
+                        f"{DEFAULT_KERNEL_ENV} (the current kernels and the 0.2 ones, docs/cuda.md \"Switches\"); "
+                        "'' for the default kernels only")
     p.add_argument("--dry-run", action="store_true",
                    help="no GPU: build skipped, the tests step on the emulated device, the bench rows at micro "
                         "shapes on the CPU, sanitizers skipped")

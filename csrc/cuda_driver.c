@@ -17,7 +17,15 @@ enum {
     ATTR_MULTIPROCESSOR_COUNT = 16,
     ATTR_COMPUTE_CAPABILITY_MAJOR = 75,
     ATTR_COMPUTE_CAPABILITY_MINOR = 76,
+    ATTR_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN = 97,
 };
+/* CUfunction_attribute, CUpointer_attribute, CUmemorytype, CUstreamCaptureMode (cuda.h) */
+enum { FUNC_ATTR_SHARED_SIZE_BYTES = 1, FUNC_ATTR_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8 };
+enum { PTR_ATTR_MEMORY_TYPE = 2, PTR_ATTR_IS_MANAGED = 8, PTR_ATTR_DEVICE_ORDINAL = 9, PTR_ATTR_RANGE_START = 10,
+       PTR_ATTR_RANGE_SIZE = 11 };
+enum { MEMORYTYPE_HOST = 1, MEMORYTYPE_DEVICE = 2, MEMORYTYPE_UNIFIED = 4 };
+enum { CAPTURE_MODE_RELAXED = 2 };
+#define DEFAULT_SHARED_BYTES (48 * 1024)
 
 static const char *const kernel_names[LPL_KERNEL_COUNT] = {
 #define LPL_KERNEL_NAME_ENTRY(name) "lpl_" #name,
@@ -81,6 +89,10 @@ PyObject *lpl_py_cuda_driver_open(PyObject *self, PyObject *args) {
         {(void **)&drv->cuMemsetD8Async, "cuMemsetD8Async"},
         {(void **)&drv->cuGetErrorName, "cuGetErrorName"},
         {(void **)&drv->cuGetErrorString, "cuGetErrorString"},
+        {(void **)&drv->cuFuncGetAttribute, "cuFuncGetAttribute"},
+        {(void **)&drv->cuFuncSetAttribute, "cuFuncSetAttribute"},
+        {(void **)&drv->cuPointerGetAttributes, "cuPointerGetAttributes"},
+        {(void **)&drv->cuThreadExchangeStreamCaptureMode, "cuThreadExchangeStreamCaptureMode"},
     };
     for (size_t i = 0; i < sizeof(table) / sizeof(table[0]); ++i) {
         *table[i].slot = dlsym(drv->lib, table[i].symbol);
@@ -177,8 +189,54 @@ static void kernels_capsule_free(PyObject *capsule) {
     PyMem_Free(k);
 }
 
-/* cuda_load_kernels(driver, ordinal, image: bytes) -> capsule. `image` is a cubin (or
- * PTX, NUL-terminated) holding every kernel of LPL_KERNEL_LIST. RuntimeError with the
+/* Loads `image` into the current context and resolves every kernel of LPL_KERNEL_LIST,
+ * opting each into the device's shared memory beyond the default 48 KiB, in relaxed
+ * capture mode (restored before returning). 0, or a CUDA error code with err set
+ * (k->module is NULL unless it loaded). No Python calls: runs without the GIL. */
+static int load_module_functions(lpl_cuda_kernels *k, const void *image, char *err) {
+    const lpl_cuda_driver *drv = k->drv;
+    int mode = CAPTURE_MODE_RELAXED;
+    lpl_CUresult rc = drv->cuThreadExchangeStreamCaptureMode(&mode);
+    if (rc != 0) {
+        format_error(drv, rc, "cuThreadExchangeStreamCaptureMode", err);
+        return rc;
+    }
+    rc = drv->cuModuleLoadData(&k->module, image);
+    if (rc != 0) {
+        k->module = NULL;
+        format_error(drv, rc, "cannot load the kernel image: cuModuleLoadData", err);
+        goto done;
+    }
+    for (int i = 0; i < LPL_KERNEL_COUNT; ++i) {
+        rc = drv->cuModuleGetFunction(&k->fn[i], k->module, kernel_names[i]);
+        if (rc != 0) {
+            char what[96];
+            snprintf(what, sizeof(what), "the kernel image lacks a kernel: %s", kernel_names[i]);
+            format_error(drv, rc, what, err);
+            goto done;
+        }
+        int static_bytes = 0;
+        rc = drv->cuFuncGetAttribute(&static_bytes, FUNC_ATTR_SHARED_SIZE_BYTES, k->fn[i]);
+        int dynamic = k->smem_optin_bytes - static_bytes;
+        if (rc == 0 && dynamic > DEFAULT_SHARED_BYTES - static_bytes)
+            rc = drv->cuFuncSetAttribute(k->fn[i], FUNC_ATTR_MAX_DYNAMIC_SHARED_SIZE_BYTES, dynamic);
+        else
+            dynamic = DEFAULT_SHARED_BYTES - static_bytes;
+        if (rc != 0) {
+            format_error(drv, rc, kernel_names[i], err);
+            goto done;
+        }
+        k->max_dynamic_smem[i] = dynamic;
+    }
+done:;
+    int restored = mode;
+    drv->cuThreadExchangeStreamCaptureMode(&restored);
+    return rc;
+}
+
+/* cuda_load_kernels(driver, ordinal, image: bytes, kernel_set=2) -> capsule. `image` is a
+ * cubin (or PTX, NUL-terminated) holding every kernel of LPL_KERNEL_LIST; `kernel_set`
+ * picks which launch sequences the capsule's calls run (2: current, 1: the 0.2 kernels). RuntimeError with the
  * driver's reason when the driver cannot load it (e.g. a cubin for another
  * architecture, or built by a toolkit newer than the driver). */
 PyObject *lpl_py_cuda_load_kernels(PyObject *self, PyObject *args) {
@@ -186,7 +244,8 @@ PyObject *lpl_py_cuda_load_kernels(PyObject *self, PyObject *args) {
     PyObject *drv_obj;
     int ordinal;
     Py_buffer image;
-    if (!PyArg_ParseTuple(args, "Oiy*", &drv_obj, &ordinal, &image)) return NULL;
+    int kernel_set = LPL_KERNEL_SET_V2;
+    if (!PyArg_ParseTuple(args, "Oiy*|i", &drv_obj, &ordinal, &image, &kernel_set)) return NULL;
     PyObject *capsule = NULL;
     lpl_cuda_kernels *k = NULL;
     char err[LPL_ERR_LEN];
@@ -195,6 +254,11 @@ PyObject *lpl_py_cuda_load_kernels(PyObject *self, PyObject *args) {
     int pushed = 0;
     const lpl_cuda_driver *drv = driver_from(drv_obj);
     if (drv == NULL) goto fail;
+    if (kernel_set != LPL_KERNEL_SET_V2 && kernel_set != LPL_KERNEL_SET_V1) {
+        PyErr_Format(PyExc_ValueError, "kernel_set: expected 2 (current kernels) or 1 (the 0.2 kernels), got %d",
+                     kernel_set);
+        goto fail;
+    }
     if (image.len < 16) {
         PyErr_SetString(PyExc_ValueError, "image: too short to be a cubin or PTX");
         goto fail;
@@ -206,6 +270,7 @@ PyObject *lpl_py_cuda_load_kernels(PyObject *self, PyObject *args) {
     }
     k->drv = drv;
     k->ordinal = ordinal;
+    k->kernel_set = kernel_set;
     if (get_device(drv, ordinal, &k->dev) < 0) goto fail;
     if (drv->cuDeviceGetAttribute(&k->sm_count, ATTR_MULTIPROCESSOR_COUNT, k->dev) != 0) k->sm_count = 0;
     rc = drv->cuDevicePrimaryCtxRetain(&k->ctx, k->dev);
@@ -222,22 +287,19 @@ PyObject *lpl_py_cuda_load_kernels(PyObject *self, PyObject *args) {
         goto fail;
     }
     pushed = 1;
+    if (drv->cuDeviceGetAttribute(&k->smem_optin_bytes, ATTR_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN, k->dev) != 0)
+        k->smem_optin_bytes = DEFAULT_SHARED_BYTES;
+    /* Everything the calls need is loaded here, never lazily at a launch: the module, every
+     * function (under lazy loading cuModuleGetFunction is what loads a kernel) and its
+     * shared-memory opt-in. The first call may come inside a torch.cuda.graph capture, where
+     * a module load is an unsafe call that fails (drivers before 12.3) or invalidates the
+     * capture: this thread switches to relaxed capture mode for the load only. */
     Py_BEGIN_ALLOW_THREADS
-    rc = drv->cuModuleLoadData(&k->module, image.buf);
+    rc = load_module_functions(k, image.buf, err);
     Py_END_ALLOW_THREADS
     if (rc != 0) {
-        k->module = NULL;
-        format_error(drv, rc, "cuModuleLoadData", err);
-        PyErr_Format(PyExc_RuntimeError, "CUDA driver: cannot load the kernel image: %s", err);
+        PyErr_Format(PyExc_RuntimeError, "CUDA driver: %s", err);
         goto fail;
-    }
-    for (int i = 0; i < LPL_KERNEL_COUNT; ++i) {
-        rc = drv->cuModuleGetFunction(&k->fn[i], k->module, kernel_names[i]);
-        if (rc != 0) {
-            format_error(drv, rc, kernel_names[i], err);
-            PyErr_Format(PyExc_RuntimeError, "CUDA driver: the kernel image lacks a kernel: %s", err);
-            goto fail;
-        }
     }
     drv->cuCtxPopCurrent(&popped);
     pushed = 0;
@@ -351,6 +413,9 @@ int lpl_cuda_call_args(PyObject *stream_obj, PyObject *kernels_obj, PyObject *ws
     if (lpl_check_dtype(&ws, "workspace", ws_dtype) < 0) return -1;
     if (lpl_check_1d(&ws, "workspace", ws_len) < 0) return -1;
     if (lpl_check_same_device(&ws, "workspace", ref, refname) < 0) return -1;
+    const lpl_tensor *ws_list[] = {&ws};
+    static const char *const ws_names[] = {"workspace"};
+    if (lpl_cuda_check_memory(out->kernels, ws_list, ws_names, 1) < 0) return -1;
     out->workspace = ws.data;
     return 0;
 }
@@ -369,8 +434,61 @@ void lpl_cu_end(const lpl_cuda_kernels *k) {
     k->drv->cuCtxPopCurrent(&popped);
 }
 
+int lpl_cuda_check_memory(const lpl_cuda_kernels *k, const lpl_tensor *const *tensors, const char *const *names,
+                          int count) {
+    for (int i = 0; i < count; ++i) {
+        const lpl_tensor *t = tensors[i];
+        if (t == NULL) continue;
+        const int64_t numel = lpl_numel(t);
+        if (numel <= 0) continue; /* nothing is read or written */
+        const unsigned long long ptr = (unsigned long long)(uintptr_t)t->data;
+        const unsigned long long extent = (unsigned long long)numel * lpl_dtype_size(t->dtype);
+        unsigned int memory_type = 0, is_managed = 0;
+        int ordinal = -1;
+        unsigned long long range_start = 0;
+        size_t range_size = 0;
+        int attrs[] = {PTR_ATTR_MEMORY_TYPE, PTR_ATTR_IS_MANAGED, PTR_ATTR_DEVICE_ORDINAL, PTR_ATTR_RANGE_START,
+                       PTR_ATTR_RANGE_SIZE};
+        void *data[] = {&memory_type, &is_managed, &ordinal, &range_start, &range_size};
+        /* not a CUDA pointer: CUDA_SUCCESS with the attributes zeroed (cuPointerGetAttributes) */
+        lpl_CUresult rc = k->drv->cuPointerGetAttributes(5, attrs, data, ptr);
+        if (rc != 0) {
+            char err[LPL_ERR_LEN];
+            format_error(k->drv, rc, "cuPointerGetAttributes", err);
+            PyErr_Format(PyExc_ValueError, "%s: cannot tell whether its memory is on cuda:%d: %s", names[i], k->ordinal,
+                         err);
+            return -1;
+        }
+        if (memory_type != MEMORYTYPE_DEVICE && memory_type != MEMORYTYPE_UNIFIED && !is_managed) {
+            PyErr_Format(PyExc_ValueError,
+                         "%s: labelled cuda:%d, but its memory at %p is %s; a CUDA tensor (DLPack kDLCUDA) must "
+                         "point to device memory",
+                         names[i], k->ordinal, t->data, memory_type == MEMORYTYPE_HOST ? "host memory" : "not CUDA memory");
+            return -1;
+        }
+        if (!is_managed && ordinal != k->ordinal) {
+            PyErr_Format(PyExc_ValueError, "%s: labelled cuda:%d, but its memory belongs to cuda:%d", names[i],
+                         k->ordinal, ordinal);
+            return -1;
+        }
+        if (range_size > 0 && (ptr < range_start || ptr - range_start > range_size ||
+                               extent > range_size - (ptr - range_start))) {
+            PyErr_Format(PyExc_ValueError,
+                         "%s: its %llu bytes at %p run past the end of their CUDA allocation (%zu bytes at %p)",
+                         names[i], extent, t->data, range_size, (void *)(uintptr_t)range_start);
+            return -1;
+        }
+    }
+    return 0;
+}
+
 int lpl_cu_launch(const lpl_cuda_kernels *k, int id, int64_t grid, int block, size_t smem, void *stream, void **args,
                   char *err) {
+    if (smem > (size_t)k->max_dynamic_smem[id]) {
+        snprintf(err, LPL_ERR_LEN, "%s: %zu bytes of dynamic shared memory, more than the %d this GPU allows",
+                 kernel_names[id], smem, k->max_dynamic_smem[id]);
+        return -1;
+    }
     if (grid < 1 || grid > 2147483647LL) {
         snprintf(err, LPL_ERR_LEN, "%s: grid of %lld blocks is outside [1, 2**31 - 1]; the tensor is too large",
                  kernel_names[id], (long long)grid);

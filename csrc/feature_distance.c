@@ -13,23 +13,39 @@ const char *const lpl_norm_names[LPL_NORM_COUNT + 1] = {LPL_NORM_LIST(LPL_OPTION
 const char *const lpl_dist_names[LPL_DIST_COUNT + 1] = {LPL_DIST_LIST(LPL_OPTION_NAME, 0) NULL};
 #undef LPL_OPTION_NAME
 
+/* -1 with ValueError when the bytes of `out` overlap those of `in` (same device assumed):
+ * the kernels write the gradient while they read the inputs, and the CUDA ones park the
+ * packed mask in the gradient's buffer before they read x and y. */
+static int check_no_overlap(const lpl_tensor *out, const char *outname, const lpl_tensor *in, const char *inname) {
+    const int64_t n_out = lpl_numel(out), n_in = lpl_numel(in);
+    if (n_out <= 0 || n_in <= 0) return 0;
+    const uintptr_t o0 = (uintptr_t)out->data, i0 = (uintptr_t)in->data;
+    const uintptr_t o1 = o0 + (uintptr_t)n_out * lpl_dtype_size(out->dtype);
+    const uintptr_t i1 = i0 + (uintptr_t)n_in * lpl_dtype_size(in->dtype);
+    if (o0 < i1 && i0 < o1) {
+        PyErr_Format(PyExc_ValueError, "%s: overlaps %s in memory; pass a separate output buffer", outname, inname);
+        return -1;
+    }
+    return 0;
+}
+
 PyObject *lpl_py_feature_distance(PyObject *self, PyObject *args, PyObject *kwargs) {
     (void)self;
     static char *kwlist[] = {"x", "y", "mask", "loss", "grad", "norm", "distance",
-                             "weight", "stream", "workspace", "kernels", NULL};
+                             "weight", "stream", "workspace", "kernels", "grad_scale", NULL};
     PyObject *x_obj, *y_obj, *mask_obj, *loss_obj, *grad_obj, *norm_obj, *dist_obj;
-    PyObject *ws_obj = Py_None, *stream_obj = Py_None, *kernels_obj = Py_None;
+    PyObject *ws_obj = Py_None, *stream_obj = Py_None, *kernels_obj = Py_None, *scale_obj = Py_None;
     double weight;
-    PyObject *keep[6] = {NULL, NULL, NULL, NULL, NULL, NULL};
+    PyObject *keep[7] = {NULL, NULL, NULL, NULL, NULL, NULL, NULL};
     PyObject *result = NULL;
-    lpl_tensor x, y, mask, loss, grad;
+    lpl_tensor x, y, mask, loss, grad, scale;
     lpl_fd_params p;
     char err[LPL_ERR_LEN] = {0};
     int rc;
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOOd|OOO", kwlist, &x_obj, &y_obj,
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOOd|OOOO", kwlist, &x_obj, &y_obj,
                                      &mask_obj, &loss_obj, &grad_obj, &norm_obj, &dist_obj,
-                                     &weight, &stream_obj, &ws_obj, &kernels_obj))
+                                     &weight, &stream_obj, &ws_obj, &kernels_obj, &scale_obj))
         return NULL;
 
     int norm = lpl_parse_choice(norm_obj, "norm", lpl_norm_names);
@@ -81,7 +97,21 @@ PyObject *lpl_py_feature_distance(PyObject *self, PyObject *args, PyObject *kwar
                          lpl_dtype_name(grad.dtype), lpl_dtype_name(x.dtype));
             goto fail;
         }
+        if (check_no_overlap(&grad, "grad", &x, "x") < 0 || check_no_overlap(&grad, "grad", &y, "y") < 0 ||
+            (mask_obj != Py_None && check_no_overlap(&grad, "grad", &mask, "mask") < 0))
+            goto fail;
         p.grad = grad.data;
+    }
+    if (scale_obj != Py_None) {
+        if (p.grad == NULL) {
+            PyErr_SetString(PyExc_ValueError, "grad_scale: scales the gradient, but grad is None");
+            goto fail;
+        }
+        if (lpl_tensor_from_object(scale_obj, "grad_scale", 0, &scale, &keep[6]) < 0) goto fail;
+        if (lpl_check_dtype(&scale, "grad_scale", LPL_FLOAT64) < 0) goto fail;
+        if (lpl_check_1d(&scale, "grad_scale", n) < 0) goto fail;
+        if (lpl_check_same_device(&scale, "grad_scale", &x, "x") < 0) goto fail;
+        p.grad_scale = (const double *)scale.data;
     }
 
     p.x = x.data;
@@ -105,6 +135,12 @@ PyObject *lpl_py_feature_distance(PyObject *self, PyObject *args, PyObject *kwar
         if (lpl_cuda_call_args(stream_obj, kernels_obj, ws_obj, &x, "x", LPL_FLOAT64,
                                lpl_feature_distance_workspace(n, c), &call, &keep[5]) < 0)
             goto fail;
+        {
+            const lpl_tensor *tensors[] = {&x, &y, p.mask ? &mask : NULL, &loss, p.grad ? &grad : NULL,
+                                           p.grad_scale ? &scale : NULL};
+            static const char *const names[] = {"x", "y", "mask", "loss", "grad", "grad_scale"};
+            if (lpl_cuda_check_memory(call.kernels, tensors, names, 6) < 0) goto fail;
+        }
         p.workspace = (double *)call.workspace;
         Py_BEGIN_ALLOW_THREADS
         rc = lpl_cuda_feature_distance(call.kernels, &p, call.stream, err);
@@ -122,6 +158,6 @@ PyObject *lpl_py_feature_distance(PyObject *self, PyObject *args, PyObject *kwar
     Py_INCREF(Py_None);
     result = Py_None;
 fail:
-    for (int i = 0; i < 6; ++i) Py_XDECREF(keep[i]);
+    for (int i = 0; i < 7; ++i) Py_XDECREF(keep[i]);
     return result;
 }

@@ -124,7 +124,7 @@ static void advise_huge_pages(void *data, size_t bytes) {
 
 int lpl_cpu_feature_distance(const lpl_fd_params *p, char *err) {
     const int64_t N = p->n, C = p->c, hw = p->hw, planes = p->n * p->c;
-    double *coef = NULL, *plane_sum = NULL, *plane_m2 = NULL, *chan_mean = NULL, *chan_std = NULL;
+    double *coef = NULL, *grad_coef = NULL, *plane_sum = NULL, *plane_m2 = NULL, *chan_mean = NULL, *chan_std = NULL;
     int rc = -1;
     size_t nplanes = (size_t)(planes > 0 ? planes : 1), nchan = (size_t)(C > 0 ? C : 1);
 
@@ -155,6 +155,16 @@ int lpl_cpu_feature_distance(const lpl_fd_params *p, char *err) {
         }
         coef[pl] = lpl_plane_coef(p->weight, C, (double)kept);
     }
+    /* The gradient's plane coefficient: coef times the sample's folded factor (one product
+     * per plane; the per-element arithmetic is unchanged). */
+    if (p->grad_scale) {
+        grad_coef = (double *)malloc(sizeof(double) * nplanes);
+        if (!grad_coef) {
+            snprintf(err, LPL_ERR_LEN, "out of host memory");
+            goto fail;
+        }
+        for (int64_t pl = 0; pl < planes; ++pl) grad_coef[pl] = coef[pl] * p->grad_scale[pl / C];
+    }
 
     if (p->norm == LPL_NORM_BATCH) {
         /* Per-channel mean and unbiased std of y*keep over (n, h, w). */
@@ -173,14 +183,15 @@ int lpl_cpu_feature_distance(const lpl_fd_params *p, char *err) {
     }
 
     switch (p->dtype) {
-    case LPL_FLOAT32: rc = fd_run_f32(p, coef, chan_mean, chan_std, err); break;
-    case LPL_FLOAT64: rc = fd_run_f64(p, coef, chan_mean, chan_std, err); break;
-    case LPL_FLOAT16: rc = fd_run_f16(p, coef, chan_mean, chan_std, err); break;
-    case LPL_BFLOAT16: rc = fd_run_bf16(p, coef, chan_mean, chan_std, err); break;
+    case LPL_FLOAT32: rc = fd_run_f32(p, coef, grad_coef ? grad_coef : coef, chan_mean, chan_std, err); break;
+    case LPL_FLOAT64: rc = fd_run_f64(p, coef, grad_coef ? grad_coef : coef, chan_mean, chan_std, err); break;
+    case LPL_FLOAT16: rc = fd_run_f16(p, coef, grad_coef ? grad_coef : coef, chan_mean, chan_std, err); break;
+    case LPL_BFLOAT16: rc = fd_run_bf16(p, coef, grad_coef ? grad_coef : coef, chan_mean, chan_std, err); break;
     default: snprintf(err, LPL_ERR_LEN, "unsupported dtype"); rc = -1; break;
     }
 fail:
     free(coef);
+    free(grad_coef);
     free(plane_sum);
     free(plane_m2);
     free(chan_mean);

@@ -162,8 +162,9 @@ FD_INLINE void FD_FN(fd_sumsq)(const FD_T *restrict vr, const uint8_t *restrict 
 }
 
 /* Per-tile work. scratch holds 5 * tile FD_ACC values owned by the calling thread;
- * sums[n * C + c] accumulates sum over the tile of keep * e. */
-static void FD_FN(fd_tile)(const lpl_fd_params *p, const double *coef, const FD_ACC *chan_scale,
+ * sums[n * C + c] accumulates sum over the tile of keep * e; grad_coef[n * C + c] is the
+ * gradient's plane coefficient (the loss's coef times the folded grad_scale[n]). */
+static void FD_FN(fd_tile)(const lpl_fd_params *p, const double *grad_coef, const FD_ACC *chan_scale,
                            const FD_ACC *chan_shift, int64_t n, int64_t p0, int64_t p1,
                            FD_ACC *scratch, int64_t tile, double *sums) {
     const int64_t C = p->c, hw = p->hw, len = p1 - p0;
@@ -203,7 +204,7 @@ static void FD_FN(fd_tile)(const lpl_fd_params *p, const double *coef, const FD_
         const FD_T *yr = Y + off;
         const uint8_t *mr = has_mask ? Mk + off : NULL;
         FD_T *gr = G ? G + off : NULL;
-        const FD_ACC cf = (FD_ACC)coef[n * C + c];
+        const FD_ACC cf = (FD_ACC)grad_coef[n * C + c];
         FD_ACC s = 0;
         if (norm == LPL_NORM_DEFAULT) {
 #define FD_DEF(HM, DI) s = FD_FN(fd_row_default)(xr, yr, mr, sx, sy, dot, cf, len, HM, DI)
@@ -238,7 +239,7 @@ static void FD_FN(fd_tile)(const lpl_fd_params *p, const double *coef, const FD_
             const FD_T *yr = Y + off;
             const uint8_t *mr = has_mask ? Mk + off : NULL;
             FD_T *gr = G + off;
-            const FD_ACC cf = (FD_ACC)coef[n * C + c];
+            const FD_ACC cf = (FD_ACC)grad_coef[n * C + c];
 #define FD_GD(HM, DI) FD_FN(fd_grad_default)(xr, yr, mr, gr, sx, sy, dot, cf, len, HM, DI)
             switch (FD_KEY2(has_mask, dist)) {
                 FD_CASES2(FD_GD)
@@ -249,7 +250,7 @@ static void FD_FN(fd_tile)(const lpl_fd_params *p, const double *coef, const FD_
     }
 }
 
-static int FD_FN(fd_run)(const lpl_fd_params *p, const double *coef, const double *chan_mean,
+static int FD_FN(fd_run)(const lpl_fd_params *p, const double *coef, const double *grad_coef, const double *chan_mean,
                          const double *chan_std, char *err) {
     const int64_t N = p->n, C = p->c, hw = p->hw;
     FD_ACC *chan_scale = NULL, *chan_shift = NULL;
@@ -311,7 +312,7 @@ static int FD_FN(fd_run)(const lpl_fd_params *p, const double *coef, const doubl
             const int64_t n = item / ntiles, t = item % ntiles;
             const int64_t p0 = t * tile;
             const int64_t p1 = p0 + tile < hw ? p0 + tile : hw;
-            FD_FN(fd_tile)(p, coef, chan_scale, chan_shift, n, p0, p1, scratch, tile, sums);
+            FD_FN(fd_tile)(p, grad_coef, chan_scale, chan_shift, n, p0, p1, scratch, tile, sums);
         }
         free(scratch);
     }

@@ -45,6 +45,10 @@ typedef struct {
     lpl_CUresult (*cuMemsetD8Async)(unsigned long long, unsigned char, size_t, lpl_CUstream);
     lpl_CUresult (*cuGetErrorName)(lpl_CUresult, const char **);
     lpl_CUresult (*cuGetErrorString)(lpl_CUresult, const char **);
+    lpl_CUresult (*cuFuncGetAttribute)(int *, int, lpl_CUfunction);
+    lpl_CUresult (*cuFuncSetAttribute)(lpl_CUfunction, int, int);
+    lpl_CUresult (*cuPointerGetAttributes)(unsigned, int *, void **, unsigned long long);
+    lpl_CUresult (*cuThreadExchangeStreamCaptureMode)(int *);
 } lpl_cuda_driver;
 
 /* The kernels of one device: a loaded module and its functions (LPL_KERNEL_LIST). */
@@ -57,6 +61,9 @@ typedef struct lpl_cuda_kernels {
     lpl_CUmodule module;
     lpl_CUfunction fn[LPL_KERNEL_COUNT];
     int sm_count;
+    int smem_optin_bytes;                   /* shared memory per block a kernel may opt into */
+    int max_dynamic_smem[LPL_KERNEL_COUNT]; /* dynamic shared bytes each kernel is opted in to */
+    int kernel_set; /* LPL_KERNEL_SET_V2 (current) or LPL_KERNEL_SET_V1 (the 0.2 kernels) */
 } lpl_cuda_kernels;
 
 /* The kernels capsule passed to an entry point for a tensor on CUDA device `ordinal`;
@@ -92,7 +99,15 @@ int lpl_cpu_call_args(PyObject *stream_obj, PyObject *kernels_obj);
 int lpl_cu_begin(const lpl_cuda_kernels *k, char *err);
 void lpl_cu_end(const lpl_cuda_kernels *k);
 
-/* Launches kernel `id` on a 1-D grid; args as cuLaunchKernel takes them. */
+/* 0 when every tensor (NULL entries skipped) is device (or managed) memory of the kernels'
+ * device over its whole extent, per cuPointerGetAttributes; else -1 with ValueError
+ * naming the tensor (a CUDA-labelled DLPack capsule over host memory would otherwise
+ * fault the context). GIL held. */
+int lpl_cuda_check_memory(const lpl_cuda_kernels *k, const lpl_tensor *const *tensors, const char *const *names,
+                          int count);
+
+/* Launches kernel `id` on a 1-D grid; args as cuLaunchKernel takes them. `smem` beyond
+ * the kernel's opt-in (max_dynamic_smem) is refused here, with a message. */
 int lpl_cu_launch(const lpl_cuda_kernels *k, int id, int64_t grid, int block, size_t smem, void *stream, void **args,
                   char *err);
 /* Zeroes `bytes` bytes of device memory on the stream. */

@@ -7,29 +7,72 @@
 
 #include "lpl_math.h"
 
+/* Storage dtype codes of tensors (lpl_tensor.h) and of the kernels' per-dtype entry
+ * points (LPL_DTYPE_KERNELS order): declared once, here. */
+typedef enum {
+    LPL_FLOAT32 = 0,
+    LPL_FLOAT64 = 1,
+    LPL_FLOAT16 = 2,
+    LPL_BFLOAT16 = 3,
+    LPL_BOOL = 4,
+    LPL_UINT8 = 5,
+    LPL_DTYPE_OTHER = 6 /* anything else: integers, complex, ... always rejected */
+} lpl_dtype;
+
 /* Every kernel of the module, in one list. A per-dtype kernel is four entries in
  * lpl_dtype order (f32, f64, f16, bf16), so the launcher indexes base + dtype. The
  * exported symbol of entry `name` is "lpl_" #name (extern "C", no mangling). */
 #define LPL_DTYPE_KERNELS(X, base) X(base##_f32) X(base##_f64) X(base##_f16) X(base##_bf16)
-#define LPL_KERNEL_LIST(X)                                                                    \
-    X(fd_kept_count)                                                                          \
-    X(fd_fill)                                                                                \
-    LPL_DTYPE_KERNELS(X, fd_plane_moments)                                                    \
-    X(fd_channel_moments)                                                                     \
+/* The feature-distance kernels (csrc/cuda/feature_distance_kernels.cuh). */
+#define LPL_FD_KERNEL_LIST(X)                                                                 \
+    LPL_DTYPE_KERNELS(X, fd_stats)                                                            \
+    X(fd_setup)                                                                               \
     LPL_DTYPE_KERNELS(X, fd_main)                                                             \
-    X(fd_finalize)                                                                            \
-    LPL_DTYPE_KERNELS(X, om_moments)                                                          \
-    X(om_setup)                                                                               \
-    LPL_DTYPE_KERNELS(X, om_variance)                                                         \
-    LPL_DTYPE_KERNELS(X, om_radix_hist)                                                       \
-    X(om_radix_select)                                                                        \
-    X(om_thresholds)                                                                          \
-    LPL_DTYPE_KERNELS(X, om_keep_rowor)                                                       \
-    X(om_col_or)                                                                              \
-    X(om_row_and)                                                                             \
-    LPL_DTYPE_KERNELS(X, om_final)                                                            \
-    X(om_plane_stats)                                                                         \
+    X(fd_finalize)
+/* The outlier-mask kernels (csrc/cuda/outlier_mask_kernels.cuh): the one-block-per-plane
+ * path (om_plane) and the streaming path of planes too large for shared memory. */
+#define LPL_OM_KERNEL_LIST(X)                                                                 \
+    LPL_DTYPE_KERNELS(X, om_plane)                                                            \
+    LPL_DTYPE_KERNELS(X, om_hist)                                                             \
+    X(om_select)                                                                              \
+    LPL_DTYPE_KERNELS(X, om_filter)                                                           \
+    X(om_plane_merge)                                                                         \
     X(om_layer_stats)
+/* The 0.2 kernels, kept selectable (LPL_EXT_KERNEL_SET=v1) until a GPU run has compared
+ * them with the current ones (csrc/cuda/v1_*.cuh; delete with them). */
+#define LPL_V1_KERNEL_LIST(X)                                                                 \
+    X(v1_fd_kept_count)                                                                       \
+    X(v1_fd_fill)                                                                             \
+    LPL_DTYPE_KERNELS(X, v1_fd_plane_moments)                                                 \
+    X(v1_fd_channel_moments)                                                                  \
+    LPL_DTYPE_KERNELS(X, v1_fd_main)                                                          \
+    X(v1_fd_finalize)                                                                         \
+    LPL_DTYPE_KERNELS(X, v1_om_moments)                                                       \
+    X(v1_om_setup)                                                                            \
+    LPL_DTYPE_KERNELS(X, v1_om_variance)                                                      \
+    LPL_DTYPE_KERNELS(X, v1_om_radix_hist)                                                    \
+    X(v1_om_radix_select)                                                                     \
+    X(v1_om_thresholds)                                                                       \
+    LPL_DTYPE_KERNELS(X, v1_om_keep_rowor)                                                    \
+    X(v1_om_col_or)                                                                           \
+    X(v1_om_row_and)                                                                          \
+    LPL_DTYPE_KERNELS(X, v1_om_final)                                                         \
+    X(v1_om_plane_stats)                                                                      \
+    X(v1_om_layer_stats)
+/* The backward of the weighted feature distance (csrc/cuda/scale_kernels.cuh). */
+#define LPL_SCALE_KERNEL_LIST(X) LPL_DTYPE_KERNELS(X, scale_grad)
+#define LPL_KERNEL_LIST(X) LPL_FD_KERNEL_LIST(X) LPL_OM_KERNEL_LIST(X) LPL_SCALE_KERNEL_LIST(X) LPL_V1_KERNEL_LIST(X)
+
+/* Parameters of lpl_scale_grad_*: grad[i] *= *factor for i < numel, unless *factor == 1. */
+#define LPL_SCALE_THREADS 256
+typedef struct {
+    void *grad;            /* numel values of the kernel's dtype, C-contiguous */
+    const double *factor;  /* one float64 on the device: the upstream gradient */
+    int64_t numel;
+} lpl_scale_args;
+
+/* The kernel sets a loaded module can run (lpl_cuda_kernels.kernel_set). */
+enum { LPL_KERNEL_SET_V2 = 2, LPL_KERNEL_SET_V1 = 1 };
 
 #define LPL_KERNEL_ENUM_ENTRY(name) LPL_K_##name,
 enum { LPL_KERNEL_LIST(LPL_KERNEL_ENUM_ENTRY) LPL_KERNEL_COUNT };
@@ -37,13 +80,63 @@ enum { LPL_KERNEL_LIST(LPL_KERNEL_ENUM_ENTRY) LPL_KERNEL_COUNT };
 
 /* Threads per block of the feature-distance kernels (the main kernel may use fewer). */
 #define LPL_FD_THREADS 256
+/* Feature distance (v2): the statistics pass (fd_stats) reads LPL_FD_STATS_CHUNK values
+ * per block and step, at most LPL_FD_STATS_PARTS blocks per (n, c) plane; the main kernel
+ * runs at most LPL_FD_MAX_BLOCKS blocks per sample, each looping over its pixel tiles.
+ * Both bounds keep the workspace a function of (n, c) alone. */
+#define LPL_FD_STATS_CHUNK 1024
+#define LPL_FD_STATS_PARTS 4
+#define LPL_FD_MAX_BLOCKS 256
+
+/* Feature-distance kernel arguments, one by-value struct for every fd kernel (the
+ * launcher fills it once, feature_distance_cuda.c). Scratch pointers are into the
+ * workspace laid out by lpl_fd_workspace_layout (lpl_ops.h). */
+typedef struct {
+    const void *x, *y;     /* (N, C, H, W) in the storage dtype */
+    const uint8_t *mask;   /* keep-mask bytes, NULL = keep all */
+    void *grad;            /* NULL = loss only */
+    double *loss;          /* (N,) */
+    const double *grad_scale; /* (N,) factors folded into the gradient's plane coefficients, NULL = 1 */
+    int64_t n, c, hw;
+    int norm, dist;
+    double weight;
+    /* statistics pass: blocks per plane (each loops over chunks part, part + parts, ...) */
+    int64_t stats_parts;
+    /* main kernel: a block is tile_pixels pixel lanes x (blockDim.x / tile_pixels)
+     * channel groups; blocks_per_sample blocks loop over tiles_per_sample tiles */
+    int64_t tile_pixels, tiles_per_sample, blocks_per_sample;
+    /* byte offsets into the main kernel's dynamic shared memory, -1 = not there: the
+     * sample's plane coefficients (double), batch scale and shift (acc), the per-pixel
+     * scalars (4 acc per pixel), the staged tile of x, y (storage type) and the mask */
+    int64_t sh_coef, sh_scale, sh_shift, sh_pixel, sh_x, sh_y, sh_mask;
+    /* the tile's keep bits (C rows of ceil(P / 8) bytes) when keep_bits is set */
+    int64_t sh_bits;
+    /* Packed keep-mask, 1 bit per value, written by fd_stats and read by fd_main in
+     * place of the mask bytes: the byte of values [8j, 8j + 8) of plane q lies in the
+     * first byte of grad element q * hw + 8j (keep_bits_stride = its storage size). Each
+     * main block reads its tile's bytes before it writes the tile's gradient, which
+     * overwrites them; NULL = fd_main reads the mask bytes (no gradient, or the bits of
+     * a tile do not fit in shared memory). */
+    uint8_t *keep_bits;
+    int64_t keep_bits_stride;
+    /* workspace */
+    double *coef;       /* (N*C) lpl_plane_coef per plane (masked) */
+    double *chan_mean;  /* (C) batch mean */
+    double *chan_scale; /* (C) batch 1 / (std + eps) */
+    double *part_kept;  /* (N*C*stats_parts) kept count per statistics block */
+    double *part_mean;  /* (N*C*stats_parts) batch: mean of y*keep per statistics block */
+    double *part_m2;    /* (N*C*stats_parts) batch: sum of squared deviations from it */
+    double *loss_part;  /* (N*blocks_per_sample) per main block: sum of coef * e */
+} lpl_fd_args;
+
 /* Threads per block of the outlier-mask kernels over plane values. */
 #define LPL_OM_CUDA_THREADS 256
 /* Doubles of per-plane scalars in the outlier-mask scratch. */
 #define LPL_OM_PLANE_D 16
 
-/* Outlier-mask scratch regions, passed by value to the kernels (pointers into the
- * workspace laid out by lpl_om_workspace_layout in lpl_ops.h). */
+/* Scratch regions of the 0.2 outlier-mask kernels (csrc/cuda/v1_outlier_mask_kernels.cuh),
+ * passed by value (pointers into the workspace laid out by lpl_om_v1_workspace_layout in
+ * lpl_ops.h). */
 typedef struct {
     double *part_d;   /* per-block partial sums: 4 doubles per block */
     uint64_t *part_u; /* per-block min / max order keys: 2 per block */
@@ -51,6 +144,51 @@ typedef struct {
     uint64_t *plane_u;/* per-plane radix-select state: 4 per plane */
     uint32_t *hist;   /* per-plane digit histograms: 512 per plane */
     uint8_t *tmp;     /* intermediate mask of the separable filters: one byte per value */
+} lpl_om_v1_ws;
+
+/* ---- outlier mask, current kernels ---- */
+/* Digit width of the streaming path's radix select: 11 bits take a float32 key in 3
+ * passes (11 + 11 + 10), a 16-bit key in 2, a float64 key in 6; 2 * 2048 bins fit in
+ * 16 KiB of shared memory. */
+#define LPL_OM_DIGIT_BITS 11
+#define LPL_OM_DIGIT_BINS (1 << LPL_OM_DIGIT_BITS)
+/* Smallest output tile of the streaming path's fused threshold + closing + opening
+ * kernel (the workspace holds partials for this many tiles; the launcher takes tiles of
+ * twice these sides where shared memory allows: less halo re-read). */
+#define LPL_OM_TILE_W 64
+#define LPL_OM_TILE_H 32
+/* Per-plane slots: LPL_OM_PLANE_D doubles and LPL_OM_PLANE_U order keys. */
+#define LPL_OM_PLANE_U 8
+
+/* Scratch regions of the current kernels (lpl_om_workspace_layout in lpl_ops.h). */
+typedef struct {
+    double *plane_d;   /* per-plane scalars: LPL_OM_PLANE_D doubles per plane */
+    uint64_t *plane_u; /* per-plane radix-select state: LPL_OM_PLANE_U per plane */
+    double *part_d;    /* per-block partial sums: parts_per_plane * 4 doubles per plane */
+    uint64_t *part_u;  /* per-block min / max order keys: parts_per_plane * 2 per plane */
+    uint32_t *hist;    /* per-plane digit histograms: 2 * LPL_OM_DIGIT_BINS per plane */
 } lpl_om_ws;
+
+/* The one by-value parameter block of every outlier-mask kernel. The launcher fills it
+ * once and changes only `pass` / `shift` / `digit_bits` between the radix passes. */
+typedef struct {
+    const void *y;         /* (planes, h, w) values, storage dtype */
+    uint8_t *keep;         /* (planes, h, w) output keep-mask */
+    double *stats;         /* (3,) layer statistics, NULL: none */
+    int64_t planes, h, w, len; /* len = h * w */
+    int64_t blocks_per_plane;  /* streaming passes: blocks over each plane's values */
+    int64_t tiles_x, tiles_y;  /* filter kernel: tiles per plane row / column */
+    int tile_w, tile_h;        /* filter kernel: output tile (a multiple of LPL_OM_TILE_W x _H) */
+    int64_t parts_per_plane;   /* part_d / part_u slots per plane */
+    double quantile, margin_std;
+    int dtype;             /* lpl_dtype */
+    int key_bits;          /* bits of the order-preserving key: 16, 32 or 64 */
+    /* radii of the closing (max filter) and opening (min filter), clamped to the plane
+     * (a window wider than the plane is clipped to it) */
+    int rc_x, rc_y, ro_x, ro_y;
+    int pass;              /* om_hist / om_select: radix pass, -1 = setup */
+    int shift, digit_bits; /* the pass's digit: key bits [shift, shift + digit_bits) */
+    lpl_om_ws ws;
+} lpl_om_args;
 
 #endif /* LPL_KERNEL_ABI_H */

@@ -7,21 +7,14 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "lpl_kernel_abi.h" /* lpl_dtype */
+
 #ifdef __cplusplus
 extern "C" {
 #endif
 
 #define LPL_MAX_NDIM 8
 
-typedef enum {
-    LPL_FLOAT32 = 0,
-    LPL_FLOAT64 = 1,
-    LPL_FLOAT16 = 2,
-    LPL_BFLOAT16 = 3,
-    LPL_BOOL = 4,
-    LPL_UINT8 = 5,
-    LPL_DTYPE_OTHER = 6 /* anything else: integers, complex, ... always rejected */
-} lpl_dtype;
 
 typedef enum { LPL_CPU = 0, LPL_CUDA = 1 } lpl_device_type;
 

@@ -23,6 +23,7 @@
 #endif
 
 PyObject *lpl_py_feature_distance(PyObject *self, PyObject *args, PyObject *kwargs);
+PyObject *lpl_py_scale_gradient(PyObject *self, PyObject *args, PyObject *kwargs);
 PyObject *lpl_py_outlier_mask(PyObject *self, PyObject *args, PyObject *kwargs);
 PyObject *lpl_py_outlier_mask_workspace_bytes(PyObject *self, PyObject *args);
 
@@ -68,8 +69,12 @@ static PyMethodDef lpl_methods[] = {
     {"feature_distance", (PyCFunction)(void (*)(void))lpl_py_feature_distance,
      METH_VARARGS | METH_KEYWORDS,
      "feature_distance(x, y, mask, loss, grad, norm, distance, weight, stream=None, "
-     "workspace=None, kernels=None)\n\nPer-sample LPL layer loss into loss (N,) float64 and, when grad is "
-     "not None, d(sum loss)/dx into grad (x's shape and dtype)."},
+     "workspace=None, kernels=None, grad_scale=None)\n\nPer-sample LPL layer loss into loss (N,) float64 and, "
+     "when grad is not None, d(sum_n s[n] loss[n])/dx into grad (x's shape and dtype); s = grad_scale, "
+     "(N,) float64, or 1."},
+    {"scale_gradient", (PyCFunction)(void (*)(void))lpl_py_scale_gradient, METH_VARARGS | METH_KEYWORDS,
+     "scale_gradient(grad, factor, stream=None, kernels=None)\n\ngrad *= factor[0] in place (factor (1,) "
+     "float64 on grad's device), unless factor[0] == 1: then grad is not touched."},
     {"feature_distance_workspace", py_fd_workspace, METH_VARARGS,
      "feature_distance_workspace(n, c) -> number of float64 scratch values the CUDA "
      "kernels need."},

@@ -11,7 +11,9 @@
 #include "lpl_ops.h"
 
 int64_t lpl_outlier_mask_workspace_bytes(int64_t n, int64_t c, int64_t h, int64_t w) {
-    return lpl_om_workspace_layout(n, c, h, w).total;
+    /* the larger of the two kernel sets' layouts (LPL_EXT_KERNEL_SET picks one per module) */
+    const int64_t v2 = lpl_om_workspace_layout(n, c, h, w).total, v1 = lpl_om_v1_workspace_layout(n, c, h, w).total;
+    return v1 < 0 || v2 < 0 ? -1 : (v1 > v2 ? v1 : v2);
 }
 
 /* ValueError "<message>, got <repr(value)>" (as Python formats the float); returns -1. */
@@ -106,6 +108,11 @@ PyObject *lpl_py_outlier_mask(PyObject *self, PyObject *args, PyObject *kwargs) 
         if (lpl_cuda_call_args(stream_obj, kernels_obj, ws_obj, &y, "y", LPL_UINT8,
                                lpl_outlier_mask_workspace_bytes(p.n, p.c, p.h, p.w), &call, &hold[3]) < 0)
             goto fail;
+        {
+            const lpl_tensor *tensors[] = {&y, &keep, p.stats ? &stats : NULL};
+            static const char *const names[] = {"y", "keep", "stats"};
+            if (lpl_cuda_check_memory(call.kernels, tensors, names, 3) < 0) goto fail;
+        }
         p.workspace = call.workspace;
         Py_BEGIN_ALLOW_THREADS
         rc = lpl_cuda_outlier_mask(call.kernels, &p, call.stream, err);

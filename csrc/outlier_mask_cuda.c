@@ -1,6 +1,7 @@
-/* CUDA launch sequence of the outlier keep-mask (kernels and the order of the steps in
- * csrc/cuda/outlier_mask_kernels.cuh), through the driver API on the caller's stream.
- * No host sync. */
+/* CUDA launch sequence of the outlier keep-mask (the kernels and both paths are described
+ * in csrc/cuda/outlier_mask_kernels.cuh), through the driver API on the caller's stream.
+ * No host sync, no allocation: the scratch is the caller's workspace
+ * (lpl_om_workspace_layout). */
 #include "lpl_cuda_driver.h" /* Python.h first, as CPython asks */
 
 #include <stdio.h>
@@ -12,66 +13,139 @@ static int64_t grid_for(int64_t work, int64_t threads) {
     return g < 1 ? 1 : g;
 }
 
-/* Bits of the order-preserving key per storage dtype (f32, f64, f16, bf16). */
+/* Bits of the order-preserving key and bytes of a value per storage dtype (f32, f64,
+ * f16, bf16). */
 static const int key_bits[4] = {32, 64, 16, 16};
+static const int value_bytes[4] = {4, 8, 2, 2};
 
-int lpl_cuda_outlier_mask(const struct lpl_cuda_kernels *k, const lpl_om_params *p, void *stream, char *err) {
-    int64_t planes = p->n * p->c, h = p->h, w = p->w, len = h * w, total = planes * len;
-    const lpl_om_layout layout = lpl_om_workspace_layout(p->n, p->c, p->h, p->w);
-    int64_t nb = lpl_om_blocks_per_plane(len);
-    uint8_t *base = (uint8_t *)p->workspace;
-    lpl_om_ws ws;
-    ws.part_d = (double *)(base + layout.part_d);
-    ws.part_u = (uint64_t *)(base + layout.part_u);
-    ws.plane_d = (double *)(base + layout.plane_d);
-    ws.plane_u = (uint64_t *)(base + layout.plane_u);
-    ws.hist = (uint32_t *)(base + layout.hist);
-    ws.tmp = base + layout.tmp;
-    const void *y = p->y;
-    uint8_t *keep = p->keep, *tmp = ws.tmp;
-    double *stats = p->stats;
-    double quantile = p->quantile, margin_std = p->margin_std;
-    int dtype = p->dtype;
-    int64_t r_close = (p->closing - 1) / 2, r_open = (p->opening - 1) / 2;
-    const int T = LPL_OM_CUDA_THREADS;
-    int rc = -1;
+/* Filter radius (odd window) clamped to a plane extent: a window wider than the plane is
+ * clipped to it, so radius extent - 1 gives the same result. */
+static int clamp_radius(int window, int64_t extent) {
+    const int64_t r = (window - 1) / 2, cap = extent > 0 ? extent - 1 : 0;
+    return (int)(r < cap ? r : cap);
+}
 
-    if (dtype < 0 || dtype > 3) {
-        snprintf(err, LPL_ERR_LEN, "unsupported dtype");
-        return -1;
-    }
-    if (planes > 0 && len > 0 && planes * nb > 2147483647LL) {
+/* Dynamic shared bytes of om_plane for a plane of len values: the values (8-byte
+ * aligned) and two mask bytes per value; -1 when far too large. */
+static int64_t plane_path_smem(int64_t len, int dtype) {
+    if (len > ((int64_t)1 << 30)) return -1;
+    return (len * value_bytes[dtype] + 7) / 8 * 8 + 2 * len;
+}
+
+static int launch(const struct lpl_cuda_kernels *k, int id, int64_t grid, int block, size_t smem, void *stream,
+                  lpl_om_args *args, char *err) {
+    void *params[] = {args};
+    return lpl_cu_launch(k, id, grid, block, smem, stream, params, err);
+}
+
+/* The streaming path: radix passes over the values, then the tiled filter. */
+static int streaming_path(const struct lpl_cuda_kernels *k, lpl_om_args *a, void *stream, char *err) {
+    const int T = LPL_OM_CUDA_THREADS, dtype = a->dtype;
+    if (a->planes * a->blocks_per_plane > 2147483647LL || a->planes * lpl_om_tiles_per_plane(a->h, a->w) > 2147483647LL) {
         snprintf(err, LPL_ERR_LEN, "too many (sample, channel) planes for one launch");
         return -1;
     }
-    if (lpl_cu_begin(k, err) < 0) return -1;
-#define OM_LAUNCH(id, grid, block, ...)                                                 \
-    do {                                                                                \
-        void *args_[] = {__VA_ARGS__};                                                  \
-        if (lpl_cu_launch(k, (id), (grid), (block), 0, stream, args_, err) < 0) goto fail; \
-    } while (0)
-    if (planes > 0 && len > 0) {
-        const int64_t plane_blocks = planes * nb, per_plane_grid = grid_for(planes, 128);
-        const int64_t pix_grid = grid_for(total, T) > 2147483647LL ? 2147483647LL : grid_for(total, T);
-        OM_LAUNCH(LPL_K_om_moments_f32 + dtype, plane_blocks, T, &y, &len, &nb, &ws);
-        OM_LAUNCH(LPL_K_om_setup, per_plane_grid, 128, &planes, &nb, &quantile, &dtype, &ws);
-        OM_LAUNCH(LPL_K_om_variance_f32 + dtype, plane_blocks, T, &y, &len, &nb, &ws);
-        for (int shift = key_bits[dtype] - 8; shift >= 0; shift -= 8) {
-            OM_LAUNCH(LPL_K_om_radix_hist_f32 + dtype, plane_blocks, T, &y, &len, &nb, &shift, &ws);
-            OM_LAUNCH(LPL_K_om_radix_select, grid_for(planes * 2, 128), 128, &planes, &shift, &ws);
-        }
-        OM_LAUNCH(LPL_K_om_thresholds, per_plane_grid, 128, &planes, &nb, &margin_std, &dtype, &ws);
-        /* the per-pixel kernels loop over the grid, so the grid may be capped */
-        OM_LAUNCH(LPL_K_om_keep_rowor_f32 + dtype, pix_grid, T, &y, &total, &len, &w, &r_close, &ws);
-        OM_LAUNCH(LPL_K_om_col_or, pix_grid, T, &tmp, &keep, &total, &len, &h, &w, &r_close);
-        OM_LAUNCH(LPL_K_om_row_and, pix_grid, T, &keep, &tmp, &total, &w, &r_open);
-        OM_LAUNCH(LPL_K_om_final_f32 + dtype, plane_blocks, T, &y, &keep, &len, &h, &w, &r_open, &nb, &ws);
-        if (stats) OM_LAUNCH(LPL_K_om_plane_stats, per_plane_grid, 128, &planes, &nb, &len, &ws);
+    /* the larger tile where it fits: the halo re-read shrinks with the tile's sides */
+    const int64_t hx = a->rc_x + a->ro_x, hy = a->rc_y + a->ro_y, smem_cap = k->max_dynamic_smem[LPL_K_om_filter_f32 + dtype];
+    int64_t filter_smem = -1;
+    for (int scale = 2; scale >= 1; --scale) {
+        const int64_t tw = LPL_OM_TILE_W * scale, th = LPL_OM_TILE_H * scale;
+        filter_smem = tw * th * value_bytes[dtype] + 2 * (tw + 2 * hx) * (th + 2 * hy);
+        a->tile_w = (int)tw;
+        a->tile_h = (int)th;
+        if (filter_smem <= smem_cap) break;
     }
-    if (stats) OM_LAUNCH(LPL_K_om_layer_stats, 1, 32, &planes, &len, &ws, &stats);
-#undef OM_LAUNCH
-    rc = 0;
-fail:
+    a->tiles_x = a->w / a->tile_w + (a->w % a->tile_w != 0);
+    a->tiles_y = a->h / a->tile_h + (a->h % a->tile_h != 0);
+    const int64_t tiles = a->tiles_x * a->tiles_y;
+    if (filter_smem > smem_cap) {
+        snprintf(err, LPL_ERR_LEN,
+                 "closing / opening windows (%d, %d) too wide for the tiled filter on planes of %lld x %lld "
+                 "(%lld bytes of shared memory, the GPU allows %d)",
+                 2 * a->rc_x + 1, 2 * a->ro_x + 1, (long long)a->h, (long long)a->w, (long long)filter_smem,
+                 (int)smem_cap);
+        return -1;
+    }
+    a->pass = -1;
+    if (launch(k, LPL_K_om_select, a->planes, T, 0, stream, a, err) < 0) return -1;
+    /* digits of LPL_OM_DIGIT_BITS from the top; the last one may be narrower */
+    int top = key_bits[dtype];
+    for (int pass = 0; top > 0; ++pass) {
+        a->pass = pass;
+        a->shift = top > LPL_OM_DIGIT_BITS ? top - LPL_OM_DIGIT_BITS : 0;
+        a->digit_bits = top - a->shift;
+        if (launch(k, LPL_K_om_hist_f32 + dtype, a->planes * a->blocks_per_plane, T, 0, stream, a, err) < 0 ||
+            launch(k, LPL_K_om_select, a->planes, T, 0, stream, a, err) < 0)
+            return -1;
+        top = a->shift;
+    }
+    if (launch(k, LPL_K_om_filter_f32 + dtype, a->planes * tiles, T, (size_t)filter_smem, stream, a, err) < 0)
+        return -1;
+    if (a->stats && launch(k, LPL_K_om_plane_merge, grid_for(a->planes, 128), 128, 0, stream, a, err) < 0) return -1;
+    return 0;
+}
+
+int lpl_cuda_outlier_mask(const struct lpl_cuda_kernels *k, const lpl_om_params *p, void *stream, char *err) {
+    if (k->kernel_set == LPL_KERNEL_SET_V1) return lpl_cuda_outlier_mask_v1(k, p, stream, err);
+    if (p->dtype < 0 || p->dtype > 3) {
+        snprintf(err, LPL_ERR_LEN, "unsupported dtype");
+        return -1;
+    }
+    if (p->closing < 1 || p->opening < 1 || p->closing % 2 == 0 || p->opening % 2 == 0) {
+        snprintf(err, LPL_ERR_LEN, "closing and opening windows must be odd and >= 1, got %d and %d", p->closing,
+                 p->opening);
+        return -1;
+    }
+    const lpl_om_layout layout = lpl_om_workspace_layout(p->n, p->c, p->h, p->w);
+    if (layout.total < 0) {
+        snprintf(err, LPL_ERR_LEN, "outlier_mask workspace size overflows int64");
+        return -1;
+    }
+    uint8_t *base = (uint8_t *)p->workspace;
+    lpl_om_args a;
+    a.y = p->y;
+    a.keep = p->keep;
+    a.stats = p->stats;
+    a.planes = p->n * p->c;
+    a.h = p->h;
+    a.w = p->w;
+    a.len = p->h * p->w;
+    a.blocks_per_plane = lpl_om_blocks_per_plane(a.len);
+    a.tiles_x = a.tiles_y = 0; /* set with the tile by the streaming path */
+    a.tile_w = LPL_OM_TILE_W;
+    a.tile_h = LPL_OM_TILE_H;
+    a.parts_per_plane = lpl_om_parts_per_plane(p->h, p->w);
+    a.quantile = p->quantile;
+    a.margin_std = p->margin_std;
+    a.dtype = p->dtype;
+    a.key_bits = key_bits[p->dtype];
+    a.rc_x = clamp_radius(p->closing, p->w);
+    a.rc_y = clamp_radius(p->closing, p->h);
+    a.ro_x = clamp_radius(p->opening, p->w);
+    a.ro_y = clamp_radius(p->opening, p->h);
+    a.pass = 0;
+    a.shift = 0;
+    a.digit_bits = 0;
+    a.ws.plane_d = (double *)(base + layout.plane_d);
+    a.ws.plane_u = (uint64_t *)(base + layout.plane_u);
+    a.ws.part_d = (double *)(base + layout.part_d);
+    a.ws.part_u = (uint64_t *)(base + layout.part_u);
+    a.ws.hist = (uint32_t *)(base + layout.hist);
+    if (a.planes > 2147483647LL) {
+        snprintf(err, LPL_ERR_LEN, "too many (sample, channel) planes for one launch");
+        return -1;
+    }
+
+    if (lpl_cu_begin(k, err) < 0) return -1;
+    int rc = 0;
+    if (a.planes > 0 && a.len > 0) {
+        const int64_t smem = plane_path_smem(a.len, a.dtype);
+        if (smem >= 0 && smem <= k->max_dynamic_smem[LPL_K_om_plane_f32 + a.dtype])
+            rc = launch(k, LPL_K_om_plane_f32 + a.dtype, a.planes, LPL_OM_CUDA_THREADS, (size_t)smem, stream, &a, err);
+        else
+            rc = streaming_path(k, &a, stream, err);
+    }
+    if (rc == 0 && a.stats) rc = launch(k, LPL_K_om_layer_stats, 1, 32, 0, stream, &a, err);
     lpl_cu_end(k);
-    return rc;
+    return rc < 0 ? -1 : 0;
 }

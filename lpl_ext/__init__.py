@@ -1,7 +1,7 @@
 """lpl_ext: fused C/CUDA Latent Perceptual Loss (Berrada et al., ICLR 2025) for SDXL."""
 
 from ._backend import BackendFallbackWarning, build_info
-from .feature_distance import FeatureDistanceFunction, feature_distance
+from .feature_distance import FeatureDistanceFunction, feature_distance, weighted_feature_distance
 from .outlier_mask import OutlierStats, outlier_mask, outlier_windows
 from ._backend import torch as _torch
 
@@ -29,5 +29,6 @@ __all__ = [
     "predict_z0",
     "remove_outliers",
     "snr_weights",
+    "weighted_feature_distance",
     "__version__",
 ]

@@ -9,8 +9,8 @@ on the caller's stream. The kernel image for a device comes from, in order:
    library is looked up in the user's environment (torch's CUDA wheels bring it), and
    the result is cached on disk, keyed by source hash, architecture and NVRTC version.
 
-The environment switches (``LPL_EXT_KERNELS``, ``LPL_EXT_NVRTC``, ``LPL_EXT_LIBCUDA``,
-``LPL_EXT_CACHE_DIR``) are documented once, in docs/cuda.md, "Switches".
+The environment switches (``LPL_EXT_KERNELS``, ``LPL_EXT_KERNEL_SET``, ``LPL_EXT_NVRTC``,
+``LPL_EXT_LIBCUDA``, ``LPL_EXT_CACHE_DIR``) are documented once, in docs/cuda.md, "Switches".
 """
 
 from __future__ import annotations
@@ -34,6 +34,9 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 KERNEL_DIR = PACKAGE_DIR / "_kernels"
 REPO_CSRC = PACKAGE_DIR.parent / "csrc"
 KERNEL_MODES = ("auto", "cubin", "nvrtc")
+#: LPL_EXT_KERNEL_SET: which launch sequences run, by name -> the C module's code: the
+#: current kernels, or the 0.2 ones kept until a GPU run has compared the two.
+KERNEL_SETS = {"v2": 2, "v1": 1}
 
 _lock = threading.Lock()
 _state: Dict[str, Any] = {"driver": None, "kernels": {}, "nvrtc": None}
@@ -339,6 +342,16 @@ def kernel_mode(env: Optional[Dict[str, str]] = None) -> str:
     return mode
 
 
+def kernel_set(env: Optional[Dict[str, str]] = None) -> str:
+    """The kernel set LPL_EXT_KERNEL_SET names: "v2" (default, the current kernels) or
+    "v1" (the 0.2 kernels, for the GPU comparison; docs/cuda.md, "Switches")."""
+    env = os.environ if env is None else env
+    name = env.get("LPL_EXT_KERNEL_SET", "v2").strip().lower() or "v2"
+    if name not in KERNEL_SETS:
+        raise ValueError(f"LPL_EXT_KERNEL_SET: unknown kernel set {name!r}; expected one of {', '.join(KERNEL_SETS)}")
+    return name
+
+
 def driver() -> Any:
     """The CUDA driver capsule (opened once per process)."""
     if _state["driver"] is None:
@@ -346,10 +359,12 @@ def driver() -> Any:
     return _state["driver"]
 
 
-def load_kernels(ordinal: int) -> Tuple[Any, str]:
+def load_kernels(ordinal: int, kernels: Optional[str] = None) -> Tuple[Any, str]:
     """(kernels capsule, where the image came from) for CUDA device ``ordinal``: a
-    shipped cubin the driver loads, else NVRTC. RuntimeError naming each path tried."""
+    shipped cubin the driver loads, else NVRTC. RuntimeError naming each path tried.
+    ``kernels``: the kernel set the capsule runs (default: LPL_EXT_KERNEL_SET's)."""
     mode = kernel_mode()
+    set_code = KERNEL_SETS[kernels if kernels is not None else kernel_set()]
     drv = driver()
     attrs = _C.cuda_device_attributes(drv, ordinal)
     major, minor = attrs["major"], attrs["minor"]
@@ -370,7 +385,7 @@ def load_kernels(ordinal: int) -> Tuple[Any, str]:
             for arch in candidates:
                 try:
                     image = (KERNEL_DIR / manifest["archs"][arch]).read_bytes()
-                    return _C.cuda_load_kernels(drv, ordinal, image), f"cubin sm_{arch} ({manifest.get('toolkit')})"
+                    return _C.cuda_load_kernels(drv, ordinal, image, set_code), f"cubin sm_{arch} ({manifest.get('toolkit')})"
                 except (OSError, RuntimeError) as exc:
                     tried.append(f"shipped cubin sm_{arch}: {exc}")
     if mode in ("auto", "nvrtc"):
@@ -381,7 +396,7 @@ def load_kernels(ordinal: int) -> Tuple[Any, str]:
             label = f"NVRTC {nv.version[0]}.{nv.version[1]}"
             try:
                 image, path = compile_cached(major * 10 + minor, nv)
-                kernels = _C.cuda_load_kernels(drv, ordinal, image)
+                kernels = _C.cuda_load_kernels(drv, ordinal, image, set_code)
             except RuntimeError as exc:
                 tried.append(f"{label} ({nv.path}): {exc}")
                 continue
@@ -394,15 +409,17 @@ def load_kernels(ordinal: int) -> Tuple[Any, str]:
 
 
 def kernels_for(device: Any) -> Any:
-    """The kernels capsule for a torch CUDA device (loaded once per device)."""
+    """The kernels capsule for a torch CUDA device (loaded once per device and kernel
+    set, LPL_EXT_KERNEL_SET read at each call)."""
     ordinal = device.index if getattr(device, "index", None) is not None else 0
-    kernels = _state["kernels"].get(ordinal)
+    key = (ordinal, kernel_set())
+    kernels = _state["kernels"].get(key)
     if kernels is not None:
         return kernels
     with _lock:
-        if ordinal not in _state["kernels"]:
-            _state["kernels"][ordinal] = load_kernels(ordinal)[0]
-        return _state["kernels"][ordinal]
+        if key not in _state["kernels"]:
+            _state["kernels"][key] = load_kernels(ordinal, key[1])[0]
+        return _state["kernels"][key]
 
 
 def status(probe_driver: bool = False) -> Dict[str, Any]:

@@ -51,17 +51,18 @@ def native_contiguous(a: np.ndarray) -> np.ndarray:
     return np.require(a, requirements=["C", "A"])
 
 
-def _device_args(t: "torch.Tensor", workspace: Callable[[], "torch.Tensor"]) -> Tuple[Any, ...]:
+def _device_args(t: "torch.Tensor", workspace: Optional[Callable[[], "torch.Tensor"]]) -> Tuple[Any, ...]:
     """The trailing ``_C`` arguments for tensors on ``t``'s device: none on the CPU, the
-    current stream, a workspace from torch's caching allocator and the device's loaded
-    kernels on CUDA (RuntimeError naming what is missing when no kernel image can be had,
-    docs/cuda.md)."""
+    current stream, a workspace from torch's caching allocator (when the op takes one) and
+    the device's loaded kernels on CUDA (RuntimeError naming what is missing when no
+    kernel image can be had, docs/cuda.md)."""
     if t.device.type != "cuda":
         return ()
     from . import _cuda
 
     stream = int(torch.cuda.current_stream(t.device).cuda_stream)
-    return stream, as_c_arg(workspace()), _cuda.kernels_for(t.device)
+    kernels = _cuda.kernels_for(t.device)
+    return (stream, kernels) if workspace is None else (stream, as_c_arg(workspace()), kernels)
 
 
 # ---------------------------------------------------------------------- feature distance
@@ -69,29 +70,66 @@ def _device_args(t: "torch.Tensor", workspace: Callable[[], "torch.Tensor"]) -> 
 
 def feature_distance(
     x: "torch.Tensor", y: "torch.Tensor", mask: Optional["torch.Tensor"], norm: str, distance: str,
-    weight: float, need_grad: bool,
+    weight: float, need_grad: bool, grad_scale: Optional["torch.Tensor"] = None,
 ) -> Tuple["torch.Tensor", Optional["torch.Tensor"]]:
-    """Loss (N,) in x's dtype and, when ``need_grad``, d(sum loss)/dx (x's shape and dtype,
-    C-contiguous), else None. x, y (N, C, H, W) float tensors of one dtype and device,
-    mask bool/uint8 of x's shape or None."""
+    """Loss (N,) in x's dtype and, when ``need_grad``, d(sum_n s[n] loss[n])/dx (x's shape
+    and dtype, C-contiguous), else None, with s = ``grad_scale`` ((N,), folded into the
+    fused pass where the kernels can) or 1. x, y (N, C, H, W) float tensors of one dtype
+    and device, mask bool/uint8 of x's shape or None."""
     x = x.detach().contiguous()
     y = y.detach().contiguous()
     if mask is not None:
         mask = mask.detach().contiguous()
+    if grad_scale is not None and not need_grad:
+        grad_scale = None
     if not use_native_kernels(x.device):
         loss, grad = _torch_backend.feature_distance(x, y, mask, norm, distance, weight, need_grad)
-        return loss.to(x.dtype), grad
+        return loss.to(x.dtype), _rescale(grad, grad_scale)
     loss = torch.empty(x.shape[0], dtype=torch.float64, device=x.device)
     grad = torch.empty_like(x) if need_grad else None
     n, c = x.shape[0], x.shape[1]
     device_args = _device_args(
         x, lambda: torch.empty(_C.feature_distance_workspace(n, c), dtype=torch.float64, device=x.device))
+    folded = grad_scale
+    if folded is not None:
+        folded = grad_scale.detach().to(device=x.device, dtype=torch.float64).contiguous()
+        if device_args and _cuda_kernel_set() == "v1":
+            folded = None  # the 0.2 kernels cannot fold it: a second pass below
     if device_args and x.numel() == 0:
         loss.zero_()  # nothing to launch on the device: every plane is empty
+        if grad is not None:
+            grad.zero_()
     else:
         _C.feature_distance(as_c_arg(x), as_c_arg(y), as_c_arg(mask), as_c_arg(loss), as_c_arg(grad),
-                            norm, distance, weight, *device_args)
+                            norm, distance, weight, *device_args, **({} if folded is None else
+                                                                     {"grad_scale": as_c_arg(folded)}))
+    if grad_scale is not None and folded is None:
+        grad = _rescale(grad, grad_scale)
     return loss.to(x.dtype), grad
+
+
+def _cuda_kernel_set() -> str:
+    from . import _cuda
+
+    return _cuda.kernel_set()
+
+
+def _rescale(grad: Optional["torch.Tensor"], grad_scale: Optional["torch.Tensor"]) -> Optional["torch.Tensor"]:
+    """grad[n] * grad_scale[n] in place (the path where the scale is not folded)."""
+    if grad is None or grad_scale is None:
+        return grad
+    return grad.mul_(grad_scale.to(device=grad.device, dtype=grad.dtype).view(-1, *([1] * (grad.dim() - 1))))
+
+
+def scale_gradient(grad: "torch.Tensor", factor: "torch.Tensor") -> "torch.Tensor":
+    """grad * factor for a 0-dim ``factor`` on grad's device, in place, and without
+    touching grad when factor == 1 (decided on the device by the kernels: no host sync);
+    grad is C-contiguous (the fused kernel's output)."""
+    if not use_native_kernels(grad.device) or grad.dim() != 4 or not grad.is_contiguous():
+        return grad.mul_(factor.to(grad.dtype))
+    f = factor.detach().to(device=grad.device, dtype=torch.float64).reshape(1)
+    _C.scale_gradient(as_c_arg(grad), as_c_arg(f), *_device_args(grad, None))
+    return grad
 
 
 def feature_distance_numpy(

@@ -12,6 +12,14 @@ break, and the feature distance with an autograd registration:
     rescales the saved grad by the incoming (N,) gradient, in place unless
     ``reentrant`` (docs/spec.md, "Feature distance").
 
+``lpl_ext::weighted_feature_distance(x, y, mask, norm, distance, weight, sample_weight,
+need_grad, reentrant) -> (total, loss, grad)``
+    total = sum_n sample_weight[n] loss[n] (0-dim; float64 for float64 x, else float32)
+    and the per-sample loss (N,) in x's dtype (not differentiable); grad as above. The fused pass folds
+    sample_weight into the gradient, so backward only multiplies by the scalar upstream
+    gradient, and does not touch the gradient at all when that is 1 (decided on the
+    device: no host sync). The objective's own use (docs/spec.md, "Feature distance").
+
 ``lpl_ext::outlier_mask(y, quantile, margin_std, closing, opening, return_stats)
 -> (keep, stats)``
     keep: bool (N, C, H, W); stats: float64 (3,) = mean, std, outlier ratio when
@@ -107,6 +115,65 @@ def scale_kept_gradient(grad: Tensor, grad_loss: Tensor, reentrant: bool) -> Ten
 feature_distance.register_autograd(_feature_distance_backward, setup_context=_feature_distance_setup_context)
 
 
+# ---------------------------------------------------------------------- weighted feature distance
+
+
+def total_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of weighted_feature_distance's total for inputs of ``dtype``."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _weighted_feature_distance(
+    x: Tensor, y: Tensor, mask: Optional[Tensor], norm: str, distance: str, weight: float, sample_weight: Tensor,
+    need_grad: bool, reentrant: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    loss, grad = _launch.feature_distance(x, y, mask, norm, distance, weight, need_grad, grad_scale=sample_weight)
+    total = (loss.to(torch.float64) * sample_weight.to(torch.float64)).sum().to(total_dtype(x.dtype))
+    return total, loss, x.new_empty((0,)) if grad is None else grad
+
+
+WEIGHTED_FEATURE_DISTANCE_ARGS: Tuple[str, ...] = tuple(inspect.signature(_weighted_feature_distance).parameters)
+weighted_feature_distance = torch.library.custom_op("lpl_ext::weighted_feature_distance",
+                                                    mutates_args=())(_weighted_feature_distance)
+
+
+@weighted_feature_distance.register_fake
+def _weighted_feature_distance_fake(
+    x: Tensor, y: Tensor, mask: Optional[Tensor], norm: str, distance: str, weight: float, sample_weight: Tensor,
+    need_grad: bool, reentrant: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    _options.check_feature_distance_args(x, y, mask)
+    total = x.new_empty((), dtype=total_dtype(x.dtype))
+    loss = x.new_empty((x.shape[0],))
+    grad = x.new_empty(tuple(x.shape)) if need_grad else x.new_empty((0,))
+    return total, loss, grad
+
+
+def _weighted_setup_context(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[Tensor, Tensor, Tensor]) -> None:
+    args = dict(zip(WEIGHTED_FEATURE_DISTANCE_ARGS, inputs))
+    _, loss, grad = output
+    ctx.mark_non_differentiable(loss, grad)
+    ctx.save_for_backward(grad)
+    ctx.need_grad = bool(args["need_grad"])
+    ctx.reentrant = bool(args["reentrant"])
+
+
+def _weighted_backward(ctx: Any, grad_total: Tensor, _grad_loss: Any, _grad_of_grad: Any) -> Tuple[Any, ...]:
+    (grad,) = ctx.saved_tensors
+    grads = dict.fromkeys(WEIGHTED_FEATURE_DISTANCE_ARGS)  # y, mask, sample_weight: constants
+    if ctx.need_grad and grad_total is not None:
+        traced = type(grad) is not torch.Tensor or type(grad_total) is not torch.Tensor
+        if ctx.reentrant or traced:
+            grads["x"] = grad * grad_total.to(grad.dtype)
+        else:
+            # in place, and no pass at all when grad_total == 1 (the kept buffer is spent)
+            grads["x"] = _launch.scale_gradient(grad, grad_total)
+    return tuple(grads.values())
+
+
+weighted_feature_distance.register_autograd(_weighted_backward, setup_context=_weighted_setup_context)
+
+
 # ---------------------------------------------------------------------- outlier mask
 
 
@@ -131,4 +198,5 @@ def _outlier_mask_fake(
     return keep, stats
 
 
-__all__ = ["FEATURE_DISTANCE_ARGS", "feature_distance", "outlier_mask", "scale_kept_gradient"]
+__all__ = ["FEATURE_DISTANCE_ARGS", "WEIGHTED_FEATURE_DISTANCE_ARGS", "feature_distance", "outlier_mask",
+           "scale_kept_gradient", "total_dtype", "weighted_feature_distance"]

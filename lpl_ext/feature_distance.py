@@ -12,7 +12,7 @@ without a graph break; numpy arrays call the kernel directly (``lpl_ext._launch`
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, Tuple
 
 import numpy as np
 
@@ -68,6 +68,54 @@ def feature_distance(
     return loss
 
 
+def weighted_feature_distance(
+    x: Any,
+    y: Any,
+    mask: Any = None,
+    *,
+    sample_weight: Any,
+    norm: str = "shared",
+    distance: str = "mse",
+    weight: float = 1.0,
+    reentrant: bool = False,
+) -> Tuple[Any, Any]:
+    """``(sum_n sample_weight[n] * loss[n], loss)`` of one layer, with the weights folded
+    into the fused pass's gradient.
+
+    The same loss as :func:`feature_distance`, for a caller that reduces the per-sample
+    losses with weights known at forward time (the objective: SNR weights / batch size).
+    Its backward then multiplies the kept gradient only by the scalar upstream gradient,
+    and skips even that when it is exactly 1 (e.g. a bf16 step without gradient
+    accumulation), instead of a rescaling pass over an x-sized tensor per layer.
+
+    Args:
+        x, y, mask, norm, distance, weight, reentrant: as :func:`feature_distance`
+            (torch tensors only).
+        sample_weight: (N,) floating tensor on x's device; a constant (not differentiated).
+
+    Returns:
+        total: 0-dim, differentiable (float64 for float64 x, else float32);
+        loss: (N,) in x's dtype, detached (for logging).
+    """
+    weight = check_feature_distance_options(norm, distance, weight)
+    check_kind("x", x)
+    if isinstance(x, np.ndarray):
+        raise TypeError("x: weighted_feature_distance takes torch tensors (numpy arrays have no autograd)")
+    check_feature_distance_args(x, y, mask)
+    if not isinstance(sample_weight, torch.Tensor):
+        raise TypeError(f"sample_weight: expected a torch.Tensor, got {type(sample_weight).__name__}")
+    if sample_weight.shape != (x.shape[0],) or not sample_weight.is_floating_point():
+        raise ValueError(f"sample_weight: expected a floating ({x.shape[0]},) tensor, got "
+                         f"{sample_weight.dtype} {tuple(sample_weight.shape)}")
+    if sample_weight.device != x.device:
+        raise ValueError(f"sample_weight: on {sample_weight.device}, x on {x.device}")
+    need_grad = bool(x.requires_grad and torch.is_grad_enabled())
+    total, loss, _ = torch.ops.lpl_ext.weighted_feature_distance(
+        x, y.detach(), None if mask is None else mask.detach(), norm, distance, weight, sample_weight.detach(),
+        need_grad, bool(reentrant))
+    return total, loss
+
+
 class FeatureDistanceFunction:
     """Deprecated: the ``torch.autograd.Function`` of torch < 2.4, which lpl_ext no longer
     supports. ``FeatureDistanceFunction.apply(x, y, mask, norm, distance, weight,
@@ -82,4 +130,4 @@ class FeatureDistanceFunction:
         return feature_distance(x, y, mask, norm=norm, distance=distance, weight=weight, reentrant=reentrant)
 
 
-__all__ = ["DISTANCES", "FeatureDistanceFunction", "NORMS", "feature_distance"]
+__all__ = ["DISTANCES", "FeatureDistanceFunction", "NORMS", "feature_distance", "weighted_feature_distance"]

@@ -49,7 +49,7 @@ import contextlib
 import functools
 import logging
 import os
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -59,7 +59,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ._torch_backend import wide_dtype
 from .config import FEATURE_TYPES, LPLConfig, fields_of
-from .feature_distance import DISTANCES, NORMS, feature_distance
+from .feature_distance import DISTANCES, NORMS, feature_distance, weighted_feature_distance
 from .outlier_mask import outlier_mask, outlier_windows, reference_windows
 
 try:  # torch >= 2.0
@@ -637,11 +637,32 @@ class LatentPerceptualLoss(nn.Module):
 
         The target and prediction passes are interleaved block by block: each target
         feature is freed as soon as its layer loss is computed."""
+        return list(self._layer_loop(input, target, None))
+
+    def weighted_layer_losses(
+        self, input: torch.Tensor, target: torch.Tensor, sample_weight: torch.Tensor,
+    ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """``(sum_l sum_n sample_weight[n] * loss_l[n], [loss_l (N,) detached] * num_layers)``:
+        the weighted reduction of :meth:`layer_losses` with the weights folded into each
+        layer's fused gradient (:func:`lpl_ext.weighted_feature_distance`), so backward does
+        no rescaling pass per layer. sample_weight: (N,) floating, on input's device."""
+        totals: List[torch.Tensor] = []
+        losses = list(self._layer_loop(input, target, sample_weight, totals))
+        total = totals[0]
+        for t in totals[1:]:
+            total = total + t
+        return total.float(), losses
+
+    def _layer_loop(
+        self, input: torch.Tensor, target: torch.Tensor, sample_weight: Optional[torch.Tensor],
+        totals: Optional[List[torch.Tensor]] = None,
+    ) -> Iterator[torch.Tensor]:
+        """Yields each layer's (N,) loss; with ``sample_weight``, appends each layer's
+        weighted total to ``totals`` and yields the detached loss."""
         self._check_pair(input, target)
         norm = self.config.norm_type
         distance_norm = "none" if (self.reference_compat and norm == "batch") else norm
         use_ckpt = self.config.grad_ckpt and torch.is_grad_enabled()
-        losses: List[torch.Tensor] = []
         stats_list: List[Dict[str, torch.Tensor]] = []
         with self._autocast_context(input.device):
             with torch.no_grad():
@@ -654,13 +675,18 @@ class LatentPerceptualLoss(nn.Module):
                 keep, stats = self._mask_and_stats(i, hy)
                 if stats is not None:
                     stats_list.append(stats)
-                loss = feature_distance(hx, hy.detach(), keep, norm=distance_norm, distance=self.config.loss_type,
-                                        weight=_layer_weight(i, self.config.pow_law))
+                options = dict(norm=distance_norm, distance=self.config.loss_type,
+                               weight=_layer_weight(i, self.config.pow_law))
+                if sample_weight is None:
+                    loss = feature_distance(hx, hy.detach(), keep, **options)
+                else:
+                    total, loss = weighted_feature_distance(hx, hy.detach(), keep, sample_weight=sample_weight,
+                                                            **options)
+                    totals.append(total)
                 if not self.reference_compat and loss.dtype in (torch.float16, torch.bfloat16):
                     loss = loss.float()
-                losses.append(loss)
+                yield loss
         self._set_stats(stats_list)
-        return losses
 
     def _vae_decode(self, z: torch.Tensor) -> torch.Tensor:
         """``vae.decode(z).sample``; with frozen-but-trainable parameters, the same

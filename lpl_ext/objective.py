@@ -318,16 +318,28 @@ class LPLObjective(nn.Module):
         sel_t = pick(timesteps)
         z0_hat = predict_z0(pick(model_pred), pick(noisy_latents), sel_t, prediction_type=prediction_type,
                             alphas_cumprod=alphas_cumprod, sigmas=sel_sigmas)
-        layer_losses = self.loss.get_loss(z0_hat, pick(latents).float(), get_hist=True)
-        per_sample = (sum(layer_losses) / len(layer_losses)).float()
         if self.config.scale:
             weights = snr_weights(sel_t, self.config.snr_gamma, prediction_type=prediction_type,
                                   alphas_cumprod=alphas_cumprod, sigmas=sel_sigmas)
-            lpl = (per_sample * weights).mean()
         else:
-            lpl = per_sample.mean()
+            weights = torch.ones(count, dtype=torch.float32, device=device)
+        # lpl = mean_n(weights[n] * mean_l loss_l[n]), the weights folded into the kernels' gradient
+        lpl, layer_losses = self._weighted_lpl(z0_hat, pick(latents).float(), weights / count)
         layer_means = [layer.detach().float().mean() for layer in layer_losses]
         return lpl, self._logs(lpl, applied_ratio, below.sum().float(), layer_means, device)
+
+    def _weighted_lpl(
+        self, z0_hat: torch.Tensor, target: torch.Tensor, sample_weight: torch.Tensor,
+    ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """(sum_n sample_weight[n] * mean_l loss_l[n] as a float32 0-dim tensor, the per-layer
+        (N,) losses). On decoder features the weights are folded into each layer's fused
+        gradient (``LatentPerceptualLoss.weighted_layer_losses``): backward then has no
+        rescaling pass per layer, and none at all when its upstream gradient is 1."""
+        if self.loss.config.feature_type == "image":
+            layer_losses = self.loss.get_loss(z0_hat, target, get_hist=True)
+            per_sample = (sum(layer_losses) / len(layer_losses)).float()
+            return (per_sample * sample_weight).sum(), layer_losses
+        return self.loss.weighted_layer_losses(z0_hat, target, sample_weight / self.loss.num_layers)
 
     def _below(self, timesteps: torch.Tensor, n: int, device: torch.device) -> torch.Tensor:
         """(N,) bool: the samples LPL applies to (t < t_threshold; all without a threshold)."""
@@ -382,16 +394,16 @@ class LPLObjective(nn.Module):
         # exactly 0 (selected with where, never multiplied by 0: a non-finite z0_hat of a
         # high-noise sample must not turn into NaN).
         keep = used.view(-1, *([1] * (z0_hat.dim() - 1)))
-        layer_losses = self.loss.get_loss(torch.where(keep, z0_hat, target), target, get_hist=True)
         zero = torch.zeros((), dtype=torch.float32, device=device)
         count = used.sum()
         denom = count.clamp(min=1).float()
-        per_sample = torch.where(used, (sum(layer_losses) / len(layer_losses)).float(), zero)
         if self.config.scale:
             weights = snr_weights(sel_t, self.config.snr_gamma, prediction_type=prediction_type,
                                   alphas_cumprod=alphas_cumprod, sigmas=sel_sigmas)
-            per_sample = torch.where(used, per_sample * weights, zero)
-        lpl = per_sample.sum() / denom
+            weights = torch.where(used, weights, zero)  # a selection: an unused sample's NaN weight stays out
+        else:
+            weights = used.float()
+        lpl, layer_losses = self._weighted_lpl(torch.where(keep, z0_hat, target), target, weights / denom)
         layer_means = [torch.where(used, layer.detach().float(), zero).sum() / denom for layer in layer_losses]
         return lpl, self._logs(lpl, count.float() / n, count.float(), layer_means, device)
 

@@ -7,15 +7,22 @@ seeded shuffled order.
 
 Compared with the CPU kernels through the same _C entry points, on CUDA-labelled DLPack
 capsules over host memory:
-- keep-masks bit-identical; the outlier ratio bit-identical, the layer mean and std too
-  when the partial sums are exact (and within reduction order otherwise: the device sums
-  each plane's kept values in block-reduction order, the CPU sequentially);
-- gradients bit-identical (the per-element math is the same, lpl_math.h), except for
-  norm="batch", whose channel mean and std come from per-plane sums in block-reduction
-  order: within a few units in the last place of the storage dtype (bit-identical again
-  when those sums are exact);
-- losses within reduction order (per-channel sums of identical per-element terms, added
-  by double atomics in an order that varies run to run);
+- keep-masks bit-identical; the outlier ratio bit-identical; the layer mean and std
+  bit-identical too where v2 takes its plane path (a plane in shared memory, summed by one
+  thread in the CPU's element order), within reduction order on v2's streaming path
+  (planes too large for shared memory: block-reduction order; the "streaming" case) and on
+  v1, and bit-identical everywhere when the partial sums are exact;
+- gradients bit-identical (the per-element math is the same, lpl_math.h, in the same
+  order), except for norm="batch", whose channel mean and std come from partial moments
+  merged in another order (v2: per chunk of LPL_FD_STATS_CHUNK values, Chan's merge; v1:
+  per plane in block-reduction order): within a few units in the last place of the
+  storage dtype (bit-identical again when those sums are exact);
+- the v2 feature-distance kernels read x, y and the mask once per element and write the
+  gradient once (test_v2_reads_each_input_once pins their exact traffic);
+- losses within reduction order (sums of identical per-element terms, in another order
+  than the CPU's); for the current kernels (v2: per-block partials added in a fixed
+  order, no floating atomics) bit-identical run to run in any block order, for the 0.2
+  kernels (v1: double atomics) within reduction order;
 - a copy of the target gives exactly 0 (tests/test_exact_zero.py's cases).
 
 Modes: the default is the quick subset CI runs; LPL_EMU_FULL=1 runs the whole grid;
@@ -83,6 +90,10 @@ class Emu:
         self.hooks = ctypes.CDLL(str(lib))
         self.hooks.fake_warning.restype = ctypes.c_char_p
 
+    def name(self, kernel: str) -> str:
+        """The exported symbol of `kernel` (e.g. "fd_main_f32") in this device's kernel set."""
+        return "lpl_" + ("v1_" if self.kernel_set == "v1" else "") + kernel
+
     def launches(self) -> List[Dict[str, str]]:
         """Every launch logged since clear(): {"kernel": name, field: value}."""
         if not self.log.exists():
@@ -115,8 +126,13 @@ def _image_for_emulation() -> Tuple[Optional[bytes], str]:
     return (name.read_bytes(), "shipped cubin sm_90") if name.is_file() else (None, "")
 
 
-@pytest.fixture(scope="module")
-def emu(tmp_path_factory) -> Emu:
+#: Both kernel sets run the parity tests (LPL_EXT_KERNEL_SET: the current kernels and the
+#: 0.2 ones kept for the GPU comparison); the sanitizer subsets run the current set.
+KERNEL_SETS = ["v2"] if SANITIZE else ["v2", "v1"]
+
+
+@pytest.fixture(scope="module", params=KERNEL_SETS)
+def emu(request, tmp_path_factory) -> Emu:
     # LPL_EMU_CSRC: kernel sources from another tree (tests/emu/mutation_check.py's mutants)
     lib = build_fake_libcuda(build_dir(tmp_path_factory.getbasetemp()), SANITIZE,
                              Path(os.environ.get("LPL_EMU_CSRC") or ROOT / "csrc"))
@@ -130,16 +146,18 @@ def emu(tmp_path_factory) -> Emu:
         mp.setattr(_cuda, "_state", {"driver": None, "kernels": {}, "nvrtc": None})
         image, origin = _image_for_emulation()
         if image is None:
-            kernels, origin = _cuda.load_kernels(0)  # NVRTC (skips would be a CI failure: .ci/run has nvcc)
+            kernels, origin = _cuda.load_kernels(0, request.param)  # NVRTC (skips would be a CI failure)
             mp.setenv("FAKE_CUDA_SMS", "1")
-            kernels_1sm, _ = _cuda.load_kernels(0)
+            kernels_1sm, _ = _cuda.load_kernels(0, request.param)
         else:
             drv = _cuda.driver()
-            kernels = _C.cuda_load_kernels(drv, 0, image)
+            code = _cuda.KERNEL_SETS[request.param]
+            kernels = _C.cuda_load_kernels(drv, 0, image, code)
             mp.setenv("FAKE_CUDA_SMS", "1")  # read when the kernels are loaded (their sm_count)
-            kernels_1sm = _C.cuda_load_kernels(drv, 0, image)
+            kernels_1sm = _C.cuda_load_kernels(drv, 0, image, code)
         mp.delenv("FAKE_CUDA_SMS")
         device = Emu(lib, log, kernels, kernels_1sm, origin)
+        device.kernel_set = request.param
         del kernels, kernels_1sm
         yield device
         # release the modules and the primary context (tests/test_cuda_loader.py counts them
@@ -324,7 +342,7 @@ def test_feature_distance_matches_cpu(dev, shape_name, dtype, norm, distance, ma
         ref = ref_feature_distance(x, y, mask, norm, distance, 0.75).numpy()
         np.testing.assert_allclose(loss, ref, rtol=1e-9, atol=1e-300)
     if shape[0] and shape[2]:
-        assert f"lpl_fd_main_{SUFFIX[dtype]}" in {ln["kernel"] for ln in dev.launches()}
+        assert dev.name(f"fd_main_{SUFFIX[dtype]}") in {ln["kernel"] for ln in dev.launches()}
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
@@ -343,6 +361,28 @@ def test_batch_norm_gradient_is_bit_identical_when_its_statistics_are_exact(dev,
         want_loss, want_grad = cpu_feature_distance(x, y, mask, "batch", distance, 1.0)
         assert_same_values(grad, want_grad, dtype)
         assert_losses_close(loss, want_loss, rtol=loss_rtol(dtype, 64, "none"))
+
+
+def test_channels_beyond_shared_memory_and_loss_only(dev):
+    """v2, C = 2000 float64, norm="default", masked: no tile of 8 pixels fits in shared memory,
+    so the main kernel reads global memory instead (blocks of one pixel per thread); and
+    the loss without a gradient (the mask bytes instead of the packed bits) equals the
+    loss with one."""
+    if dev.kernel_set != "v2":
+        pytest.skip("the v2 kernels' fallback")
+    shape = (1, 2000, 3, 3)
+    x, y, mask = _fd_inputs(shape, torch.float64, True)
+    loss, grad = emu_feature_distance(dev, x, y, mask, "default", "mse", 0.75)
+    want_loss, want_grad = cpu_feature_distance(x, y, mask, "default", "mse", 0.75)
+    assert_same_values(grad, want_grad, torch.float64)
+    assert_losses_close(loss, want_loss)
+    main = [ln for ln in dev.launches() if ln["kernel"] == dev.name("fd_main_f64")]
+    assert int(main[0]["block"]) == 32  # the unstaged path
+    alone = FakeCudaArray(np.full(1, np.nan))
+    ws = FakeCudaArray(np.full(_C.feature_distance_workspace(*shape[:2]), np.nan))
+    _C.feature_distance(_on_device(x), _on_device(y), _on_device(mask), alone, None,
+                        "default", "mse", 0.75, stream=STREAM, workspace=ws, kernels=dev.kernels)
+    np.testing.assert_array_equal(_bits(alone.array), _bits(loss))
 
 
 def _exact_zero_grid() -> list:
@@ -401,7 +441,8 @@ def test_nonfinite_inputs_match_cpu(dev, dtype, norm, distance, mask_kind):
 def test_block_order_changes_no_result(dev, monkeypatch):
     """Three block orders (grid order and two shuffles): gradients, masks and outlier
     statistics bit-identical (per-block partials are combined in a fixed order); the loss
-    within reduction order (double atomics)."""
+    bit-identical too for v2 (per-block partials), within reduction order for v1 (double
+    atomics)."""
     x, y, mask = _fd_inputs(FD_SHAPES["blocks"][0], torch.float32, True, seed=5)
     ym = torch.randn(1, 2, 50, 60, generator=torch.Generator().manual_seed(2)) * 3  # 2 blocks per plane
     results = []
@@ -411,9 +452,13 @@ def test_block_order_changes_no_result(dev, monkeypatch):
         keep, stats = emu_outlier_mask(dev, ym, 3, 5)
         results.append((loss, grad, keep, stats))
     grids = {ln["kernel"]: int(ln["grid"]) for ln in dev.launches()}
-    assert grids["lpl_fd_main_f32"] == 2 * 8 and grids["lpl_om_moments_f32"] == 2 * 2  # blocks to reorder
+    om_blocks = grids[dev.name("om_plane_f32")] if dev.kernel_set == "v2" else grids[dev.name("om_moments_f32")] // 2
+    assert grids[dev.name("fd_main_f32")] == 2 * 8 and om_blocks == 2  # blocks to reorder: one (v1: two) per plane
     for loss, grad, keep, stats in results[1:]:
-        assert_losses_close(loss, results[0][0])  # both summed in double, in other orders
+        if dev.kernel_set == "v1":
+            assert_losses_close(loss, results[0][0])  # both summed in double, in other orders
+        else:
+            np.testing.assert_array_equal(_bits(loss), _bits(results[0][0]))
         np.testing.assert_array_equal(_bits(grad), _bits(results[0][1]))
         np.testing.assert_array_equal(keep, results[0][2])
         np.testing.assert_array_equal(_bits(stats), _bits(results[0][3]))
@@ -434,22 +479,28 @@ def _om_input(case: str, dtype: torch.dtype) -> Tuple[torch.Tensor, int, int]:
         return y, 3, 5
     shape, closing, opening = {"odd": ((2, 3, 9, 13), 3, 5), "c1": ((1, 1, 17, 11), 1, 1),
                                "blocks": ((1, 2, 50, 60), 3, 3), "tiny": ((2, 2, 1, 1), 3, 5),
-                               "constant": ((1, 2, 7, 6), 3, 5), "hw0": ((1, 2, 0, 5), 3, 5)}[case]
+                               "constant": ((1, 2, 7, 6), 3, 5), "hw0": ((1, 2, 0, 5), 3, 5),
+                               "wide": ((1, 2, 6, 9), 9, 13),  # windows wider than the plane
+                               # planes too large for shared memory: the streaming path (v2)
+                               "streaming": ((1, 2, 256, 240), 5, 7)}[case]
     y = torch.randn(shape, generator=g, dtype=torch.float64)
     if y.numel() > 8:
         y.view(-1)[:: 7] *= 6  # outliers to drop
     if case == "constant":
         y[0, 0] = 0.375  # a constant plane: std exactly 0
+    if case == "streaming":
+        y[0, 0, 0, :7] = float("nan")  # not finite at a tile corner and along the border
+        y[0, 1, 100, 130] = float("inf")
     return y.to(dtype), closing, opening
 
 
-OM_CASES = ["odd", "c1", "blocks", "nonfinite", "tiny", "constant", "hw0"]
+OM_CASES = ["odd", "c1", "blocks", "nonfinite", "tiny", "constant", "hw0", "wide", "streaming"]
 
 
 def _om_grid() -> list:
     combos = list(itertools.product(OM_CASES, DTYPES))
     if MODE == "sanitize":
-        combos = [(c, DTYPES[i % 4]) for i, c in enumerate(["odd", "blocks", "nonfinite", "tiny"])]
+        combos = [(c, DTYPES[i % 4]) for i, c in enumerate(["odd", "blocks", "nonfinite", "tiny", "streaming"])]
     return [pytest.param(c, d, id=f"{c}-{_dtype_id(d)}") for c, d in combos]
 
 
@@ -461,14 +512,23 @@ def test_outlier_mask_matches_cpu(dev, case, dtype):
     np.testing.assert_array_equal(keep, want_keep)
     if y.numel():  # (the oracle's max_pool2d refuses empty planes)
         np.testing.assert_array_equal(keep, ref_outlier_mask(y, 0.02, 2.0, closing, opening).numpy())
-    # the outlier ratio is 1 - kept / n (integers): exact; mean and std: within reduction order
+    launched = {ln["kernel"] for ln in dev.launches()}
+    if dev.kernel_set == "v2" and y.numel():
+        assert (dev.name(f"om_hist_{SUFFIX[dtype]}") in launched) == (case == "streaming"), launched
+    # the outlier ratio is 1 - kept / n (integers): exact; mean and std: bit-identical where
+    # each plane is summed in the CPU's order (v2's plane path), else within reduction order
     np.testing.assert_array_equal(_bits(stats[2:]), _bits(want_stats[2:]))
-    assert_losses_close(stats[:2], want_stats[:2])
+    if dev.kernel_set == "v2" and case != "streaming":
+        np.testing.assert_array_equal(_bits(stats), _bits(want_stats))
+    elif case == "streaming":  # a mean near 0 from cancelling sums: its error scales with the std
+        np.testing.assert_allclose(stats[:2], want_stats[:2], rtol=1e-12, atol=1e-12 * abs(want_stats[1]))
+    else:
+        assert_losses_close(stats[:2], want_stats[:2])
     if case == "odd":  # without stats the same keep-mask, and fewer launches
         dev.clear()
         keep2, _ = emu_outlier_mask(dev, y, closing, opening, stats=False)
         np.testing.assert_array_equal(keep2, want_keep)
-        assert "lpl_om_layer_stats" not in {ln["kernel"] for ln in dev.launches()}
+        assert dev.name("om_layer_stats") not in {ln["kernel"] for ln in dev.launches()}
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
@@ -490,9 +550,12 @@ def test_outlier_stats_are_bit_identical_when_the_sums_are_exact(dev, dtype):
 
 def test_bytes_are_counted_per_access(dev, monkeypatch):
     """The io helpers count every access of every thread; with FAKE_CUDA_FOOTPRINT the
-    distinct bytes too. norm="none", no mask, float32, (2, 3, 4, 5): the main kernel reads
-    x, y and the plane's kept count per element and writes the gradient; each block adds
-    its per-channel sums with one global atomic each."""
+    distinct bytes too. norm="none", no mask, float32, (2, 3, 4, 5), on the v1 kernels
+    (whose structure these counts pin): the main kernel reads x, y and the plane's kept
+    count per element and writes the gradient; each block adds its per-channel sums with
+    one global atomic each."""
+    if dev.kernel_set != "v1":
+        pytest.skip("pins the v1 kernels' accesses (the counters); v2: test_v2_reads_each_input_once")
     monkeypatch.setenv("FAKE_CUDA_FOOTPRINT", "1")
     n, c, h, w = 2, 3, 4, 5
     x, y, _ = _fd_inputs((n, c, h, w), torch.float32, False)
@@ -500,8 +563,9 @@ def test_bytes_are_counted_per_access(dev, monkeypatch):
     by_kernel = {ln["kernel"]: {k: int(v) for k, v in ln.items() if k not in ("kind", "kernel")}
                  for ln in dev.launches()}
     e, planes = n * c * h * w, n * c
-    assert list(by_kernel) == ["lpl_fd_fill", "lpl_fd_main_f32", "lpl_fd_finalize"]
-    fill, main, fin = by_kernel["lpl_fd_fill"], by_kernel["lpl_fd_main_f32"], by_kernel["lpl_fd_finalize"]
+    names = [dev.name(k) for k in ("fd_fill", "fd_main_f32", "fd_finalize")]
+    assert list(by_kernel) == names
+    fill, main, fin = (by_kernel[k] for k in names)
     assert (fill["read"], fill["write"], fill["unique_write"]) == (0, 8 * planes, 8 * planes)
     assert main["grid"] == n and main["block"] == 64  # 20 pixels: one 64-thread block per sample
     assert (main["read"], main["write"]) == ((4 + 4 + 8) * e, 4 * e)
@@ -509,6 +573,48 @@ def test_bytes_are_counted_per_access(dev, monkeypatch):
     assert main["atomic"] == 8 * planes  # one per channel and block (random data: no sum is 0)
     assert main["unique_write"] == 4 * e + 8 * planes
     assert (fin["read"], fin["write"]) == (16 * planes, 8 * n)
+
+
+V2_READ_ONCE_SHAPE = (2, 6, 7, 9)  # 63 pixels: one tile of 64 lanes x 4 channel groups per sample
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+def test_v2_reads_each_input_once(dev, monkeypatch, norm, masked):
+    """The v2 kernels' traffic, exactly: x and y are read once, the gradient written once,
+    the mask bytes read once (by the statistics pass, which packs them into bits that the
+    main kernel reads: 1 / 8 byte per element each way); the scratch traffic is per plane,
+    channel or block, never per element. float32."""
+    if dev.kernel_set != "v2":
+        pytest.skip("the v2 kernels' own traffic")
+    monkeypatch.setenv("FAKE_CUDA_FOOTPRINT", "1")
+    n, c, h, w = V2_READ_ONCE_SHAPE
+    x, y, mask = _fd_inputs((n, c, h, w), torch.float32, masked)
+    emu_feature_distance(dev, x, y, mask, norm, "mse", 1.0)
+    by_kernel = {ln["kernel"]: {k: int(v) for k, v in ln.items() if k not in ("kind", "kernel")}
+                 for ln in dev.launches()}
+    e, planes, m = n * c * h * w, n * c, int(masked)
+    bits = m * planes * ((h * w + 7) // 8)  # one byte per 8 values of a plane, in grad's storage
+    stats = masked or norm == "batch"
+    names = [dev.name(k) for k in (["fd_stats_f32", "fd_setup"] if stats else []) + ["fd_main_f32", "fd_finalize"]]
+    assert list(by_kernel) == names
+    main, fin = by_kernel[dev.name("fd_main_f32")], by_kernel[dev.name("fd_finalize")]
+    blocks = n  # 63 pixels: one block per sample
+    assert main["grid"] == blocks and main["atomic"] == 0
+    # per block: the sample's plane coefficients (masked), the batch scale and shift
+    params = 8 * c * (m + 2 * (norm == "batch"))
+    assert main["read"] == (4 + 4) * e + bits + blocks * params
+    assert main["write"] == 4 * e + 8 * blocks
+    assert main["unique_read"] == (4 + 4) * e + bits + planes * 8 * m + (16 * c if norm == "batch" else 0)
+    assert (fin["read"], fin["write"], fin["atomic"]) == (8 * blocks, 8 * n, 0)
+    if stats:
+        st, setup = by_kernel[dev.name("fd_stats_f32")], by_kernel[dev.name("fd_setup")]
+        # the statistics pass: the mask (and y for batch) once, one value per plane each
+        per_plane = 8 * (m + 2 * (norm == "batch"))
+        assert (st["read"], st["write"], st["atomic"]) == ((m + 4 * (norm == "batch")) * e,
+                                                          per_plane * planes + bits, 0)
+        assert setup["read"] == per_plane * planes
+        assert setup["write"] == 8 * planes * m + (16 * c if norm == "batch" else 0)
 
 
 @pytest.mark.skipif(MODE == "sanitize", reason="the bytes benchmark runs unsanitized (its numbers do not depend on it)")
@@ -523,13 +629,15 @@ def test_bytes_benchmark_on_a_small_pyramid(emu, monkeypatch):
         monkeypatch.setenv(var, "")  # restored afterwards: the benchmark sets them for itself
     monkeypatch.setenv("LPL_EMU_BUILD_DIR", str(emu.lib.parent.parent))  # the session's build
     monkeypatch.setattr(_cuda, "_state", {"driver": None, "kernels": {}, "nvrtc": None})
-    rows = bench_emulated_bytes.run(16, dtypes=("float32",), norms=("none",), log=lambda line: None)
+    rows = bench_emulated_bytes.run(16, dtypes=("float32",), norms=("none",), log=lambda line: None,
+                                    kernel_sets=(emu.kernel_set,))
     gc.collect()  # its kernels capsule: the module and the primary context are released
-    assert [(r["op"], r["layer"]) for r in rows] == [
-        (op, layer) for layer in bench_head.LAYER_NAMES for op in ("outlier_mask", "feature_distance")]
+    assert [(r["kernels"], r["op"], r["layer"]) for r in rows] == [
+        (emu.kernel_set, op, layer) for layer in bench_head.LAYER_NAMES for op in ("outlier_mask", "feature_distance")]
     for r in rows:
         assert r["requested_per_elem"] >= r["distinct_per_elem"] >= r["minimal_per_elem"] > 0, r
-        assert r["launches"] >= 3
+        # fd v2 unmasked: main + finalize; om v2 on planes in shared memory: plane + layer_stats
+        assert r["launches"] >= 2
     masked = {r["layer"]: r["mask"] for r in rows if r["op"] == "feature_distance"}
     assert masked == {"mid": False, "up0": False, "up1": True, "up2": True, "up3": True}
     assert "not DRAM measurements" in bench_emulated_bytes.table(rows, 16)
@@ -591,9 +699,11 @@ def _fill_args(out: np.ndarray, value: float) -> list:
 @pytest.mark.skipif(_image_for_emulation()[0] is None, reason="no shipped sm_90 cubin (built without nvcc)")
 def test_launch_limits_of_the_device(emu, driver, monkeypatch):
     """What a GPU refuses, the stand-in refuses with the driver's code; what it accepts
-    runs (lpl_fd_fill writes its value)."""
+    runs (lpl_v1_fd_fill writes its value). The frozen v1 kernels: their shared sizes and
+    launch bounds never change."""
     mod = driver.module(_image_for_emulation()[0])
-    fill, kept, main = (driver.function(mod, n) for n in ("lpl_fd_fill", "lpl_fd_kept_count", "lpl_fd_main_f32"))
+    fill, kept, main = (driver.function(mod, n)
+                        for n in ("lpl_v1_fd_fill", "lpl_v1_fd_kept_count", "lpl_v1_fd_main_f32"))
     assert driver.attribute(fill, ATTR_SHARED) == 0 and driver.attribute(kept, ATTR_SHARED) == 32 * 8
     assert driver.attribute(main, ATTR_MAX_THREADS) == 256  # __launch_bounds__(LPL_FD_THREADS)
     out = np.zeros(1000)
@@ -608,7 +718,7 @@ def test_launch_limits_of_the_device(emu, driver, monkeypatch):
     assert driver.launch(fill, (4, 1, 1), (256, 1, 1), 48 * 1024, _fill_args(out, 2.0)) == 0
     assert np.all(out == 2.0)
     assert driver.launch(fill, (1, 1, 1), (1024, 1, 1), 0, _fill_args(out, 3.0)) == 0 and np.all(out == 3.0)
-    # static + dynamic: lpl_fd_kept_count has 256 bytes of its own
+    # static + dynamic: lpl_v1_fd_kept_count has 256 bytes of its own
     mask, kept_out = np.ones(64, np.uint8), np.zeros(1)
     kargs = [ctypes.c_void_p(mask.ctypes.data), ctypes.c_int64(64), ctypes.c_int64(1),
              ctypes.c_void_p(kept_out.ctypes.data)]
@@ -637,10 +747,10 @@ def test_static_shared_memory_is_read_from_every_cubin(emu, driver):
     for arch in lpl_ext.build_info()["cuda_cubin_archs"]:
         mod = driver.module((kdir / f"lpl_kernels.sm_{arch}.cubin").read_bytes())
         sizes = {n: driver.attribute(driver.function(mod, n), ATTR_SHARED)
-                 for n in ("lpl_fd_fill", "lpl_fd_kept_count", "lpl_om_moments_f32", "lpl_om_radix_hist_f64")}
-        # red[32] doubles; red[32] + redu[256] uint64; h[512] uint32
-        assert sizes == {"lpl_fd_fill": 0, "lpl_fd_kept_count": 256, "lpl_om_moments_f32": 256 + 2048,
-                         "lpl_om_radix_hist_f64": 2048}, (arch, sizes)
+                 for n in ("lpl_v1_fd_fill", "lpl_v1_fd_kept_count", "lpl_v1_om_moments_f32", "lpl_v1_om_radix_hist_f64")}
+        # red[32] doubles; red[32] + redu[256] uint64; h[512] uint32 (the frozen 0.2 om kernels)
+        assert sizes == {"lpl_v1_fd_fill": 0, "lpl_v1_fd_kept_count": 256, "lpl_v1_om_moments_f32": 256 + 2048,
+                         "lpl_v1_om_radix_hist_f64": 2048}, (arch, sizes)
         assert driver.cu.cuModuleUnload(mod) == 0
 
 
@@ -648,13 +758,13 @@ def test_static_shared_memory_is_read_from_every_cubin(emu, driver):
 
 PROVOKING_EDITS = {
     # a barrier reached from two source lines
-    "cuda/feature_distance_kernels.cuh": [(
+    "cuda/v1_feature_distance_kernels.cuh": [(
         "    if (i < len) lpl_st(out, i, value);",
         "    if (threadIdx.x & 1)\n        __syncthreads();\n    else\n        __syncthreads();\n"
         "    if (i < len) lpl_st(out, i, value);")],
     # a shuffle after lanes exited; a block whose lane 0 waits at __syncthreads while the
-    # rest of its warp waits at a shuffle for lane 0
-    "cuda/outlier_mask_kernels.cuh": [
+    # rest of its warp waits at a shuffle for lane 0 (in the frozen 0.2 kernels)
+    "cuda/v1_outlier_mask_kernels.cuh": [
         ("    if (plane >= planes) return;\n    double count = 0.0, sum = 0.0;",
          "    if (plane >= planes) return;\n    (void)__shfl_down_sync(0xffffffffu, 1.0, 1);\n"
          "    double count = 0.0, sum = 0.0;"),
@@ -691,10 +801,10 @@ def test_divergent_barriers_are_reported(tmp_path_factory, monkeypatch):
         drv.cu.fake_clear_warnings()
         mod = drv.module(_image_for_emulation()[0])
         out = np.zeros(64)
-        assert drv.launch(drv.function(mod, "lpl_fd_fill"), (1, 1, 1), (64, 1, 1), 0, _fill_args(out, 1.0)) == 0
+        assert drv.launch(drv.function(mod, "lpl_v1_fd_fill"), (1, 1, 1), (64, 1, 1), 0, _fill_args(out, 1.0)) == 0
         assert np.all(out == 1.0)
         warnings = [drv.cu.fake_warning(i).decode() for i in range(drv.cu.fake_warning_count())]
-        assert len(warnings) == 1 and re.search(r"lpl_fd_fill: __syncthreads reached from two source lines, "
+        assert len(warnings) == 1 and re.search(r"lpl_v1_fd_fill: __syncthreads reached from two source lines, "
                                                 r"\S+feature_distance_kernels.cuh:\d+ and \S+:\d+", warnings[0])
         drv.cu.fake_clear_warnings()
         part = np.zeros(8)
@@ -704,11 +814,11 @@ def test_divergent_barriers_are_reported(tmp_path_factory, monkeypatch):
         hist = np.zeros(512, np.uint32)
         ws = _OmWs(part.ctypes.data, keys.ctypes.data, plane.ctypes.data, plane_u.ctypes.data, hist.ctypes.data, None)
         setup = [ctypes.c_int64(1), ctypes.c_int64(1), ctypes.c_double(0.02), ctypes.c_int(0), ws]
-        assert drv.launch(drv.function(mod, "lpl_om_setup"), (1, 1, 1), (128, 1, 1), 0, setup) == 0
+        assert drv.launch(drv.function(mod, "lpl_v1_om_setup"), (1, 1, 1), (128, 1, 1), 0, setup) == 0
         warnings = [drv.cu.fake_warning(i).decode() for i in range(drv.cu.fake_warning_count())]
         assert len(warnings) == 1 and "after lanes exited" in warnings[0]
-        assert warnings[0].startswith("lpl_om_setup: a warp shuffle or __syncwarp at")
+        assert warnings[0].startswith("lpl_v1_om_setup: a warp shuffle or __syncwarp at")
         select = [ctypes.c_int64(0), ctypes.c_int(0), ws]
-        assert drv.launch(drv.function(mod, "lpl_om_radix_select"), (1, 1, 1), (32, 1, 1), 0, select) == 719
+        assert drv.launch(drv.function(mod, "lpl_v1_om_radix_select"), (1, 1, 1), (32, 1, 1), 0, select) == 719
     finally:
         drv.close()

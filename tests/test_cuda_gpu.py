@@ -1,7 +1,7 @@
 """CUDA behaviour that only a real GPU can show (skipped without one; the prepared GPU
 check, benchmarks/gpu_check.py, runs this file): inputs produced on a side stream, the
-first call of a process inside a ``torch.cuda.graph`` capture, and a layer past 2^32
-elements on the device.
+first call of a process inside a ``torch.cuda.graph`` capture, a layer past 2^32
+elements on the device, and both kernel sets (LPL_EXT_KERNEL_SET) against the CPU.
 """
 
 from __future__ import annotations
@@ -95,3 +95,31 @@ def test_feature_distance_past_2_32_elements_on_the_gpu():
     md[region] = torch.from_numpy(mask[region] != 0).cuda()
     got = lpl_ext.feature_distance(xd, yd, md, norm="shared")
     np.testing.assert_allclose(got.double().cpu().numpy(), want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_both_kernel_sets_agree_with_the_cpu(monkeypatch, dtype):
+    """LPL_EXT_KERNEL_SET=v2 (current) and v1 (the 0.2 kernels) on the same inputs: masks
+    bit-identical to the CPU's, losses and gradients within float tolerance, for every norm;
+    the weighted path (weights folded into the fused gradient on v2) too."""
+    g = torch.Generator(device="cuda").manual_seed(3)
+    y = torch.randn(3, 48, 37, 29, device="cuda", generator=g).to(dtype)
+    y[:, :, 4:8, 4:8] += 20.0
+    x = (y.float() + 0.3 * torch.randn(y.shape, device="cuda", generator=g)).to(dtype)
+    w = torch.tensor([0.5, 2.0, 1.0], device="cuda")
+    keep_c = lpl_ext.outlier_mask(y.cpu())
+    rtol = 1e-5 if dtype == torch.float32 else 2e-2
+    for kernel_set in ("v2", "v1"):
+        monkeypatch.setenv("LPL_EXT_KERNEL_SET", kernel_set)
+        keep = lpl_ext.outlier_mask(y)
+        assert torch.equal(keep.cpu(), keep_c), kernel_set
+        for norm in _C.NORMS:
+            xd = x.clone().requires_grad_(True)
+            xc = x.cpu().requires_grad_(True)
+            total, _ = lpl_ext.weighted_feature_distance(xd, y, keep, sample_weight=w, norm=norm)
+            total_c, _ = lpl_ext.weighted_feature_distance(xc, y.cpu(), keep_c, sample_weight=w.cpu(), norm=norm)
+            (2.0 * total).backward()
+            (2.0 * total_c).backward()
+            what = f"{kernel_set} {norm}"
+            assert_close_to_scale(total.cpu(), total_c, rtol=rtol, what=f"total {what}")
+            assert_close_to_scale(xd.grad.cpu().float(), xc.grad.float(), rtol=rtol * 4, what=f"gradient {what}")

@@ -47,7 +47,7 @@ NVRTC_SKIP = ("no NVRTC wheel installed for the tests: pip install --target .ci-
 
 
 def _image_kernels(image: bytes) -> set:
-    return {m.decode() for m in re.findall(rb"lpl_(?:fd|om)_[a-z0-9_]+", image)}
+    return {m.decode() for m in re.findall(rb"lpl_(?:v1_)?(?:fd|om|scale)_[a-z0-9_]+", image)}
 
 
 # ---- what the build ships ----------------------------------------------------------
@@ -305,16 +305,14 @@ def test_feature_distance_launches_on_the_callers_stream(fake_cuda):
     assert origin.startswith("cubin sm_90")
     x, y, mask, loss, grad, ws = _fd_args()
     _C.feature_distance(x, y, None, loss, grad, "shared", "mse", 1.0, stream=0xABC, workspace=ws, kernels=kernels)
-    assert fake_cuda.kernels() == ["lpl_fd_fill", "lpl_fd_main_f32", "lpl_fd_finalize"]
+    assert fake_cuda.kernels() == ["lpl_fd_main_f32", "lpl_fd_finalize"]
     for fields in fake_cuda.lines():
         assert _field(fields, "stream") == str(0xABC) and _field(fields, "depth") == "1"
-    main = fake_cuda.lines()[1]
-    assert int(_field(main, "smem")) == 3 * 8  # one double per channel
-    # sums and kept counts zeroed on the same stream, before the first launch; then the
-    # kernels ran: x == y leaves the sums 0, and the fill set each kept count to H*W
-    memsets = fake_cuda.lines("memset")
-    assert len(memsets) == 1 and _field(memsets[0], "bytes") == str(2 * 8 * 2 * 3)
-    assert np.all(ws.array[: 2 * 3] == 0) and np.all(ws.array[2 * 3: 2 * 2 * 3] == 4 * 5)
+    main = fake_cuda.lines()[0]
+    # 20 pixels: a tile of 32 lanes; 4 per-pixel floats and the staged y (3 channels)
+    assert int(_field(main, "smem")) == 4 * 32 * 4 + 3 * 32 * 4
+    # no scratch needs zeroing (every partial is written); x == y gives a loss of 0
+    assert fake_cuda.lines("memset") == []
     assert np.all(loss.array == 0)
     assert fake_cuda.hooks.fake_ctx_depth() == 0  # the caller's context is restored
 
@@ -324,27 +322,35 @@ def test_batch_norm_and_mask_sequence_bf16(fake_cuda):
     kernels, _ = _cuda.load_kernels(0)
     x, y, mask, loss, grad, ws = _fd_args(dtype=np.uint16, masked=True, bf16=True)
     _C.feature_distance(x, y, mask, loss, grad, "batch", "l1", 0.5, stream=7, workspace=ws, kernels=kernels)
-    assert fake_cuda.kernels() == ["lpl_fd_kept_count", "lpl_fd_plane_moments_bf16", "lpl_fd_channel_moments",
-                                   "lpl_fd_main_bf16", "lpl_fd_finalize"]
+    assert fake_cuda.kernels() == ["lpl_fd_stats_bf16", "lpl_fd_setup", "lpl_fd_main_bf16", "lpl_fd_finalize"]
 
 
 @pytest.mark.skipif(not _has_cubin("90"), reason="no shipped sm_90 cubin (built without nvcc)")
 @pytest.mark.parametrize("dtype,suffix,passes", [(np.float16, "f16", 2), (np.float32, "f32", 4), (np.float64, "f64", 8)])
 def test_outlier_mask_sequence(fake_cuda, dtype, suffix, passes):
-    kernels, _ = _cuda.load_kernels(0)
+    """v2: a plane that fits in shared memory is one block's work (read once, mask written
+    once), then the layer statistics; the 0.2 kernels (v1): moments, one histogram and
+    select per 8-bit digit, thresholds, four separable filters, statistics."""
     n, c, h, w = 1, 2, 9, 7
-    y = FakeCudaArray(np.ones((n, c, h, w), dtype))
-    keep = FakeCudaArray(np.zeros((n, c, h, w), np.bool_))
-    stats = FakeCudaArray(np.zeros(3, np.float64))
-    ws = FakeCudaArray(np.zeros(_C.outlier_mask_workspace_bytes(n, c, h, w), np.uint8))
-    _C.outlier_mask(y, keep, stats, 0.02, 2.0, 3, 5, stream=11, workspace=ws, kernels=kernels)
-    radix = [f"lpl_om_radix_hist_{suffix}", "lpl_om_radix_select"] * passes
-    assert fake_cuda.kernels() == [f"lpl_om_moments_{suffix}", "lpl_om_setup", f"lpl_om_variance_{suffix}", *radix,
-                                   "lpl_om_thresholds", f"lpl_om_keep_rowor_{suffix}", "lpl_om_col_or",
-                                   "lpl_om_row_and", f"lpl_om_final_{suffix}", "lpl_om_plane_stats",
-                                   "lpl_om_layer_stats"]
-    assert {_field(f, "stream") for f in fake_cuda.lines()} == {"11"}
-    assert fake_cuda.hooks.fake_ctx_depth() == 0
+    for kernel_set in ("v2", "v1"):
+        kernels, _ = _cuda.load_kernels(0, kernel_set)
+        y = FakeCudaArray(np.ones((n, c, h, w), dtype))
+        keep = FakeCudaArray(np.zeros((n, c, h, w), np.bool_))
+        stats = FakeCudaArray(np.zeros(3, np.float64))
+        ws = FakeCudaArray(np.zeros(_C.outlier_mask_workspace_bytes(n, c, h, w), np.uint8))
+        fake_cuda.clear()
+        _C.outlier_mask(y, keep, stats, 0.02, 2.0, 3, 5, stream=11, workspace=ws, kernels=kernels)
+        if kernel_set == "v2":
+            assert fake_cuda.kernels() == [f"lpl_om_plane_{suffix}", "lpl_om_layer_stats"]
+        else:
+            radix = [f"lpl_v1_om_radix_hist_{suffix}", "lpl_v1_om_radix_select"] * passes
+            assert fake_cuda.kernels() == [
+                f"lpl_v1_om_moments_{suffix}", "lpl_v1_om_setup", f"lpl_v1_om_variance_{suffix}", *radix,
+                "lpl_v1_om_thresholds", f"lpl_v1_om_keep_rowor_{suffix}", "lpl_v1_om_col_or", "lpl_v1_om_row_and",
+                f"lpl_v1_om_final_{suffix}", "lpl_v1_om_plane_stats", "lpl_v1_om_layer_stats"]
+        assert {_field(f, "stream") for f in fake_cuda.lines()} == {"11"}
+        assert fake_cuda.hooks.fake_ctx_depth() == 0
+        del kernels
 
 
 @pytest.mark.skipif(not _has_cubin("90"), reason="no shipped sm_90 cubin (built without nvcc)")
@@ -426,4 +432,4 @@ def test_nvrtc_path_end_to_end(fake_cuda, monkeypatch, tmp_path):
     assert list((Path(os.environ["LPL_EXT_CACHE_DIR"]) / "kernels").glob("lpl_kernels-sm_75-*"))
     x, y, mask, loss, grad, ws = _fd_args(dtype=np.float64)
     _C.feature_distance(x, y, None, loss, grad, "default", "mse", 1.0, stream=3, workspace=ws, kernels=kernels)
-    assert fake_cuda.kernels() == ["lpl_fd_fill", "lpl_fd_main_f64", "lpl_fd_finalize"]
+    assert fake_cuda.kernels() == ["lpl_fd_main_f64", "lpl_fd_finalize"]

@@ -14,7 +14,10 @@ from lpl_ext import _C
 def test_arguments_defaults_and_errors(capsys):
     args = gc.parse_args(["--out", "x"])
     assert args.steps == gc.STEPS and args.reps == 10 and args.out == "x" and not args.dry_run
-    assert args.kernel_envs == [()] and args.budget_s == gc.DEFAULT_BUDGET_S
+    # by default the current kernels and the 0.2 ones, side by side (docs/cuda.md, "Kernel sets")
+    assert args.kernel_envs == [(("LPL_EXT_KERNEL_SET", "v2"),), (("LPL_EXT_KERNEL_SET", "v1"),)]
+    assert args.budget_s == gc.DEFAULT_BUDGET_S
+    assert gc.parse_args(["--kernel-env", ""]).kernel_envs == [()]
     assert gc.parse_args(["--steps", "bench, tests"]).steps == ["bench", "tests"]
     assert gc.parse_args(["--kernel-env", "LPL_X=old,new"]).kernel_envs == [(("LPL_X", "old"),), (("LPL_X", "new"),)]
     for bad, msg in ((["--steps", "bench,fly"], "--steps: unknown step(s) 'fly'"), (["--steps", ","], "(none given)"),

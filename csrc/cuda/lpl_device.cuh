@@ -8,9 +8,6 @@
 #include "lpl_kernel_abi.h"
 #include "lpl_math.h"
 
-// lpl_dtype codes (lpl_tensor.h, a host header)
-enum { LPL_FLOAT32 = 0, LPL_FLOAT64 = 1, LPL_FLOAT16 = 2, LPL_BFLOAT16 = 3 };
-
 // Storage of 16-bit floats as raw bits; conversions are the shared lpl_math.h ones, so
 // the GPU rounds exactly as the CPU does.
 struct lpl_f16 { uint16_t bits; };

@@ -5,3 +5,6 @@
 // -ffp-contract=off: x*s - y*s must round like the CPU's, so that x == y gives exactly 0.
 #include "feature_distance_kernels.cuh"
 #include "outlier_mask_kernels.cuh"
+#include "scale_kernels.cuh"
+#include "v1_feature_distance_kernels.cuh"
+#include "v1_outlier_mask_kernels.cuh"

@@ -15,6 +15,8 @@ namespace {
 
 namespace {
 
+using namespace lpl_v1;  // the 0.2 kernels (csrc/cuda/v1_*.cuh) keep their helpers in a namespace
+
 template <typename... A, size_t... I> void call(void (*kernel)(A...), void **params, std::index_sequence<I...>) {
     // each argument is copied from the caller's buffer, as the driver copies it to the GPU
     kernel(*static_cast<std::remove_cv_t<std::remove_reference_t<A>> *>(params[I])...);

@@ -29,9 +29,18 @@ FAKE = ROOT / "tests" / "fake_cuda"
 EMU = ROOT / "tests" / "emu"
 SANITIZERS = (None, "thread", "address")
 
-#: The kernel sources, as tests/emu/lpl_emu_kernels.cpp includes them (csrc/ layout).
-KERNEL_FILES = ("cuda/lpl_kernels.cu", "cuda/feature_distance_kernels.cuh", "cuda/outlier_mask_kernels.cuh",
-                "cuda/lpl_device.cuh", "lpl_kernel_abi.h", "lpl_math.h")
+#: The kernel sources, as tests/emu/lpl_emu_kernels.cpp includes them (csrc/ layout): the
+#: package's one list (lpl_ext/_kernel_sources.py, loaded alone like setup.py does).
+def _kernel_files() -> tuple:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_lpl_kernel_sources", ROOT / "lpl_ext" / "_kernel_sources.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return tuple(module.REPO_LAYOUT.values())
+
+
+KERNEL_FILES = _kernel_files()
 EMU_FILES = ("lpl_emu.cuh", "lpl_emu_api.h", "lpl_emu_kernels.cpp", "lpl_emu_runtime.cpp")
 
 # Floating point as the CPU build (setup.py: -ffp-contract=off) and the GPU (-fmad=false):

@@ -56,6 +56,9 @@ enum {
     CUDA_ERROR_NOT_FOUND = 500,
     CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES = 701,
     CUDA_ERROR_LAUNCH_FAILED = 719,
+    CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED = 900,
+    CUDA_ERROR_STREAM_CAPTURE_INVALIDATED = 901,
+    CUDA_ERROR_STREAM_CAPTURE_IMPLICIT = 906,
 };
 
 /* CUfunction_attribute values used here (cuda.h) */
@@ -99,6 +102,163 @@ static int optin_shared_limit(int cc) {
     case 90: case 100: case 103: case 110: return 227 * 1024;
     default: return cc >= 90 ? 227 * 1024 : DEFAULT_SHARED_LIMIT;
     }
+}
+
+/* ---- stream capture (torch.cuda.graph) -----------------------------------------------
+ * A test opens a capture on a stream handle with fake_begin_capture(stream, mode) and
+ * closes it with fake_end_capture(stream), which returns 0, or 901 when the capture was
+ * invalidated. While a capture is open, as on a GPU (CUDA Programming Guide, "Stream
+ * Capture": cudaStreamCaptureModeGlobal / ThreadLocal / Relaxed):
+ *   - a potentially unsafe call (module load / unload, memory allocation or free, a
+ *     synchronous copy or synchronization) from a thread whose capture mode is not
+ *     relaxed fails with CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED and invalidates the
+ *     capture (global captures: any thread; thread-local ones: the capturing thread);
+ *   - work on the legacy default stream (handle 0 or 1) fails with
+ *     CUDA_ERROR_STREAM_CAPTURE_IMPLICIT and invalidates the capture;
+ *   - launches and async memsets on the capturing stream are recorded (counted, and
+ *     logged with captured=1) and, unlike on a GPU, also run at once, so that a test can
+ *     compare their results with an uncaptured call. */
+enum { CAPTURE_GLOBAL = 0, CAPTURE_THREAD_LOCAL = 1, CAPTURE_RELAXED = 2 };
+typedef struct {
+    unsigned long long stream;
+    int mode;
+    int open;
+    int invalidated;
+    int recorded;
+} fake_capture;
+static fake_capture captures[4];
+static __thread int thread_capture_mode = CAPTURE_GLOBAL;
+static __thread int thread_owns_capture; /* thread-local captures begun on this thread */
+
+static fake_capture *capture_of(unsigned long long stream) {
+    for (int i = 0; i < 4; ++i)
+        if (captures[i].open && captures[i].stream == stream) return &captures[i];
+    return NULL;
+}
+
+/* 0, or CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED after invalidating the open captures an
+ * unsafe call from this thread breaks. */
+static CUresult unsafe_call(const char *what) {
+    if (thread_capture_mode == CAPTURE_RELAXED) return 0;
+    int broken = 0;
+    for (int i = 0; i < 4; ++i) {
+        fake_capture *c = &captures[i];
+        if (!c->open) continue;
+        if (c->mode == CAPTURE_GLOBAL || (c->mode == CAPTURE_THREAD_LOCAL && thread_owns_capture)) {
+            c->invalidated = 1;
+            broken = 1;
+        }
+    }
+    if (!broken) return 0;
+    const char *path = getenv("FAKE_CUDA_LOG");
+    FILE *fp = path ? fopen(path, "a") : NULL;
+    if (fp) {
+        fprintf(fp, "refused %s rc=%d during-capture=1\n", what, CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED);
+        fclose(fp);
+    }
+    return CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED;
+}
+
+/* 0 for work on `stream`; CUDA_ERROR_STREAM_CAPTURE_IMPLICIT for the legacy stream while a
+ * capture is open; *recorded set when `stream` itself is capturing. */
+static CUresult stream_work(unsigned long long stream, int *recorded) {
+    *recorded = 0;
+    int any_open = 0;
+    for (int i = 0; i < 4; ++i) any_open |= captures[i].open;
+    if (any_open && (stream == 0 || stream == 1)) {
+        for (int i = 0; i < 4; ++i)
+            if (captures[i].open) captures[i].invalidated = 1;
+        return CUDA_ERROR_STREAM_CAPTURE_IMPLICIT;
+    }
+    fake_capture *c = capture_of(stream);
+    if (c != NULL) {
+        if (c->invalidated) return CUDA_ERROR_STREAM_CAPTURE_INVALIDATED;
+        c->recorded++;
+        *recorded = 1;
+    }
+    return 0;
+}
+
+CUresult cuThreadExchangeStreamCaptureMode(int *mode) {
+    if (mode == NULL || *mode < CAPTURE_GLOBAL || *mode > CAPTURE_RELAXED) return CUDA_ERROR_INVALID_VALUE;
+    const int previous = thread_capture_mode;
+    thread_capture_mode = *mode;
+    *mode = previous;
+    return 0;
+}
+CUresult cuStreamIsCapturing(void *stream, int *status) {
+    fake_capture *c = capture_of((unsigned long long)(uintptr_t)stream);
+    *status = c == NULL ? 0 : (c->invalidated ? 2 : 1); /* none, active, invalidated */
+    return 0;
+}
+
+/* Unsafe calls lpl_ext must never make while a caller captures; implemented so that a
+ * change that starts making them fails the capture tests. */
+CUresult cuMemAlloc_v2(unsigned long long *ptr, size_t bytes) {
+    CUresult rc = unsafe_call("cuMemAlloc");
+    if (rc != 0) return rc;
+    void *p = malloc(bytes ? bytes : 1);
+    if (p == NULL) return CUDA_ERROR_OUT_OF_MEMORY;
+    *ptr = (unsigned long long)(uintptr_t)p;
+    return 0;
+}
+CUresult cuMemFree_v2(unsigned long long ptr) {
+    CUresult rc = unsafe_call("cuMemFree");
+    if (rc == 0) free((void *)(uintptr_t)ptr);
+    return rc;
+}
+CUresult cuCtxSynchronize(void) { return unsafe_call("cuCtxSynchronize"); }
+CUresult cuStreamSynchronize(void *stream) {
+    (void)stream;
+    return unsafe_call("cuStreamSynchronize");
+}
+CUresult cuMemcpyHtoD_v2(unsigned long long dst, const void *src, size_t n) {
+    CUresult rc = unsafe_call("cuMemcpyHtoD");
+    if (rc == 0) memcpy((void *)(uintptr_t)dst, src, n);
+    return rc;
+}
+CUresult cuMemcpyDtoH_v2(void *dst, unsigned long long src, size_t n) {
+    CUresult rc = unsafe_call("cuMemcpyDtoH");
+    if (rc == 0) memcpy(dst, (const void *)(uintptr_t)src, n);
+    return rc;
+}
+
+/* ---- pointer attributes ------------------------------------------------------------------
+ * "Device memory" is host memory here, so every pointer counts as device memory of
+ * cuda:0 with an unknown extent, except the ranges a test registers with
+ * fake_register_memory(ptr, bytes, memory_type, ordinal) (memory_type as CUmemorytype:
+ * 1 host, 2 device, 4 unified; 0: not CUDA memory at all). */
+typedef struct {
+    unsigned long long start, size;
+    int memory_type, ordinal;
+} fake_range;
+static fake_range ranges[16];
+static int range_count;
+
+enum { PTR_MEMORY_TYPE = 2, PTR_IS_MANAGED = 8, PTR_DEVICE_ORDINAL = 9, PTR_RANGE_START = 10, PTR_RANGE_SIZE = 11 };
+
+CUresult cuPointerGetAttributes(unsigned count, int *attributes, void **data, unsigned long long ptr) {
+    int memory_type = 2, ordinal = 0;
+    unsigned long long start = 0, size = 0;
+    for (int i = 0; i < range_count; ++i)
+        if (ptr >= ranges[i].start && ptr - ranges[i].start < ranges[i].size) {
+            memory_type = ranges[i].memory_type;
+            ordinal = ranges[i].ordinal;
+            start = ranges[i].start;
+            size = ranges[i].size;
+        }
+    const int cuda = memory_type != 0; /* not CUDA memory: zeroed attributes, CUDA_SUCCESS */
+    for (unsigned i = 0; i < count; ++i) {
+        switch (attributes[i]) {
+        case PTR_MEMORY_TYPE: *(unsigned *)data[i] = (unsigned)memory_type; break;
+        case PTR_IS_MANAGED: *(unsigned *)data[i] = memory_type == 4; break;
+        case PTR_DEVICE_ORDINAL: *(int *)data[i] = cuda ? ordinal : -2; break;
+        case PTR_RANGE_START: *(unsigned long long *)data[i] = start; break;
+        case PTR_RANGE_SIZE: *(size_t *)data[i] = (size_t)size; break;
+        default: return CUDA_ERROR_INVALID_VALUE;
+        }
+    }
+    return 0;
 }
 
 CUresult cuInit(unsigned int flags) {
@@ -156,6 +316,8 @@ typedef struct {
 } fake_module;
 
 CUresult cuModuleLoadData(void **module, const void *image) {
+    CUresult unsafe = unsafe_call("cuModuleLoadData");
+    if (unsafe != 0) return unsafe;
     const unsigned char *p = (const unsigned char *)image;
     int elf = p[0] == 0x7f && p[1] == 'E' && p[2] == 'L' && p[3] == 'F';
     if (elf && cubins_rejected < env_int("FAKE_CUDA_REJECT_CUBIN", 0)) {
@@ -194,6 +356,8 @@ CUresult cuModuleLoadData(void **module, const void *image) {
     return 0;
 }
 CUresult cuModuleUnload(void *module) {
+    CUresult unsafe = unsafe_call("cuModuleUnload");
+    if (unsafe != 0) return unsafe;
     fake_module *m = module;
     for (fake_function *f = m->functions, *next; f; f = next) {
         next = f->next;
@@ -355,6 +519,8 @@ CUresult cuLaunchKernel(void *fn, unsigned gx, unsigned gy, unsigned gz, unsigne
     if (f == NULL || params == NULL || extra != NULL) return CUDA_ERROR_INVALID_VALUE; /* lpl_ext passes params */
     if (ctx_depth < 1) return CUDA_ERROR_INVALID_CONTEXT; /* no context current: the launcher forgot to push */
     CUresult rc = check_launch(f, grid, block, smem);
+    int captured = 0;
+    if (rc == 0) rc = stream_work((unsigned long long)(uintptr_t)stream, &captured);
     if (rc != 0) {
         log_refused(f, rc, g, b, smem);
         return rc;
@@ -369,15 +535,18 @@ CUresult cuLaunchKernel(void *fn, unsigned gx, unsigned gy, unsigned gz, unsigne
     if (fp) {
         fprintf(fp,
                 "launch %s grid=%llu block=%llu smem=%u stream=%llu depth=%d n=0 read=%llu write=%llu atomic=%llu "
-                "unique_read=%llu unique_write=%llu warnings=%d rc=%d\n",
+                "unique_read=%llu unique_write=%llu warnings=%d rc=%d captured=%d\n",
                 f->name, g, b, smem, (unsigned long long)(uintptr_t)stream, ctx_depth, (unsigned long long)st.read,
                 (unsigned long long)st.write, (unsigned long long)st.atomic, (unsigned long long)st.unique_read,
-                (unsigned long long)st.unique_write, st.warnings, rc);
+                (unsigned long long)st.unique_write, st.warnings, rc, captured);
         fclose(fp);
     }
     return rc;
 }
 CUresult cuMemsetD8Async(unsigned long long ptr, unsigned char v, size_t n, void *stream) {
+    int captured;
+    CUresult rc = stream_work((unsigned long long)(uintptr_t)stream, &captured);
+    if (rc != 0) return rc;
     memset((void *)(uintptr_t)ptr, v, n);
     log_line("memset %s bytes=%lld v=%lld x=%lld stream=%llu depth=%d n=%d\n", "d8", (long long)n, v, 0,
              (unsigned long long)(uintptr_t)stream, ctx_depth, 0);
@@ -393,6 +562,9 @@ CUresult cuGetErrorName(CUresult rc, const char **s) {
     case CUDA_ERROR_NOT_FOUND: *s = "CUDA_ERROR_NOT_FOUND"; break;
     case CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES: *s = "CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES"; break;
     case CUDA_ERROR_LAUNCH_FAILED: *s = "CUDA_ERROR_LAUNCH_FAILED"; break;
+    case CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED: *s = "CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED"; break;
+    case CUDA_ERROR_STREAM_CAPTURE_INVALIDATED: *s = "CUDA_ERROR_STREAM_CAPTURE_INVALIDATED"; break;
+    case CUDA_ERROR_STREAM_CAPTURE_IMPLICIT: *s = "CUDA_ERROR_STREAM_CAPTURE_IMPLICIT"; break;
     default: *s = "CUDA_ERROR_FAKE"; break;
     }
     return 0;
@@ -416,3 +588,32 @@ int fake_retained(int device) { return device >= 0 && device < 16 ? retained[dev
 int fake_warning_count(void) { return lpl_emu_warning_count(); }
 const char *fake_warning(int i) { return lpl_emu_warning(i); }
 void fake_clear_warnings(void) { lpl_emu_clear_warnings(); }
+/* Opens a capture on `stream` (mode: 0 global, 1 thread-local, 2 relaxed); 0, or -1 when
+ * one is open there already or 4 are open. */
+int fake_begin_capture(unsigned long long stream, int mode) {
+    if (capture_of(stream) != NULL || mode < CAPTURE_GLOBAL || mode > CAPTURE_RELAXED) return -1;
+    for (int i = 0; i < 4; ++i)
+        if (!captures[i].open) {
+            captures[i] = (fake_capture){stream, mode, 1, 0, 0};
+            if (mode == CAPTURE_THREAD_LOCAL) thread_owns_capture++;
+            return 0;
+        }
+    return -1;
+}
+/* Closes the capture on `stream`: 0, CUDA_ERROR_STREAM_CAPTURE_INVALIDATED, or -1 (none
+ * open); *recorded receives the launches and memsets it recorded. */
+int fake_end_capture(unsigned long long stream, int *recorded) {
+    fake_capture *c = capture_of(stream);
+    if (c == NULL) return -1;
+    c->open = 0;
+    if (c->mode == CAPTURE_THREAD_LOCAL) thread_owns_capture--;
+    if (recorded) *recorded = c->recorded;
+    return c->invalidated ? CUDA_ERROR_STREAM_CAPTURE_INVALIDATED : 0;
+}
+/* Registers a memory range for cuPointerGetAttributes; fake_clear_memory() drops them. */
+int fake_register_memory(unsigned long long start, unsigned long long size, int memory_type, int ordinal) {
+    if (range_count >= 16) return -1;
+    ranges[range_count++] = (fake_range){start, size, memory_type, ordinal};
+    return 0;
+}
+void fake_clear_memory(void) { range_count = 0; }
