@@ -144,6 +144,10 @@ int lpl_cuda_feature_distance(const struct lpl_cuda_kernels *k, const lpl_fd_par
         /* pack the mask into bits in grad's storage when there is a gradient and a
          * tile's bits fit in shared memory; else fd_main reads the mask bytes again */
         int64_t bytes = p->mask && p->grad ? fd_plan_main(k, &a, dtype, 1, &threads) : -1;
+        /* The bits of values [8j, 8j + 8) live in gradient element 8j: they are inside a
+         * tile's own gradient only when tiles start at multiples of 8 (or there is one
+         * tile); else a block could overwrite bits another block has not read yet. */
+        if (bytes >= 0 && hw > a.tile_pixels && a.tile_pixels % 8 != 0) bytes = -1;
         if (bytes >= 0) {
             a.keep_bits = (uint8_t *)p->grad;
             a.keep_bits_stride = (int64_t)fd_elem_size[dtype];

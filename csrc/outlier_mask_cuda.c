@@ -38,7 +38,14 @@ static int launch(const struct lpl_cuda_kernels *k, int id, int64_t grid, int bl
     return lpl_cu_launch(k, id, grid, block, smem, stream, params, err);
 }
 
-/* The streaming path: radix passes over the values, then the tiled filter. */
+/* streaming_path's answer when the windows' halo does not fit the tiled filter's shared
+ * memory (windows of ~145+ on a plane too large for the plane path): nothing was launched,
+ * and the caller runs the separable filters of the 0.2 sequence instead, which take any
+ * window (its workspace is within lpl_outlier_mask_workspace_bytes: the larger layout). */
+#define STREAMING_TILE_TOO_SMALL 1
+
+/* The streaming path: radix passes over the values, then the tiled filter. 0, -1 with err,
+ * or STREAMING_TILE_TOO_SMALL. */
 static int streaming_path(const struct lpl_cuda_kernels *k, lpl_om_args *a, void *stream, char *err) {
     const int T = LPL_OM_CUDA_THREADS, dtype = a->dtype;
     if (a->planes * a->blocks_per_plane > 2147483647LL || a->planes * lpl_om_tiles_per_plane(a->h, a->w) > 2147483647LL) {
@@ -58,14 +65,7 @@ static int streaming_path(const struct lpl_cuda_kernels *k, lpl_om_args *a, void
     a->tiles_x = a->w / a->tile_w + (a->w % a->tile_w != 0);
     a->tiles_y = a->h / a->tile_h + (a->h % a->tile_h != 0);
     const int64_t tiles = a->tiles_x * a->tiles_y;
-    if (filter_smem > smem_cap) {
-        snprintf(err, LPL_ERR_LEN,
-                 "closing / opening windows (%d, %d) too wide for the tiled filter on planes of %lld x %lld "
-                 "(%lld bytes of shared memory, the GPU allows %d)",
-                 2 * a->rc_x + 1, 2 * a->ro_x + 1, (long long)a->h, (long long)a->w, (long long)filter_smem,
-                 (int)smem_cap);
-        return -1;
-    }
+    if (filter_smem > smem_cap) return STREAMING_TILE_TOO_SMALL; /* before any launch */
     a->pass = -1;
     if (launch(k, LPL_K_om_select, a->planes, T, 0, stream, a, err) < 0) return -1;
     /* digits of LPL_OM_DIGIT_BITS from the top; the last one may be narrower */
@@ -144,6 +144,10 @@ int lpl_cuda_outlier_mask(const struct lpl_cuda_kernels *k, const lpl_om_params 
             rc = launch(k, LPL_K_om_plane_f32 + a.dtype, a.planes, LPL_OM_CUDA_THREADS, (size_t)smem, stream, &a, err);
         else
             rc = streaming_path(k, &a, stream, err);
+    }
+    if (rc == STREAMING_TILE_TOO_SMALL) {
+        lpl_cu_end(k);
+        return lpl_cuda_outlier_mask_v1(k, p, stream, err);
     }
     if (rc == 0 && a.stats) rc = launch(k, LPL_K_om_layer_stats, 1, 32, 0, stream, &a, err);
     lpl_cu_end(k);

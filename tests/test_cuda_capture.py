@@ -172,3 +172,24 @@ def test_device_memory_in_range_is_accepted(emu, hooks):
     _C.feature_distance(xs, ys, None, loss, None, "none", "mse", 1.0, stream=STREAM, workspace=ws,
                         kernels=emu.kernels)
     np.testing.assert_allclose(loss.array, cpu_feature_distance(x, y, None, "none", "mse", 1.0)[0], rtol=1e-6)
+
+
+# ---- outlier mask: windows too wide for the tiled filter -----------------------------------------
+
+
+def test_wide_windows_on_a_streaming_plane_fall_back_to_the_separable_filters(emu):
+    """A plane too large for the one-block path with windows whose halo does not fit the
+    tiled filter's shared memory (closing = opening = 161 on 256 x 256): v2 runs the
+    separable filters of the 0.2 sequence for that call, and the mask is still the CPU's."""
+    from test_cuda_emulated import emu_outlier_mask
+
+    y = torch.randn(1, 1, 256, 256, generator=torch.Generator().manual_seed(4))
+    y[0, 0, 100:140, 30:70] += 8.0
+    emu.clear()
+    keep, stats = emu_outlier_mask(emu, y, 161, 161)
+    want_keep, want_stats = cpu_outlier_mask(y, 161, 161)
+    np.testing.assert_array_equal(keep, want_keep)
+    np.testing.assert_allclose(stats, want_stats, rtol=1e-12)
+    kernels = {ln["kernel"] for ln in emu.launches() if ln["kind"] == "launch"}
+    assert "lpl_v1_om_col_or" in kernels
+    emu.check_clean()

@@ -97,7 +97,7 @@ __device__ __forceinline__ double lpl_block_sum(double v, double *shared) {
 // declaration `extern __shared__ T name[]`, so the emulated device (tests/emu/lpl_emu.cuh)
 // defines this macro first; nvcc and NVRTC get the real declaration.
 #ifndef LPL_DYNAMIC_SHARED
-#define LPL_DYNAMIC_SHARED(T, name) extern __shared__ T name[]
+#define LPL_DYNAMIC_SHARED(T, name) extern __shared__ __align__(16) T name[]  // kernels carve doubles from it
 #endif
 
 // Per-dtype kernel entry points with C linkage (names in LPL_KERNEL_LIST): M(suffix, T)
