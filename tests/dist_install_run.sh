@@ -68,7 +68,7 @@ sources, folder = _cuda.kernel_sources()
 assert "_kernels" in str(folder), folder
 if os.environ.get("LPL_EXT_NVRTC"):
     image, path = _cuda.compile_cached(90)
-    names = {m.decode() for m in re.findall(rb"lpl_(?:fd|om)_[a-z0-9_]+", image)}
+    names = {m.decode() for m in re.findall(rb"lpl_(?:v1_)?(?:fd|om|scale)_[a-z0-9_]+", image)}
     assert set(_C.cuda_kernel_names()) <= names
     print(f"[dist] NVRTC {info['nvrtc']} compiled every kernel for sm_90 from the installed sources "
           f"({len(image)} bytes)", file=sys.stderr)
@@ -101,7 +101,7 @@ if os.environ.get("EXPECT_CUBINS"):
     assert {"80", "86", "89", "90"} <= set(info["cuda_cubin_archs"]), info
 kdir = Path(lpl_ext.__file__).parent / "_kernels"
 for arch in info["cuda_cubin_archs"]:
-    names = {m.decode() for m in re.findall(rb"lpl_(?:fd|om)_[a-z0-9_]+", (kdir / f"lpl_kernels.sm_{arch}.cubin").read_bytes())}
+    names = {m.decode() for m in re.findall(rb"lpl_(?:v1_)?(?:fd|om|scale)_[a-z0-9_]+", (kdir / f"lpl_kernels.sm_{arch}.cubin").read_bytes())}
     assert set(_C.cuda_kernel_names()) <= names, arch
 wheel = Path(sys.argv[1])
 entries = zipfile.ZipFile(wheel).namelist()
