@@ -647,11 +647,9 @@ class LatentPerceptualLoss(nn.Module):
         layer's fused gradient (:func:`lpl_ext.weighted_feature_distance`), so backward does
         no rescaling pass per layer. sample_weight: (N,) floating, on input's device."""
         totals: List[torch.Tensor] = []
-        losses = list(self._layer_loop(input, target, sample_weight, totals))
-        total = totals[0]
-        for t in totals[1:]:
-            total = total + t
-        return total.float(), losses
+        # float64 once, as every layer's fused pass takes it (not one conversion per layer)
+        losses = list(self._layer_loop(input, target, sample_weight.detach().to(torch.float64), totals))
+        return sum(totals[1:], totals[0]).float(), losses
 
     def _layer_loop(
         self, input: torch.Tensor, target: torch.Tensor, sample_weight: Optional[torch.Tensor],
