@@ -161,7 +161,27 @@ FD_INLINE void FD_FN(fd_sumsq)(const FD_T *restrict vr, const uint8_t *restrict 
     }
 }
 
-/* Per-tile work. scratch holds 5 * tile FD_ACC values owned by the calling thread;
+#ifndef FD_SCRATCH_ROWS
+/* sx, sy, |x|, dot, and the tree stacks of sx, sy and dot */
+#define FD_SCRATCH_ROWS (4 + 3 * LPL_PIXEL_TREE_LEVELS)
+#endif
+
+/* One chunk's per-pixel sums `cur` joins the pairwise tree of lpl_math.h (chunks come in
+ * order 0..7, `stack` holds LPL_PIXEL_TREE_LEVELS rows of pending left operands, as a
+ * binary counter). After the last chunk, cur holds the pixel's total. */
+FD_INLINE void FD_FN(fd_tree_push)(FD_ACC *restrict cur, FD_ACC *restrict stack, int64_t chunk, int64_t len,
+                                   int64_t tile) {
+    int level = 0;
+    while ((chunk >> level) & 1) {
+        const FD_ACC *restrict left = stack + (int64_t)level * tile;
+#pragma omp simd
+        for (int64_t i = 0; i < len; ++i) cur[i] = left[i] + cur[i];
+        ++level;
+    }
+    if (level < LPL_PIXEL_TREE_LEVELS) memcpy(stack + (int64_t)level * tile, cur, sizeof(FD_ACC) * (size_t)len);
+}
+
+/* Per-tile work. scratch holds FD_SCRATCH_ROWS * tile FD_ACC values owned by the calling thread;
  * sums[n * C + c] accumulates sum over the tile of keep * e; grad_coef[n * C + c] is the
  * gradient's plane coefficient (the loss's coef times the folded grad_scale[n]). */
 static void FD_FN(fd_tile)(const lpl_fd_params *p, const double *grad_coef, const FD_ACC *chan_scale,
@@ -177,16 +197,24 @@ static void FD_FN(fd_tile)(const lpl_fd_params *p, const double *grad_coef, cons
     FD_ACC *sy = scratch + tile;      /* sum y^2, then 1/(|y|+eps) */
     FD_ACC *nxv = scratch + 2 * tile; /* default: |x| */
     FD_ACC *dot = scratch + 3 * tile; /* default: sum_c g_c x_c */
+    /* the pending tree operands of sx, sy, dot (LPL_PIXEL_TREE_LEVELS rows each) */
+    FD_ACC *stack_x = scratch + 4 * tile, *stack_y = stack_x + LPL_PIXEL_TREE_LEVELS * tile;
+    FD_ACC *stack_dot = stack_y + LPL_PIXEL_TREE_LEVELS * tile;
 
     if (norm == LPL_NORM_DEFAULT || norm == LPL_NORM_SHARED) {
-        for (int64_t i = 0; i < len; ++i) sx[i] = sy[i] = dot[i] = 0;
-        for (int64_t c = 0; c < C; ++c) {
-            const int64_t off = (n * C + c) * hw + p0;
-            if (norm == LPL_NORM_DEFAULT) FD_FN(fd_sumsq)(X + off, NULL, sx, len, 0);
-            if (has_mask)
-                FD_FN(fd_sumsq)(Y + off, Mk + off, sy, len, 1);
-            else
-                FD_FN(fd_sumsq)(Y + off, NULL, sy, len, 0);
+        /* channel chunks in the order of lpl_math.h (the CUDA kernels' order) */
+        for (int64_t k = 0; k < LPL_PIXEL_CHUNKS; ++k) {
+            for (int64_t i = 0; i < len; ++i) sx[i] = sy[i] = 0;
+            for (int64_t c = lpl_pixel_chunk_begin(k, C); c < lpl_pixel_chunk_begin(k + 1, C); ++c) {
+                const int64_t off = (n * C + c) * hw + p0;
+                if (norm == LPL_NORM_DEFAULT) FD_FN(fd_sumsq)(X + off, NULL, sx, len, 0);
+                if (has_mask)
+                    FD_FN(fd_sumsq)(Y + off, Mk + off, sy, len, 1);
+                else
+                    FD_FN(fd_sumsq)(Y + off, NULL, sy, len, 0);
+            }
+            if (norm == LPL_NORM_DEFAULT) FD_FN(fd_tree_push)(sx, stack_x, k, len, tile);
+            FD_FN(fd_tree_push)(sy, stack_y, k, len, tile);
         }
         const double eps = norm == LPL_NORM_DEFAULT ? LPL_EPS_DEFAULT : LPL_EPS_SHARED;
         for (int64_t i = 0; i < len; ++i) {
@@ -198,6 +226,9 @@ static void FD_FN(fd_tile)(const lpl_fd_params *p, const double *grad_coef, cons
         }
     }
 
+    int64_t chunk = 0, chunk_end = lpl_pixel_chunk_begin(1, C); /* default: dot's chunks */
+    if (norm == LPL_NORM_DEFAULT)
+        for (int64_t i = 0; i < len; ++i) dot[i] = 0;
     for (int64_t c = 0; c < C; ++c) {
         const int64_t off = (n * C + c) * hw + p0;
         const FD_T *xr = X + off;
@@ -206,6 +237,13 @@ static void FD_FN(fd_tile)(const lpl_fd_params *p, const double *grad_coef, cons
         FD_T *gr = G ? G + off : NULL;
         const FD_ACC cf = (FD_ACC)grad_coef[n * C + c];
         FD_ACC s = 0;
+        if (norm == LPL_NORM_DEFAULT) {
+            while (c >= chunk_end) { /* chunks before c's (empty ones included) are complete */
+                FD_FN(fd_tree_push)(dot, stack_dot, chunk, len, tile);
+                for (int64_t i = 0; i < len; ++i) dot[i] = 0;
+                chunk_end = lpl_pixel_chunk_begin(++chunk + 1, C);
+            }
+        }
         if (norm == LPL_NORM_DEFAULT) {
 #define FD_DEF(HM, DI) s = FD_FN(fd_row_default)(xr, yr, mr, sx, sy, dot, cf, len, HM, DI)
             switch (FD_KEY2(has_mask, dist)) {
@@ -227,6 +265,12 @@ static void FD_FN(fd_tile)(const lpl_fd_params *p, const double *grad_coef, cons
         }
         sums[n * C + c] += (double)s;
     }
+    if (norm == LPL_NORM_DEFAULT) /* the remaining chunks: the last non-empty one, then empty ones */
+        for (; chunk < LPL_PIXEL_CHUNKS; ++chunk) {
+            FD_FN(fd_tree_push)(dot, stack_dot, chunk, len, tile);
+            if (chunk + 1 < LPL_PIXEL_CHUNKS)
+                for (int64_t i = 0; i < len; ++i) dot[i] = 0;
+        }
 
     if (norm == LPL_NORM_DEFAULT && G) {
         /* The gradient through |x| needs sum_c g_c x_c of the whole pixel column, so it is
@@ -304,7 +348,7 @@ static int FD_FN(fd_run)(const lpl_fd_params *p, const double *coef, const doubl
         tid = omp_get_thread_num();
 #endif
         double *sums = all_sums + (size_t)tid * (size_t)(N * C);
-        FD_ACC *scratch = (FD_ACC *)malloc(sizeof(FD_ACC) * 5 * (size_t)tile);
+        FD_ACC *scratch = (FD_ACC *)malloc(sizeof(FD_ACC) * FD_SCRATCH_ROWS * (size_t)tile);
         if (!scratch) failed = 1;
 #pragma omp for schedule(static)
         for (int64_t item = 0; item < nitems; ++item) {

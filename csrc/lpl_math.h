@@ -137,6 +137,19 @@ LPL_HD double lpl_dist_deriv_d(double d, int dist) {
     return (double)((d > 0.0) - (d < 0.0));
 }
 
+/* Per-pixel sums over channels (the `default` / `shared` norms and the `default` norm's
+ * sum_c g_c x_c) have ONE order, used by the CPU and the CUDA kernels alike so that the
+ * per-pixel scalars, hence the gradients, are bit-identical: the C channels are cut into
+ * LPL_PIXEL_CHUNKS contiguous chunks, chunk k = [lpl_pixel_chunk_begin(k, C),
+ * lpl_pixel_chunk_begin(k + 1, C)) (empty chunks when C < 8 sum to +0), each summed in
+ * channel order; the chunk sums are combined by the fixed pairwise tree
+ * ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7)). A GPU block sums the chunks in up to
+ * 8 thread groups at once (each group a subtree), where one thread per pixel summing all
+ * C channels left most of the block idle at large C. */
+#define LPL_PIXEL_CHUNKS 8
+#define LPL_PIXEL_TREE_LEVELS 3 /* log2(LPL_PIXEL_CHUNKS) */
+LPL_HD int64_t lpl_pixel_chunk_begin(int64_t k, int64_t C) { return k * C / LPL_PIXEL_CHUNKS; }
+
 /* 1 / (||v|| + eps) from the sum of squares over channels. */
 LPL_HD float lpl_inv_norm_f(float sumsq, double eps) { return 1.0f / (sqrtf(sumsq) + (float)eps); }
 LPL_HD double lpl_inv_norm_d(double sumsq, double eps) { return 1.0 / (sqrt(sumsq) + eps); }

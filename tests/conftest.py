@@ -19,3 +19,16 @@ if os.environ.get("LPL_EXT_EXPECT_INSTALLED"):
 
     if not os.path.abspath(lpl_ext.__file__).startswith(os.path.abspath(os.environ["LPL_EXT_EXPECT_INSTALLED"])):
         raise RuntimeError(f"testing {lpl_ext.__file__}, not the package installed in $LPL_EXT_EXPECT_INSTALLED")
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test module may thin its own quick subset with ``deselect_in_quick_mode(item)``
+    (tests/test_cuda_emulated.py does, for the frozen v1 kernels): those tests are reported
+    as deselected."""
+    keep, drop = [], []
+    for item in items:
+        rule = getattr(getattr(item, "module", None), "deselect_in_quick_mode", None)
+        (drop if rule is not None and rule(item) else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep

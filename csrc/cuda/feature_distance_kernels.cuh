@@ -18,9 +18,11 @@
 //        tile overwrites them)
 //        none / batch: one unrolled pass, x, y and the keep flags read once;
 //        shared: y and the mask staged in shared memory, 1 / (||y|| + eps) per pixel
-//          from them (channel order, as the CPU), then x read once;
+//          from them, then x read once;
 //        default: x, y and the mask staged, the per-pixel norms and sum_c g_c x_c from
 //          shared memory, then the gradient;
+//        (per-pixel sums over channels in lpl_math.h's chunk-tree order, the CPU's: up to
+//        8 thread groups sum a pixel's chunks at once, group 0 finishes the tree)
 //      when the staged tile cannot fit the device's shared memory (very large C) the
 //      same code reads global memory instead (P = the block, one channel group);
 //      each block writes one partial sum_{its elements} coef * e;
@@ -339,58 +341,131 @@ __device__ __forceinline__ double fd_tile_elementwise(const lpl_fd_args &a, cons
     return total;
 }
 
-// Per-pixel scalars of `default` / `shared` kept in shared memory between the steps.
+// Per-pixel scalars of `default` / `shared` kept in shared memory between the steps, and
+// the channel groups' partial sums they are made from (at most 8 groups x P pixels, and
+// 8 * P <= the block when there are 8 groups: `part` is a static 2 x LPL_FD_THREADS array).
 template <typename acc> struct fd_pixel_scalars {
     acc *inv_x, *norm_x, *inv_y, *q;
+    acc *part;  // slot (group * P + lane): first half x / dot, second half y
 };
 
-// shared / default, one thread per pixel (channel group 0): 1 / (||y|| + eps), and for
-// `default` 1 / (||x|| + eps) and ||x||, summed in channel order as the CPU does.
-template <typename T>
-__device__ __forceinline__ void fd_pixel_norms(const lpl_fd_args &a, const fd_tile &t, const T *sx, const T *sy,
-                                               const fd_mask_src &ms, fd_pixel_scalars<typename lpl_io<T>::acc> ps) {
-    typedef typename lpl_io<T>::acc acc;
-    const bool def = a.norm == LPL_NORM_DEFAULT;
-    acc sumx = 0, sumy = 0;
-    for (int64_t c = 0; c < a.c; ++c) {
-        const acc yv = fd_value<T>(sy, (const T *)a.y, t, c, a.hw);
-        const acc ys = fd_keep_select(yv, fd_kept(ms, t, c, a.hw));
-        if (def) {
-            const acc xv = fd_value<T>(sx, (const T *)a.x, t, c, a.hw);
-            sumx += xv * xv;
-        }
-        sumy += ys * ys;
-    }
-    const double eps = def ? LPL_EPS_DEFAULT : LPL_EPS_SHARED;
-    if (def) {
-        ps.norm_x[t.lane] = (acc)sqrt((double)sumx);
-        ps.inv_x[t.lane] = lpl_inv_norm(sumx, eps);
-    }
-    ps.inv_y[t.lane] = lpl_inv_norm(sumy, eps);
+// Thread groups that sum a pixel's channel chunks (lpl_math.h's order): the largest power
+// of two <= min(G, LPL_PIXEL_CHUNKS); group g owns the contiguous chunks
+// [g * per, (g + 1) * per), per = LPL_PIXEL_CHUNKS / groups: a subtree of the fixed tree.
+__device__ __forceinline__ int64_t fd_pixel_groups(const fd_tile &t) {
+    int64_t g = 1;
+    while (2 * g <= t.G && 2 * g <= LPL_PIXEL_CHUNKS) g *= 2;
+    return g;
 }
 
-// default, one thread per pixel: e of every channel and q = lpl_default_norm_coef of the
-// pixel's sum_c g_c x_c (channel order, as the CPU). Returns the thread's sum of coef * e.
+// v[0] = the pairwise tree over v[0..n) (n a power of two <= LPL_PIXEL_CHUNKS), the order
+// of lpl_math.h: ((v0 + v1) + (v2 + v3)) + ... Constant indices: v stays in registers.
+template <typename acc> __device__ __forceinline__ void fd_tree_sum(acc (&v)[LPL_PIXEL_CHUNKS], int64_t n) {
+LPL_UNROLL
+    for (int w = 1; w < LPL_PIXEL_CHUNKS; w *= 2)
+LPL_UNROLL
+        for (int i = 0; i + w < LPL_PIXEL_CHUNKS; i += 2 * w)
+            if (w < n) v[i] = v[i] + v[i + w];
+}
+
+// shared / default, groups < fd_pixel_groups: the thread's subtree of the pixel's sum of
+// y_kept^2 (and, `default`, of x^2) into ps.part. Other threads return at once.
 template <typename T>
-__device__ __forceinline__ double fd_default_dot(const lpl_fd_args &a, const fd_chan_params &cp, const fd_tile &t,
-                                                 const T *sx, const T *sy, const fd_mask_src &ms,
-                                                 fd_pixel_scalars<typename lpl_io<T>::acc> ps) {
+__device__ __forceinline__ void fd_pixel_norm_parts(const lpl_fd_args &a, const fd_tile &t, const T *sx, const T *sy,
+                                                    const fd_mask_src &ms,
+                                                    fd_pixel_scalars<typename lpl_io<T>::acc> ps) {
     typedef typename lpl_io<T>::acc acc;
-    const acc rx = ps.inv_x[t.lane], ry = ps.inv_y[t.lane];
-    acc dot = 0;
-    double total = 0.0;
-    for (int64_t c = 0; c < a.c; ++c) {
-        const acc xv = fd_value<T>(sx, (const T *)a.x, t, c, a.hw);
-        const acc yv = fd_value<T>(sy, (const T *)a.y, t, c, a.hw);
-        const bool keep = fd_kept(ms, t, c, a.hw);
-        const acc k = keep ? (acc)1 : (acc)0;
-        const acc d = xv * rx - fd_keep_select(yv, keep) * ry;
-        const double coef = fd_coef(cp, c);
-        total += coef * (double)(k * lpl_dist_value(d, a.dist));
-        dot += (acc)fd_grad_coef(cp, c) * k * lpl_dist_deriv(d, a.dist) * xv;
+    const int64_t groups = fd_pixel_groups(t), per = LPL_PIXEL_CHUNKS / groups;
+    if (!t.active || t.grp >= groups) return;
+    const bool def = a.norm == LPL_NORM_DEFAULT;
+    acc sumx[LPL_PIXEL_CHUNKS], sumy[LPL_PIXEL_CHUNKS];
+LPL_UNROLL
+    for (int j = 0; j < LPL_PIXEL_CHUNKS; ++j) {
+        sumx[j] = sumy[j] = 0;
+        if (j >= per) continue;
+        const int64_t k = t.grp * per + j;
+        for (int64_t c = lpl_pixel_chunk_begin(k, a.c); c < lpl_pixel_chunk_begin(k + 1, a.c); ++c) {
+            const acc ys = fd_keep_select(fd_value<T>(sy, (const T *)a.y, t, c, a.hw), fd_kept(ms, t, c, a.hw));
+            if (def) {
+                const acc xv = fd_value<T>(sx, (const T *)a.x, t, c, a.hw);
+                sumx[j] += xv * xv;
+            }
+            sumy[j] += ys * ys;
+        }
     }
-    ps.q[t.lane] = lpl_default_norm_coef(rx, ps.norm_x[t.lane], dot);
+    fd_tree_sum<acc>(sumx, per);
+    fd_tree_sum<acc>(sumy, per);
+    const int64_t slot = t.grp * t.P + t.lane;
+    ps.part[slot] = sumx[0];
+    ps.part[LPL_FD_THREADS + slot] = sumy[0];
+}
+
+// Group 0, after a barrier: the groups' subtrees combined by the rest of the tree, then
+// 1 / (||y|| + eps), and for `default` 1 / (||x|| + eps) and ||x||.
+template <typename acc>
+__device__ __forceinline__ void fd_pixel_norms(const lpl_fd_args &a, const fd_tile &t, fd_pixel_scalars<acc> ps) {
+    const bool def = a.norm == LPL_NORM_DEFAULT;
+    const int64_t groups = fd_pixel_groups(t);
+    acc sumx[LPL_PIXEL_CHUNKS], sumy[LPL_PIXEL_CHUNKS];
+LPL_UNROLL
+    for (int g = 0; g < LPL_PIXEL_CHUNKS; ++g) {
+        sumx[g] = g < groups ? ps.part[g * t.P + t.lane] : (acc)0;
+        sumy[g] = g < groups ? ps.part[LPL_FD_THREADS + g * t.P + t.lane] : (acc)0;
+    }
+    fd_tree_sum<acc>(sumx, groups);
+    fd_tree_sum<acc>(sumy, groups);
+    const double eps = def ? LPL_EPS_DEFAULT : LPL_EPS_SHARED;
+    if (def) {
+        ps.norm_x[t.lane] = (acc)sqrt((double)sumx[0]);
+        ps.inv_x[t.lane] = lpl_inv_norm(sumx[0], eps);
+    }
+    ps.inv_y[t.lane] = lpl_inv_norm(sumy[0], eps);
+}
+
+// default, every channel group: e of the thread's channels c = grp, grp + G, ... (the
+// loss; any order), and, in groups < fd_pixel_groups, the subtree of the pixel's
+// sum_c g_c x_c over the group's chunks into ps.part. Returns the thread's sum of coef * e.
+template <typename T>
+__device__ __forceinline__ double fd_default_dot_part(const lpl_fd_args &a, const fd_chan_params &cp,
+                                                      const fd_tile &t, const T *sx, const T *sy,
+                                                      const fd_mask_src &ms,
+                                                      fd_pixel_scalars<typename lpl_io<T>::acc> ps) {
+    typedef typename lpl_io<T>::acc acc;
+    const int64_t groups = fd_pixel_groups(t), per = LPL_PIXEL_CHUNKS / groups;
+    double total = 0.0;
+    if (!t.active || t.grp >= groups) return total;
+    const acc rx = ps.inv_x[t.lane], ry = ps.inv_y[t.lane];
+    acc dot[LPL_PIXEL_CHUNKS];
+LPL_UNROLL
+    for (int j = 0; j < LPL_PIXEL_CHUNKS; ++j) {
+        dot[j] = 0;
+        if (j >= per) continue;
+        const int64_t k = t.grp * per + j;
+        for (int64_t c = lpl_pixel_chunk_begin(k, a.c); c < lpl_pixel_chunk_begin(k + 1, a.c); ++c) {
+            const acc xv = fd_value<T>(sx, (const T *)a.x, t, c, a.hw);
+            const acc yv = fd_value<T>(sy, (const T *)a.y, t, c, a.hw);
+            const bool keep = fd_kept(ms, t, c, a.hw);
+            const acc k1 = keep ? (acc)1 : (acc)0;
+            const acc d = xv * rx - fd_keep_select(yv, keep) * ry;
+            total += fd_coef(cp, c) * (double)(k1 * lpl_dist_value(d, a.dist));
+            dot[j] += (acc)fd_grad_coef(cp, c) * k1 * lpl_dist_deriv(d, a.dist) * xv;
+        }
+    }
+    fd_tree_sum<acc>(dot, per);
+    ps.part[t.grp * t.P + t.lane] = dot[0];
     return total;
+}
+
+// default, group 0 after a barrier: q = lpl_default_norm_coef of the pixel's dot (the
+// groups' subtrees combined by the rest of the tree).
+template <typename acc>
+__device__ __forceinline__ void fd_default_coef(const fd_tile &t, fd_pixel_scalars<acc> ps) {
+    const int64_t groups = fd_pixel_groups(t);
+    acc dot[LPL_PIXEL_CHUNKS];
+LPL_UNROLL
+    for (int g = 0; g < LPL_PIXEL_CHUNKS; ++g) dot[g] = g < groups ? ps.part[g * t.P + t.lane] : (acc)0;
+    fd_tree_sum<acc>(dot, groups);
+    ps.q[t.lane] = lpl_default_norm_coef(ps.inv_x[t.lane], ps.norm_x[t.lane], dot[0]);
 }
 
 // default: the gradient through x / (||x|| + eps) of every element of the tile.
@@ -426,6 +501,7 @@ __device__ __forceinline__ void fd_default_grad(const lpl_fd_args &a, const fd_c
 template <typename T> __device__ __forceinline__ void fd_main(const lpl_fd_args a) {
     typedef typename lpl_io<T>::acc acc;
     __shared__ double red[32];
+    __shared__ acc pixel_parts[2 * LPL_FD_THREADS];
     LPL_DYNAMIC_SHARED(unsigned char, smem);
     const int64_t n = blockIdx.x / a.blocks_per_sample, first = blockIdx.x % a.blocks_per_sample;
     const fd_chan_params cp = fd_load_params<acc>(a, smem, n);
@@ -443,6 +519,7 @@ template <typename T> __device__ __forceinline__ void fd_main(const lpl_fd_args 
     ps.norm_x = pix ? pix + a.tile_pixels : nullptr;
     ps.inv_y = pix ? pix + 2 * a.tile_pixels : nullptr;
     ps.q = pix ? pix + 3 * a.tile_pixels : nullptr;
+    ps.part = pixel_parts;
 
     fd_tile t;
     t.P = a.tile_pixels;
@@ -461,10 +538,20 @@ template <typename T> __device__ __forceinline__ void fd_main(const lpl_fd_args 
         if (a.norm == LPL_NORM_NONE || a.norm == LPL_NORM_BATCH) {
             total += fd_tile_elementwise<T>(a, cp, t, nullptr, ms, (acc)1);
         } else {
+            // up to 8 channel groups sum their chunks of each pixel's channels, group 0
+            // combines them (lpl_math.h's order, the CPU's: at C = 512 a tile is often 32
+            // pixels x 8 groups, so all 256 threads run the channel loops, not 32)
             const bool pixel_thread = t.active && t.grp == 0;
-            if (pixel_thread) fd_pixel_norms<T>(a, t, sx, sy, ms, ps);
-            if (a.norm == LPL_NORM_DEFAULT && pixel_thread) total += fd_default_dot<T>(a, cp, t, sx, sy, ms, ps);
+            fd_pixel_norm_parts<T>(a, t, sx, sy, ms, ps);
             __syncthreads();
+            if (pixel_thread) fd_pixel_norms<acc>(a, t, ps);
+            __syncthreads();
+            if (a.norm == LPL_NORM_DEFAULT) {
+                total += fd_default_dot_part<T>(a, cp, t, sx, sy, ms, ps);
+                __syncthreads();
+                if (pixel_thread) fd_default_coef<acc>(t, ps);
+                __syncthreads();
+            }
             if (a.norm == LPL_NORM_SHARED)
                 total += fd_tile_elementwise<T>(a, cp, t, sy, ms, t.active ? ps.inv_y[t.lane] : (acc)0);
             else if (a.grad)

@@ -8,6 +8,14 @@
 #include "lpl_kernel_abi.h"
 #include "lpl_math.h"
 
+// Full unrolling of loops with constant bounds (register arrays indexed by the loop
+// counter stay in registers); the emulated device's host compiler has no such pragma.
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
+#define LPL_UNROLL _Pragma("unroll")
+#else
+#define LPL_UNROLL
+#endif
+
 // Storage of 16-bit floats as raw bits; conversions are the shared lpl_math.h ones, so
 // the GPU rounds exactly as the CPU does.
 struct lpl_f16 { uint16_t bits; };
