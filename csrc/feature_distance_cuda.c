@@ -96,6 +96,21 @@ static int64_t fd_plan_main(const struct lpl_cuda_kernels *k, lpl_fd_args *a, in
     return bytes <= budget || !bits ? bytes : -1;
 }
 
+/* Statistics blocks per plane: enough for about FD_STATS_BLOCKS_PER_SM blocks per SM when
+ * the layer has few planes (a block streams its chunks in sequence: one block per plane
+ * left a layer of 128 large planes latency-bound), at most one per chunk and
+ * LPL_FD_STATS_PARTS. Depends on the device only, not on the data: a fixed merge order
+ * per device (fd_setup adds the parts in part order). */
+#define FD_STATS_BLOCKS_PER_SM 4
+static int64_t fd_stats_parts(const struct lpl_cuda_kernels *k, int64_t planes, int64_t hw) {
+    const int64_t chunks = (hw + LPL_FD_STATS_CHUNK - 1) / LPL_FD_STATS_CHUNK;
+    const int64_t sms = k->sm_count > 0 ? k->sm_count : 1;
+    int64_t parts = planes > 0 ? (FD_STATS_BLOCKS_PER_SM * sms + planes - 1) / planes : 1;
+    if (parts > chunks) parts = chunks;
+    if (parts > LPL_FD_STATS_PARTS) parts = LPL_FD_STATS_PARTS;
+    return parts < 1 ? 1 : parts;
+}
+
 int lpl_cuda_feature_distance(const struct lpl_cuda_kernels *k, const lpl_fd_params *p, void *stream, char *err) {
     if (k->kernel_set == LPL_KERNEL_SET_V1) return lpl_cuda_feature_distance_v1(k, p, stream, err);
     const int64_t N = p->n, C = p->c, hw = p->hw, planes = N * C;
@@ -131,9 +146,7 @@ int lpl_cuda_feature_distance(const struct lpl_cuda_kernels *k, const lpl_fd_par
     }
     /* the statistics blocks (planes * parts) and the main blocks (N * blocks per sample)
      * each form one 1-D grid */
-    a.stats_parts = (hw + LPL_FD_STATS_CHUNK - 1) / LPL_FD_STATS_CHUNK;
-    if (a.stats_parts > LPL_FD_STATS_PARTS) a.stats_parts = LPL_FD_STATS_PARTS;
-    if (a.stats_parts < 1) a.stats_parts = 1;
+    a.stats_parts = fd_stats_parts(k, planes, hw);
     if (planes > 2147483647LL / LPL_FD_STATS_PARTS || N > 2147483647LL / LPL_FD_MAX_BLOCKS) {
         snprintf(err, LPL_ERR_LEN, "feature distance: too many (sample, channel) planes for one launch");
         return -1;

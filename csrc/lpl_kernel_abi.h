@@ -85,7 +85,7 @@ enum { LPL_KERNEL_LIST(LPL_KERNEL_ENUM_ENTRY) LPL_KERNEL_COUNT };
  * runs at most LPL_FD_MAX_BLOCKS blocks per sample, each looping over its pixel tiles.
  * Both bounds keep the workspace a function of (n, c) alone. */
 #define LPL_FD_STATS_CHUNK 1024
-#define LPL_FD_STATS_PARTS 4
+#define LPL_FD_STATS_PARTS 32
 #define LPL_FD_MAX_BLOCKS 256
 
 /* Feature-distance kernel arguments, one by-value struct for every fd kernel (the

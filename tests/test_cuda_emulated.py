@@ -308,13 +308,15 @@ def assert_losses_close(a: np.ndarray, b: np.ndarray, rtol: float = LOSS_RTOL) -
 
 # name: (shape, SMs the host code sees): odd sizes with 2 blocks per sample of 64 threads; one
 # channel; C >= 512 on small planes; C above the shared-accumulator limit (4096: global
-# atomics instead); 256-thread blocks, 8 per sample; empty planes; no sample at all
+# atomics instead); 256-thread blocks, 8 per sample; few large planes (fd_stats splits each
+# plane over 7 blocks, one per chunk); empty planes; no sample at all
 FD_SHAPES = {
     "odd": ((2, 5, 9, 13), 132),
     "c1": ((3, 1, 7, 5), 132),
     "c512": ((1, 512, 3, 5), 132),
     "c4100": ((1, 4100, 1, 2), 132),
     "blocks": ((2, 3, 40, 50), 1),
+    "few_planes": ((1, 2, 70, 90), 132),
     "hw0": ((2, 3, 0, 4), 132),
     "n0": ((0, 3, 4, 4), 132),
 }
@@ -417,6 +419,22 @@ def test_channels_beyond_shared_memory_and_loss_only(dev):
     _C.feature_distance(_on_device(x), _on_device(y), _on_device(mask), alone, None,
                         "default", "mse", 0.75, stream=STREAM, workspace=ws, kernels=dev.kernels)
     np.testing.assert_array_equal(_bits(alone.array), _bits(loss))
+
+
+def test_statistics_of_few_planes_run_in_many_blocks(dev):
+    """v2: a layer of 2 planes of 6300 values has 7 statistics chunks per plane; fd_stats
+    runs one block per chunk (14 blocks, not 2 x 4), and `batch` statistics merged from
+    7 parts per plane still give the CPU's loss and gradient."""
+    if dev.kernel_set != "v2":
+        pytest.skip("the v2 statistics pass")
+    x, y, mask = _fd_inputs((1, 2, 70, 90), torch.float32, True)
+    dev.clear()
+    loss, grad = emu_feature_distance(dev, x, y, mask, "batch", "mse", 0.75)
+    stats = [ln for ln in dev.launches() if ln["kernel"] == dev.name("fd_stats_f32")]
+    assert [int(ln["grid"]) for ln in stats] == [14]
+    want_loss, want_grad = cpu_feature_distance(x, y, mask, "batch", "mse", 0.75)
+    assert_close_values(grad, want_grad, torch.float32, ulps=8)
+    assert_losses_close(loss, want_loss, rtol=loss_rtol(torch.float32, 6300, "batch"))
 
 
 def _chunk_order_inputs(hw: int, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
