@@ -160,6 +160,66 @@ typedef struct {
 /* Per-plane slots: LPL_OM_PLANE_D doubles and LPL_OM_PLANE_U order keys. */
 #define LPL_OM_PLANE_U 8
 
+/* ---- the outlier mask's one reduction order (CPU and both CUDA paths) -------------------
+ * Every floating sum of the outlier mask (a plane's finite sum, its sums of (v - mean)^2
+ * and (v - mean), its kept moments) and the merge of the planes' moments into the layer
+ * statistics are evaluated in this one order, whatever the thread count, block count or
+ * launch plan, so the mean, std and ratio are the same bits on the CPU and the GPU:
+ *  1. tiles: a plane (h x w, row-major) is cut into tiles of LPL_OM_TILE_H x LPL_OM_TILE_W
+ *     (32 x 64) values; tile (ty, tx) is number ty * ceil(w / 64) + tx; edge tiles are
+ *     clipped to the plane;
+ *  2. lanes: inside a tile, lane l of LPL_OM_LANES (256, the CUDA block) sums the values
+ *     at tile positions l, l + 256, l + 512, ... (position t: tile row t / 64, column
+ *     t % 64; the lane of row r, column c is lpl_om_lane(r, c)), one after the other in
+ *     double from +0.0; positions outside the plane, non-finite values (and, for the
+ *     kept moments, masked values) add nothing;
+ *  3. the 256 lane sums are combined by lpl_om_tree over 256 items: the tile's value;
+ *  4. the tiles' values are combined by lpl_om_tree over the plane's tiles;
+ *  5. the planes' (count, mean, M2) moments are combined by lpl_om_tree over the planes in
+ *     plane order, the combine being lpl_om_merge_moments (Chan's merge, lpl_math.h).
+ * lpl_om_tree over n items a[0..n): with P the smallest power of two >= n, for s = P/2,
+ * P/4, ..., 1: a[i] = a[i] (+) a[i + s] for every i < s with i + s < n; the result is
+ * a[0]. Each level is parallel (the GPU runs it with a block, a barrier per level); after
+ * the level of stride s, a[i] holds the items j < n with j = i (mod s). Adding +0.0 for
+ * an absent value leaves a sum unchanged (a sum started at +0.0 is never -0.0 in round to
+ * nearest), so the CPU may add 0 where the GPU skips. Counts and min / max keys are exact
+ * in any order. */
+#define LPL_OM_LANES LPL_OM_CUDA_THREADS
+/* Tile rows that one pass of the 256 lanes covers (4: lane l is at row l / 64). */
+#define LPL_OM_LANE_ROWS (LPL_OM_LANES / LPL_OM_TILE_W)
+
+/* Lane of the value at row r, column c of a tile (0 <= r < 32, 0 <= c < 64). */
+LPL_HD int lpl_om_lane(int r, int c) { return (r % LPL_OM_LANE_ROWS) * LPL_OM_TILE_W + c; }
+
+/* First stride of lpl_om_tree over n items (P / 2; 0 when n <= 1: nothing to combine). */
+LPL_HD int64_t lpl_om_tree_top(int64_t n) {
+    int64_t p = 1;
+    while (p < n) p <<= 1;
+    return p >> 1;
+}
+
+/* Number of items j < n with j = i (mod step): how many leaves node i of lpl_om_tree
+ * holds before the level of stride step / 2 (i < n). */
+LPL_HD int64_t lpl_om_tree_span(int64_t n, int64_t i, int64_t step) { return (n - i + step - 1) / step; }
+
+/* lpl_om_tree of sums, sequentially (the CPU's evaluation of it): `comps` doubles per item,
+ * items `stride` doubles apart; the results are left in a[0 .. comps). */
+LPL_HD void lpl_om_tree_sum(double *a, int64_t n, int64_t stride, int comps) {
+    for (int64_t s = lpl_om_tree_top(n); s > 0; s >>= 1)
+        for (int64_t i = 0; i < s && i + s < n; ++i)
+            for (int c = 0; c < comps; ++c) a[i * stride + c] += a[(i + s) * stride + c];
+}
+
+/* One combine of lpl_om_tree over the planes' moments (step 5): node i (a: mean, M2, kept
+ * count) takes in node i + s (b) at the level of stride s, over n planes of `len` values;
+ * each node's value count follows from the leaves it holds (exact integers in double). */
+LPL_HD void lpl_om_tree_merge_planes(double len, int64_t n, int64_t i, int64_t s, double *a, const double *b) {
+    double n_a = len * (double)lpl_om_tree_span(n, i, 2 * s);
+    const double n_b = len * (double)lpl_om_tree_span(n, i + s, 2 * s);
+    lpl_om_merge_moments(&n_a, &a[0], &a[1], n_b, b[0], b[1]);
+    a[2] += b[2];
+}
+
 /* Scratch regions of the current kernels (lpl_om_workspace_layout in lpl_ops.h). */
 typedef struct {
     double *plane_d;   /* per-plane scalars: LPL_OM_PLANE_D doubles per plane */
@@ -188,6 +248,8 @@ typedef struct {
     int rc_x, rc_y, ro_x, ro_y;
     int pass;              /* om_hist / om_select: radix pass, -1 = setup */
     int shift, digit_bits; /* the pass's digit: key bits [shift, shift + digit_bits) */
+    int layer_in_shared;   /* om_layer_stats: the planes' moments staged in dynamic shared memory */
+    int tiles_in_shared;   /* om_select / om_plane_merge: a plane's tile partials staged there */
     lpl_om_ws ws;
 } lpl_om_args;
 

@@ -14,11 +14,19 @@
  *           filter), AND finite, and the kept-value moments for the layer statistics.
  * The masks are 0/1 bytes, so the max / min filters are byte OR / AND.
  *
+ * Sums: every floating sum (the finite sum, the deviations, the kept moments) and the
+ * merge of the planes into the layer statistics follow the one reduction order of
+ * lpl_kernel_abi.h (tiles of 32 x 64 values, 256 lanes per tile, fixed pairwise trees),
+ * which the CUDA kernels follow too: the results are the same bits for any thread count
+ * and on the GPU. A pass walks a band of 32 rows (one row of tiles) row by row, each value
+ * added to its lane's accumulator (lpl_om_lane), and closes the band's tiles with the
+ * lane tree.
+ *
  * Parallelism: OpenMP over planes; when there are fewer planes than threads and the
- * planes are large, the whole team works on one plane at a time, split by rows, with
- * per-thread histograms and partial sums merged in thread order (deterministic for a
- * given thread count). This file instantiates its dtype-specific passes by including
- * itself once per storage dtype (OM_TEMPLATE_PASS). */
+ * planes are large, the whole team works on one plane at a time, split by bands of
+ * tiles, with per-thread histograms; the per-tile partials are combined by thread 0 in
+ * the fixed tree. This file instantiates its dtype-specific passes by including itself
+ * once per storage dtype (OM_TEMPLATE_PASS). */
 #ifndef OM_TEMPLATE_PASS
 
 #include <math.h>
@@ -45,16 +53,19 @@
 typedef struct {
     const lpl_om_params *p;
     int64_t h, w, len;
+    int64_t tiles_x, tiles_y, tiles; /* the reduction tiles (lpl_kernel_abi.h) */
     int nthr;
     int direct;          /* select on a copy of all keys (small planes) */
     int failed;          /* allocation failure inside the parallel region */
     /* per thread (index tid) */
     uint32_t *hist;      /* nthr * OM_HIST_BINS, NULL in direct mode */
     uint8_t *rowbuf;     /* nthr * w */
-    double *tpart;       /* nthr * 4: count, sum | sum_sq, sum_dev | kept, s1, s2 */
+    double *lanes;       /* nthr * 2 * tiles_x * LPL_OM_LANES: lane accumulators of a band */
+    int64_t *tcount;     /* nthr * tiles_x: finite / kept counts of a band's tiles */
     uint64_t *tkey;      /* nthr * 2: min and max key */
     int64_t *toff;       /* nthr * 2: where thread tid writes its candidates */
     /* shared */
+    double *tile_part;   /* tiles * 4: per-tile count, sum | sum_sq, sum_dev | kept, s1, s2 */
     uint32_t *hmerged;   /* OM_HIST_BINS, team mode only */
     uint8_t *tmp;        /* len: intermediate mask */
     uint64_t *cand;      /* candidate keys, capacity cand_cap */
@@ -157,6 +168,13 @@ static void om_col_and_row(const uint8_t *src, uint8_t *out, int64_t h, int64_t 
     }
 }
 
+/* The lane tree (lpl_om_tree over the LPL_OM_LANES lane sums, lpl_kernel_abi.h step 3):
+ * lpl_om_tree_sum(a, LPL_OM_LANES, 1, 1) with the trip counts fixed, so it can vectorize. */
+static void om_lane_tree(double *a) {
+    for (int s = LPL_OM_LANES / 2; s > 0; s >>= 1)
+        for (int i = 0; i < s; ++i) a[i] += a[i + s];
+}
+
 /* ---- dtype-specific passes ---------------------------------------------------------- */
 #define OM_TEMPLATE_PASS 1
 
@@ -224,11 +242,10 @@ static void om_barrier(const om_team *t) {
  * thread writes its candidate keys. */
 static void om_after_pass1(om_team *t) {
     const lpl_om_params *p = t->p;
-    double count = 0.0, sum = 0.0;
+    lpl_om_tree_sum(t->tile_part, t->tiles, 4, 2); /* count (exact), sum */
+    const double count = t->tile_part[0], sum = t->tile_part[1];
     uint64_t kmin = UINT64_MAX, kmax = 0;
     for (int i = 0; i < t->nthr; ++i) {
-        count += t->tpart[4 * i];
-        sum += t->tpart[4 * i + 1];
         if (t->tkey[2 * i] < kmin) kmin = t->tkey[2 * i];
         if (t->tkey[2 * i + 1] > kmax) kmax = t->tkey[2 * i + 1];
     }
@@ -295,9 +312,10 @@ static void om_after_pass2(om_team *t) {
         return;
     }
     double sum_sq = 0.0, sum_dev = 0.0;
-    for (int i = 0; i < t->nthr; ++i) {
-        sum_sq += t->tpart[4 * i];
-        sum_dev += t->tpart[4 * i + 1];
+    if (!t->is_const) {
+        lpl_om_tree_sum(t->tile_part + 2, t->tiles, 4, 2);
+        sum_sq = t->tile_part[2];
+        sum_dev = t->tile_part[3];
     }
     const double std_d = lpl_om_sample_std(t->count, sum_sq, sum_dev, t->is_const);
     const int bits = om_keybits(p->dtype);
@@ -320,35 +338,38 @@ static void om_after_pass2(om_team *t) {
     lpl_om_thresholds(p->dtype, q1, q2, std_d, p->margin_std, &t->lo, &t->hi);
 }
 
-/* The whole pipeline for one plane, run by the nthr threads of the team (tid). */
+/* The whole pipeline for one plane, run by the nthr threads of the team (tid), each on
+ * its bands of tiles (rows [row0, row1)). */
 static void om_plane(om_team *t, int64_t plane, int tid, double *plane_moments) {
     const lpl_om_params *p = t->p;
     const int64_t h = t->h, w = t->w, len = t->len;
-    const int64_t row0 = h * tid / t->nthr, row1 = h * (tid + 1) / t->nthr;
-    const int64_t i0 = row0 * w, i1 = row1 * w;
+    const int64_t band0 = t->tiles_y * tid / t->nthr, band1 = t->tiles_y * (tid + 1) / t->nthr;
+    const int64_t row0 = band0 * LPL_OM_TILE_H, row1 = band1 * LPL_OM_TILE_H < h ? band1 * LPL_OM_TILE_H : h;
     const size_t esize = p->dtype == LPL_FLOAT64 ? 8 : p->dtype == LPL_FLOAT32 ? 4 : 2;
     const void *y = (const char *)p->y + (size_t)(plane * len) * esize;
     uint8_t *keep = p->keep + plane * len;
     uint32_t *hist = t->direct ? NULL : t->hist + (int64_t)tid * OM_HIST_BINS;
     uint8_t *rowbuf = t->rowbuf + (int64_t)tid * w;
-    double *part = t->tpart + 4 * tid;
+    double *lanes = t->lanes + (int64_t)tid * 2 * t->tiles_x * LPL_OM_LANES;
+    int64_t *tcount = t->tcount + (int64_t)tid * t->tiles_x;
 
     /* pass 1 */
     if (hist) memset(hist, 0, OM_HIST_BINS * sizeof(uint32_t));
-    OM_DISPATCH(om_pass1, y, i0, i1, hist, t->direct ? t->cand : NULL, part, t->tkey + 2 * tid);
+    OM_DISPATCH(om_pass1, y, h, w, t->tiles_x, band0, band1, hist, t->direct ? t->cand : NULL, lanes, tcount,
+                t->tile_part, t->tkey + 2 * tid);
     om_barrier(t);
     if (tid == 0) om_after_pass1(t);
     om_barrier(t);
 
     /* pass 2 */
-    part[0] = part[1] = 0.0;
     if (t->count > 0.0 && !t->failed) {
         uint64_t *c1 = NULL, *c2 = NULL;
         if (t->n1 + t->n2 > 0) {
             c1 = t->cand + t->toff[2 * tid];
             c2 = t->cand + t->toff[2 * tid + 1];
         }
-        OM_DISPATCH(om_pass2, y, i0, i1, t->mean, t->b1, t->b2, c1, c2, part, t->is_const);
+        OM_DISPATCH(om_pass2, y, h, w, t->tiles_x, band0, band1, t->mean, t->b1, t->b2, c1, c2, lanes,
+                    t->tile_part, t->is_const);
     }
     om_barrier(t);
     if (tid == 0) om_after_pass2(t);
@@ -363,16 +384,13 @@ static void om_plane(om_team *t, int64_t plane, int tid, double *plane_moments) 
     /* opening: row pass into tmp, column pass + AND finite into keep, with moments */
     for (int64_t r = row0; r < row1; ++r) om_row_and(keep + r * w, t->tmp + r * w, w, ro);
     om_barrier(t);
-    part[0] = part[1] = part[2] = 0.0;
-    OM_DISPATCH(om_final_rows, y, keep, t->tmp, h, w, row0, row1, ro, t->mean, rowbuf, part);
+    OM_DISPATCH(om_final_bands, y, keep, t->tmp, h, w, t->tiles_x, band0, band1, ro, t->mean, rowbuf, lanes,
+                tcount, t->tile_part);
     om_barrier(t);
     if (tid == 0) {
-        double kept = 0.0, s1 = 0.0, s2 = 0.0;
-        for (int i = 0; i < t->nthr; ++i) {
-            kept += t->tpart[4 * i];
-            s1 += t->tpart[4 * i + 1];
-            s2 += t->tpart[4 * i + 2];
-        }
+        lpl_om_tree_sum(t->tile_part, t->tiles, 4, 3);
+        const double kept = t->tile_part[0];
+        double s1 = t->tile_part[1], s2 = t->tile_part[2];
         /* masked positions count as 0: (0 - K) each, K = the finite mean used as shift */
         const double zeros = (double)len - kept, k = t->mean;
         s1 -= zeros * k;
@@ -388,9 +406,11 @@ static void om_plane(om_team *t, int64_t plane, int tid, double *plane_moments) 
 static void om_team_free(om_team *t) {
     free(t->hist);
     free(t->rowbuf);
-    free(t->tpart);
+    free(t->lanes);
+    free(t->tcount);
     free(t->tkey);
     free(t->toff);
+    free(t->tile_part);
     free(t->hmerged);
     free(t->tmp);
     free(t->cand);
@@ -402,20 +422,26 @@ static int om_team_init(om_team *t, const lpl_om_params *p, int nthr) {
     t->h = p->h;
     t->w = p->w;
     t->len = p->h * p->w;
+    t->tiles_x = (p->w + LPL_OM_TILE_W - 1) / LPL_OM_TILE_W;
+    t->tiles_y = (p->h + LPL_OM_TILE_H - 1) / LPL_OM_TILE_H;
+    t->tiles = t->tiles_x * t->tiles_y;
     t->nthr = nthr;
     t->direct = t->len <= OM_DIRECT_MAX;
     const int64_t w1 = p->w > 0 ? p->w : 1, len1 = t->len > 0 ? t->len : 1;
+    const int64_t tx1 = t->tiles_x > 0 ? t->tiles_x : 1, tiles1 = t->tiles > 0 ? t->tiles : 1;
     if (!t->direct) t->hist = (uint32_t *)malloc((size_t)nthr * OM_HIST_BINS * sizeof(uint32_t));
     if (!t->direct && nthr > 1) t->hmerged = (uint32_t *)malloc(OM_HIST_BINS * sizeof(uint32_t));
     t->rowbuf = (uint8_t *)malloc((size_t)(nthr * w1));
-    t->tpart = (double *)calloc((size_t)nthr * 4, sizeof(double));
+    t->lanes = (double *)malloc((size_t)nthr * 2 * (size_t)tx1 * LPL_OM_LANES * sizeof(double));
+    t->tcount = (int64_t *)malloc((size_t)nthr * (size_t)tx1 * sizeof(int64_t));
     t->tkey = (uint64_t *)calloc((size_t)nthr * 2, sizeof(uint64_t));
     t->toff = (int64_t *)calloc((size_t)nthr * 2, sizeof(int64_t));
+    t->tile_part = (double *)calloc((size_t)tiles1 * 4, sizeof(double));
     t->tmp = (uint8_t *)malloc((size_t)len1);
     t->cand_cap = t->direct ? 2 * len1 : 1024;
     t->cand = (uint64_t *)malloc((size_t)t->cand_cap * sizeof(uint64_t));
-    if ((!t->direct && !t->hist) || (!t->direct && nthr > 1 && !t->hmerged) || !t->rowbuf ||
-        !t->tpart || !t->tkey || !t->toff || !t->tmp || !t->cand)
+    if ((!t->direct && !t->hist) || (!t->direct && nthr > 1 && !t->hmerged) || !t->rowbuf || !t->lanes ||
+        !t->tcount || !t->tkey || !t->toff || !t->tile_part || !t->tmp || !t->cand)
         return -1;
     return 0;
 }
@@ -461,12 +487,11 @@ int lpl_cpu_outlier_mask(const lpl_om_params *p, char *err) {
         }
     }
     if (!failed && p->stats) {
-        double n = 0.0, mean = 0.0, m2 = 0.0, kept = 0.0;
-        for (int64_t pl = 0; pl < planes; ++pl) {
-            lpl_om_merge_moments(&n, &mean, &m2, (double)len, moments[3 * pl], moments[3 * pl + 1]);
-            kept += moments[3 * pl + 2];
-        }
-        lpl_om_finish_stats(n, mean, m2, kept, p->stats);
+        /* the planes in the fixed tree (lpl_kernel_abi.h, step 5), as om_layer_stats */
+        for (int64_t s = lpl_om_tree_top(planes); s > 0; s >>= 1)
+            for (int64_t i = 0; i < s && i + s < planes; ++i)
+                lpl_om_tree_merge_planes((double)len, planes, i, s, moments + 3 * i, moments + 3 * (i + s));
+        lpl_om_finish_stats((double)len * (double)planes, moments[0], moments[1], moments[2], p->stats);
     }
     if (teams)
         for (int i = 0; i < nteams; ++i) om_team_free(&teams[i]);
@@ -485,62 +510,102 @@ int lpl_cpu_outlier_mask(const lpl_om_params *p, char *err) {
 #define OM_CAT(a, b) OM_CAT2(a, b)
 #define OM_FN(name) OM_CAT(name, OM_SFX)
 
-/* Pass 1 over values [i0, i1): part[0] = finite count, part[1] = sum; keys[0..1] = min
- * and max key; histogram of the top 16 key bits (when hist) or a copy of every finite
- * key (when keys_out, direct mode). */
-static void OM_FN(om_pass1)(const void *yv, int64_t i0, int64_t i1, uint32_t *hist,
-                            uint64_t *keys_out, double *part, uint64_t *keys) {
+/* Pass 1 over the bands [band0, band1) of tiles: each tile's finite count and sum into
+ * tile_part[4 * tile + 0, 1] (reduction order of lpl_kernel_abi.h); keys[0..1] = min and
+ * max key; histogram of the top 16 key bits (when hist) or a copy of every finite key in
+ * element order (when keys_out, direct mode: one thread per plane). lanes holds
+ * tiles_x * LPL_OM_LANES accumulators, tcount tiles_x counts. */
+static void OM_FN(om_pass1)(const void *yv, int64_t h, int64_t w, int64_t tiles_x, int64_t band0, int64_t band1,
+                            uint32_t *hist, uint64_t *keys_out, double *lanes, int64_t *tcount, double *tile_part,
+                            uint64_t *keys) {
     const OM_T *y = (const OM_T *)yv;
-    int64_t cnt = 0;
-    double sum = 0.0;
+    int64_t nkeys = 0;
     uint64_t kmin = UINT64_MAX, kmax = 0;
-    for (int64_t i = i0; i < i1; ++i) {
-        const OM_T r = y[i];
-        if (!OM_FINITE(r)) continue;
-        const uint64_t k = OM_KEY(r);
-        sum += (double)OM_LOAD(r);
-        if (hist) hist[k >> (OM_KEYBITS - OM_HIST_BITS)]++;
-        if (keys_out) keys_out[cnt] = k;
-        ++cnt;
-        kmin = k < kmin ? k : kmin;
-        kmax = k > kmax ? k : kmax;
+    for (int64_t band = band0; band < band1; ++band) {
+        const int64_t r0 = band * LPL_OM_TILE_H, r1 = r0 + LPL_OM_TILE_H < h ? r0 + LPL_OM_TILE_H : h;
+        memset(lanes, 0, (size_t)(tiles_x * LPL_OM_LANES) * sizeof(double));
+        memset(tcount, 0, (size_t)tiles_x * sizeof(int64_t));
+        for (int64_t r = r0; r < r1; ++r) {
+            const OM_T *yr = y + r * w;
+            for (int64_t tx = 0; tx < tiles_x; ++tx) {
+                const int64_t x0 = tx * LPL_OM_TILE_W, x1 = x0 + LPL_OM_TILE_W < w ? x0 + LPL_OM_TILE_W : w;
+                double *acc = lanes + tx * LPL_OM_LANES + lpl_om_lane((int)(r - r0), 0);
+                int64_t cnt = 0;
+                for (int64_t x = x0; x < x1; ++x) {
+                    const OM_T v = yr[x];
+                    if (!OM_FINITE(v)) continue;
+                    const uint64_t k = OM_KEY(v);
+                    acc[x - x0] += (double)OM_LOAD(v);
+                    if (hist) hist[k >> (OM_KEYBITS - OM_HIST_BITS)]++;
+                    if (keys_out) keys_out[nkeys++] = k;
+                    ++cnt;
+                    kmin = k < kmin ? k : kmin;
+                    kmax = k > kmax ? k : kmax;
+                }
+                tcount[tx] += cnt;
+            }
+        }
+        for (int64_t tx = 0; tx < tiles_x; ++tx) {
+            double *acc = lanes + tx * LPL_OM_LANES, *tp = tile_part + 4 * (band * tiles_x + tx);
+            om_lane_tree(acc);
+            tp[0] = (double)tcount[tx];
+            tp[1] = acc[0];
+        }
     }
-    part[0] = (double)cnt;
-    part[1] = sum;
     keys[0] = kmin;
     keys[1] = kmax;
 }
 
-/* Pass 2 over [i0, i1): part[0] = sum (v - mean)^2, part[1] = sum (v - mean) over the
- * finite values; keys in bucket b1 / b2 appended to c1 / c2 (when not NULL). */
-static void OM_FN(om_pass2)(const void *yv, int64_t i0, int64_t i1, double mean, int64_t b1,
-                            int64_t b2, uint64_t *c1, uint64_t *c2, double *part, int is_const) {
+/* Pass 2 over the bands [band0, band1): each tile's sum (v - mean)^2 and sum (v - mean)
+ * over the finite values into tile_part[4 * tile + 2, 3]; keys in bucket b1 / b2
+ * appended to c1 / c2 (when not NULL). lanes holds 2 * tiles_x * LPL_OM_LANES. */
+static void OM_FN(om_pass2)(const void *yv, int64_t h, int64_t w, int64_t tiles_x, int64_t band0, int64_t band1,
+                            double mean, int64_t b1, int64_t b2, uint64_t *c1, uint64_t *c2, double *lanes,
+                            double *tile_part, int is_const) {
     const OM_T *y = (const OM_T *)yv;
-    double ss = 0.0, sd = 0.0;
-    if (c1) {
-        /* one read for both: the moments and the candidates (never a constant plane) */
-        for (int64_t i = i0; i < i1; ++i) {
-            const OM_T r = y[i];
-            if (!OM_FINITE(r)) continue;
-            const double d = (double)OM_LOAD(r) - mean;
-            ss += d * d;
-            sd += d;
-            const uint64_t k = OM_KEY(r);
-            const int64_t b = (int64_t)(k >> (OM_KEYBITS - OM_HIST_BITS));
-            if (b == b1) *c1++ = k;
-            if (b == b2) *c2++ = k;
+    if (!c1 && is_const) return; /* a constant plane's std is 0 without its sums */
+    double *lanes_sd = lanes + tiles_x * LPL_OM_LANES;
+    for (int64_t band = band0; band < band1; ++band) {
+        const int64_t r0 = band * LPL_OM_TILE_H, r1 = r0 + LPL_OM_TILE_H < h ? r0 + LPL_OM_TILE_H : h;
+        memset(lanes, 0, (size_t)(2 * tiles_x * LPL_OM_LANES) * sizeof(double));
+        for (int64_t r = r0; r < r1; ++r) {
+            const OM_T *yr = y + r * w;
+            for (int64_t tx = 0; tx < tiles_x; ++tx) {
+                const int64_t x0 = tx * LPL_OM_TILE_W, x1 = x0 + LPL_OM_TILE_W < w ? x0 + LPL_OM_TILE_W : w;
+                const int64_t off = tx * LPL_OM_LANES + lpl_om_lane((int)(r - r0), 0);
+                double *restrict ss = lanes + off, *restrict sd = lanes_sd + off;
+                if (c1) {
+                    /* one read for both: the moments and the candidates (never a constant plane) */
+                    for (int64_t x = x0; x < x1; ++x) {
+                        const OM_T v = yr[x];
+                        if (!OM_FINITE(v)) continue;
+                        const double d = (double)OM_LOAD(v) - mean;
+                        ss[x - x0] += d * d;
+                        sd[x - x0] += d;
+                        const uint64_t k = OM_KEY(v);
+                        const int64_t b = (int64_t)(k >> (OM_KEYBITS - OM_HIST_BITS));
+                        if (b == b1) *c1++ = k;
+                        if (b == b2) *c2++ = k;
+                    }
+                } else {
+                    for (int64_t x = x0; x < x1; ++x) {
+                        const OM_T v = yr[x];
+                        if (!OM_FINITE(v)) continue;
+                        const double d = (double)OM_LOAD(v) - mean;
+                        ss[x - x0] += d * d;
+                        sd[x - x0] += d;
+                    }
+                }
+            }
         }
-    } else if (!is_const) {
-        for (int64_t i = i0; i < i1; ++i) {
-            const OM_T r = y[i];
-            if (!OM_FINITE(r)) continue;
-            const double d = (double)OM_LOAD(r) - mean;
-            ss += d * d;
-            sd += d;
+        for (int64_t tx = 0; tx < tiles_x; ++tx) {
+            double *tp = tile_part + 4 * (band * tiles_x + tx);
+            om_lane_tree(lanes + tx * LPL_OM_LANES);
+            om_lane_tree(lanes_sd + tx * LPL_OM_LANES);
+            tp[2] = lanes[tx * LPL_OM_LANES];
+            tp[3] = lanes_sd[tx * LPL_OM_LANES];
         }
     }
-    part[0] = ss;
-    part[1] = sd;
 }
 
 /* Rows [row0, row1): keep0 = lo < y < hi (strict: NaN and +-Inf never pass), then the
@@ -559,33 +624,50 @@ static void OM_FN(om_keep_rows)(const void *yv, int64_t w, int64_t row0, int64_t
     }
 }
 
-/* Rows [row0, row1): keep = column min filter of tmp (radius ro) AND finite(y); part =
- * kept count, sum (v - k), sum (v - k)^2 over the kept values. */
-static void OM_FN(om_final_rows)(const void *yv, uint8_t *keep, const uint8_t *tmp, int64_t h,
-                                 int64_t w, int64_t row0, int64_t row1, int64_t ro, double k,
-                                 uint8_t *rowbuf, double *part) {
+/* Bands [band0, band1): keep = column min filter of tmp (radius ro) AND finite(y); each
+ * tile's kept count, sum (v - k), sum (v - k)^2 over the kept values into
+ * tile_part[4 * tile + 0 .. 2] (reduction order of lpl_kernel_abi.h). */
+static void OM_FN(om_final_bands)(const void *yv, uint8_t *keep, const uint8_t *tmp, int64_t h, int64_t w,
+                                  int64_t tiles_x, int64_t band0, int64_t band1, int64_t ro, double k,
+                                  uint8_t *rowbuf, double *lanes, int64_t *tcount, double *tile_part) {
     const OM_T *y = (const OM_T *)yv;
-    int64_t kept = 0;
-    double s1 = 0.0, s2 = 0.0;
-    for (int64_t r = row0; r < row1; ++r) {
-        const OM_T *yr = y + r * w;
-        uint8_t *kr = keep + r * w;
-        om_col_and_row(tmp, rowbuf, h, w, r, ro);
-        for (int64_t x = 0; x < w; ++x) {
-            const OM_T raw = yr[x];
-            const uint8_t kv = (uint8_t)(rowbuf[x] & (uint8_t)OM_FINITE(raw));
-            kr[x] = kv;
-            if (kv) {
-                const double d = (double)OM_LOAD(raw) - k;
-                ++kept;
-                s1 += d;
-                s2 += d * d;
+    double *lanes_s2 = lanes + tiles_x * LPL_OM_LANES;
+    for (int64_t band = band0; band < band1; ++band) {
+        const int64_t r0 = band * LPL_OM_TILE_H, r1 = r0 + LPL_OM_TILE_H < h ? r0 + LPL_OM_TILE_H : h;
+        memset(lanes, 0, (size_t)(2 * tiles_x * LPL_OM_LANES) * sizeof(double));
+        memset(tcount, 0, (size_t)tiles_x * sizeof(int64_t));
+        for (int64_t r = r0; r < r1; ++r) {
+            const OM_T *yr = y + r * w;
+            uint8_t *kr = keep + r * w;
+            om_col_and_row(tmp, rowbuf, h, w, r, ro);
+            for (int64_t tx = 0; tx < tiles_x; ++tx) {
+                const int64_t x0 = tx * LPL_OM_TILE_W, x1 = x0 + LPL_OM_TILE_W < w ? x0 + LPL_OM_TILE_W : w;
+                const int64_t off = tx * LPL_OM_LANES + lpl_om_lane((int)(r - r0), 0);
+                double *restrict s1 = lanes + off, *restrict s2 = lanes_s2 + off;
+                int64_t kept = 0;
+                for (int64_t x = x0; x < x1; ++x) {
+                    const OM_T raw = yr[x];
+                    const uint8_t kv = (uint8_t)(rowbuf[x] & (uint8_t)OM_FINITE(raw));
+                    kr[x] = kv;
+                    if (kv) {
+                        const double d = (double)OM_LOAD(raw) - k;
+                        ++kept;
+                        s1[x - x0] += d;
+                        s2[x - x0] += d * d;
+                    }
+                }
+                tcount[tx] += kept;
             }
         }
+        for (int64_t tx = 0; tx < tiles_x; ++tx) {
+            double *tp = tile_part + 4 * (band * tiles_x + tx);
+            om_lane_tree(lanes + tx * LPL_OM_LANES);
+            om_lane_tree(lanes_s2 + tx * LPL_OM_LANES);
+            tp[0] = (double)tcount[tx];
+            tp[1] = lanes[tx * LPL_OM_LANES];
+            tp[2] = lanes_s2[tx * LPL_OM_LANES];
+        }
     }
-    part[0] = (double)kept;
-    part[1] = s1;
-    part[2] = s2;
 }
 
 #undef OM_CAT2

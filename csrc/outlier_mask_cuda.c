@@ -8,11 +8,6 @@
 
 #include "lpl_ops.h"
 
-static int64_t grid_for(int64_t work, int64_t threads) {
-    int64_t g = (work + threads - 1) / threads;
-    return g < 1 ? 1 : g;
-}
-
 /* Bits of the order-preserving key and bytes of a value per storage dtype (f32, f64,
  * f16, bf16). */
 static const int key_bits[4] = {32, 64, 16, 16};
@@ -25,11 +20,13 @@ static int clamp_radius(int window, int64_t extent) {
     return (int)(r < cap ? r : cap);
 }
 
-/* Dynamic shared bytes of om_plane for a plane of len values: the values (8-byte
- * aligned) and two mask bytes per value; -1 when far too large. */
-static int64_t plane_path_smem(int64_t len, int dtype) {
+/* Dynamic shared bytes of om_plane for an h x w plane: the values (8-byte aligned), the
+ * per-tile partial sums (4 doubles per 32 x 64 reduction tile) and two mask bytes per
+ * value; -1 when far too large. */
+static int64_t plane_path_smem(int64_t h, int64_t w, int dtype) {
+    const int64_t len = h * w;
     if (len > ((int64_t)1 << 30)) return -1;
-    return (len * value_bytes[dtype] + 7) / 8 * 8 + 2 * len;
+    return (len * value_bytes[dtype] + 7) / 8 * 8 + lpl_om_tiles_per_plane(h, w) * 4 * 8 + 2 * len;
 }
 
 static int launch(const struct lpl_cuda_kernels *k, int id, int64_t grid, int block, size_t smem, void *stream,
@@ -66,6 +63,13 @@ static int streaming_path(const struct lpl_cuda_kernels *k, lpl_om_args *a, void
     a->tiles_y = a->h / a->tile_h + (a->h % a->tile_h != 0);
     const int64_t tiles = a->tiles_x * a->tiles_y;
     if (filter_smem > smem_cap) return STREAMING_TILE_TOO_SMALL; /* before any launch */
+    /* the tile trees of om_select and om_plane_merge in shared memory when a plane's tile
+     * partials (4 doubles per tile) fit: each partial read once; else in place in the
+     * workspace */
+    const int64_t red_tiles = lpl_om_tiles_per_plane(a->h, a->w);
+    a->tiles_in_shared = red_tiles * 4 * 8 <= k->max_dynamic_smem[LPL_K_om_select] &&
+                         red_tiles * 4 * 8 <= k->max_dynamic_smem[LPL_K_om_plane_merge];
+    const size_t select_smem = a->tiles_in_shared ? (size_t)(red_tiles * 4 * 8) : 0, merge_smem = select_smem;
     a->pass = -1;
     if (launch(k, LPL_K_om_select, a->planes, T, 0, stream, a, err) < 0) return -1;
     /* digits of LPL_OM_DIGIT_BITS from the top; the last one may be narrower */
@@ -75,13 +79,13 @@ static int streaming_path(const struct lpl_cuda_kernels *k, lpl_om_args *a, void
         a->shift = top > LPL_OM_DIGIT_BITS ? top - LPL_OM_DIGIT_BITS : 0;
         a->digit_bits = top - a->shift;
         if (launch(k, LPL_K_om_hist_f32 + dtype, a->planes * a->blocks_per_plane, T, 0, stream, a, err) < 0 ||
-            launch(k, LPL_K_om_select, a->planes, T, 0, stream, a, err) < 0)
+            launch(k, LPL_K_om_select, a->planes, T, select_smem, stream, a, err) < 0)
             return -1;
         top = a->shift;
     }
     if (launch(k, LPL_K_om_filter_f32 + dtype, a->planes * tiles, T, (size_t)filter_smem, stream, a, err) < 0)
         return -1;
-    if (a->stats && launch(k, LPL_K_om_plane_merge, grid_for(a->planes, 128), 128, 0, stream, a, err) < 0) return -1;
+    if (a->stats && launch(k, LPL_K_om_plane_merge, a->planes, T, merge_smem, stream, a, err) < 0) return -1;
     return 0;
 }
 
@@ -126,6 +130,8 @@ int lpl_cuda_outlier_mask(const struct lpl_cuda_kernels *k, const lpl_om_params 
     a.pass = 0;
     a.shift = 0;
     a.digit_bits = 0;
+    a.layer_in_shared = 0;
+    a.tiles_in_shared = 0;
     a.ws.plane_d = (double *)(base + layout.plane_d);
     a.ws.plane_u = (uint64_t *)(base + layout.plane_u);
     a.ws.part_d = (double *)(base + layout.part_d);
@@ -139,7 +145,7 @@ int lpl_cuda_outlier_mask(const struct lpl_cuda_kernels *k, const lpl_om_params 
     if (lpl_cu_begin(k, err) < 0) return -1;
     int rc = 0;
     if (a.planes > 0 && a.len > 0) {
-        const int64_t smem = plane_path_smem(a.len, a.dtype);
+        const int64_t smem = plane_path_smem(a.h, a.w, a.dtype);
         if (smem >= 0 && smem <= k->max_dynamic_smem[LPL_K_om_plane_f32 + a.dtype])
             rc = launch(k, LPL_K_om_plane_f32 + a.dtype, a.planes, LPL_OM_CUDA_THREADS, (size_t)smem, stream, &a, err);
         else
@@ -149,7 +155,14 @@ int lpl_cuda_outlier_mask(const struct lpl_cuda_kernels *k, const lpl_om_params 
         lpl_cu_end(k);
         return lpl_cuda_outlier_mask_v1(k, p, stream, err);
     }
-    if (rc == 0 && a.stats) rc = launch(k, LPL_K_om_layer_stats, 1, 32, 0, stream, &a, err);
+    if (rc == 0 && a.stats) {
+        /* the planes' tree in shared memory when their moments fit (3 doubles each): each
+         * plane's moments read once; else in place in the workspace */
+        const int64_t stage = a.planes * 3 * 8;
+        a.layer_in_shared = stage <= k->max_dynamic_smem[LPL_K_om_layer_stats];
+        rc = launch(k, LPL_K_om_layer_stats, 1, LPL_OM_CUDA_THREADS, a.layer_in_shared ? (size_t)stage : 0, stream,
+                    &a, err);
+    }
     lpl_cu_end(k);
     return rc < 0 ? -1 : 0;
 }

@@ -20,7 +20,7 @@ import torch
 
 from lpl_ext import _C, _cuda
 from test_cuda_emulated import (STREAM, Emu, cpu_feature_distance, cpu_outlier_mask, emu, _fd_inputs,  # noqa: F401
-                                _on_device, _storage, assert_same_values)
+                                _on_device, _storage, assert_gradient_matches_cpu)
 from test_cuda_loader import FakeCudaArray
 
 CAPTURE_GLOBAL, CAPTURE_THREAD_LOCAL, CAPTURE_RELAXED = 0, 1, 2
@@ -103,7 +103,7 @@ def test_first_ever_call_inside_a_capture(emu, hooks, monkeypatch, mode):
     assert recorded > 0 and len(launched) <= recorded and all(ln["captured"] == "1" for ln in launched)
     assert not [ln for ln in emu.launches() if ln["kind"] == "refused"]
     want_loss, want_grad = cpu_feature_distance(x, y, mask, "default", "mse", 1.0)
-    assert_same_values(grad, want_grad, torch.float32)
+    assert_gradient_matches_cpu(emu, grad, want_grad, torch.float32, "default")
     np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
     want_keep, _ = cpu_outlier_mask(ym, 3, 3)
     np.testing.assert_array_equal(keep, want_keep)

@@ -267,6 +267,138 @@ def test_stats_single_plane_team_and_numpy():
     np.testing.assert_allclose(np.array(stats_np, dtype=np.float64), [float(s) for s in stats], rtol=1e-15)
 
 
+# ---------------------------------------------------------------- reduction order
+# The one reduction order of lpl_kernel_abi.h ("the outlier mask's one reduction order"),
+# evaluated here in numpy float64 (elementwise IEEE adds and products, no fused
+# multiply-add): tiles of 32 x 64, lane l of 256 sums tile positions l, l + 256, ... in
+# turn, the lanes and then the tiles combined by the fixed pairwise tree, the planes by
+# the same tree with Chan's merge.
+TILE_H, TILE_W, LANES = 32, 64, 256
+
+
+def _tree(items: list, combine) -> object:
+    """lpl_om_tree: for s = P/2 .. 1, item i < s takes in item i + s where that exists."""
+    a, n = list(items), len(items)
+    s = 1
+    while s < n:
+        s <<= 1
+    s >>= 1
+    while s > 0:
+        for i in range(min(s, n - s)):
+            a[i] = combine(a[i], a[i + s], i, s, n)
+        s >>= 1
+    return a[0]
+
+
+def _lane_tree(lanes: np.ndarray) -> np.ndarray:
+    """The tree over the last axis (LANES), vectorized over the leading ones."""
+    lanes = lanes.copy()
+    s = LANES // 2
+    while s > 0:
+        lanes[..., :s] = lanes[..., :s] + lanes[..., s:2 * s]
+        s >>= 1
+    return lanes[..., 0]
+
+
+def ordered_plane_sum(terms: np.ndarray, selected: np.ndarray) -> float:
+    """Sum of terms[selected] (one h x w plane, float64) in the reduction order."""
+    h, w = terms.shape
+    th, tw = -(-h // TILE_H), -(-w // TILE_W)
+    padded = np.zeros((th * TILE_H, tw * TILE_W))
+    padded[:h, :w] = np.where(selected, terms, 0.0)  # +0.0 for an absent value: no change to a sum
+    # (tile_y, tile_x, step, lane): position t = step * 256 + lane of each tile, row-major
+    steps = padded.reshape(th, TILE_H, tw, TILE_W).transpose(0, 2, 1, 3).reshape(th, tw, -1, LANES)
+    lanes = np.zeros((th, tw, LANES))
+    for k in range(steps.shape[2]):  # each lane's values one after the other
+        lanes = lanes + steps[:, :, k]
+    tiles = _lane_tree(lanes).reshape(-1)
+    return _tree([float(t) for t in tiles], lambda a, b, *_: a + b)
+
+
+def ordered_stats(y: torch.Tensor, keep: torch.Tensor) -> list:
+    """Layer mean, std and outlier ratio of where(keep, y, 0) for the mask the kernel
+    returned, with every sum in the reduction order."""
+    n, c, h, w = y.shape
+    length = float(h * w)
+    planes = []
+    for v, k in zip(y.double().reshape(-1, h, w).numpy(), keep.reshape(-1, h, w).numpy()):
+        finite = np.isfinite(v)
+        count = float(finite.sum())
+        values = v[finite]
+        if count and np.all(values.view(np.uint64) == values.view(np.uint64)[0]):
+            mean = float(values[0])  # a constant plane's mean is its value exactly
+        else:
+            mean = ordered_plane_sum(v, finite) / count if count else 0.0
+        kept = float(k.sum())
+        d = np.where(k, v, 0.0) - mean
+        s1, s2 = ordered_plane_sum(d, k), ordered_plane_sum(d * d, k)
+        zeros = length - kept
+        s1 -= zeros * mean
+        s2 += zeros * mean * mean
+        m2 = s2 - s1 * s1 / length
+        planes.append((mean + s1 / length, max(m2, 0.0), kept))
+
+    def merge(a, b, i, s, count):  # lpl_om_tree_merge_planes / lpl_om_merge_moments
+        n_a = length * float((count - i + 2 * s - 1) // (2 * s))
+        n_b = length * float((count - i - s + 2 * s - 1) // (2 * s))
+        total = n_a + n_b
+        delta = b[0] - a[0]
+        return (a[0] + delta * (n_b / total), a[1] + (b[1] + delta * delta * (n_a * n_b / total)), a[2] + b[2])
+
+    mean, m2, kept = _tree(planes, merge)
+    total = length * len(planes)
+    return [mean, math.sqrt(m2 / (total - 1.0)), 1.0 - kept / total]
+
+
+def _bits(values) -> list:
+    return [float(v).hex() for v in values]
+
+
+def _with_nonfinite(y: torch.Tensor) -> torch.Tensor:
+    flat = y.view(-1)
+    flat[::97] = math.nan
+    flat[5::101] = math.inf
+    flat[11::103] = -math.inf
+    return y
+
+
+# (shape, kind): odd sides (edge tiles), C = 1, several bands of tiles, and planes that
+# fewer than 2 or 3 OpenMP threads share (the team path: len >= 32768, planes < threads)
+ORDER_SHAPES = [((2, 3, 9, 13), "heavy"), ((1, 1, 71, 130), "spiky"), ((1, 1, 300, 257), "heavy"),
+                ((1, 2, 161, 211), "silu")]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[1])
+def test_stats_follow_the_reduction_order(dtype):
+    """The layer mean, std and ratio are the bits of the documented reduction order (the
+    one the CUDA kernels follow too, tests/test_cuda_emulated.py)."""
+    for i, (shape, kind) in enumerate(ORDER_SHAPES):
+        y = _with_nonfinite(make_features(shape, kind, seed=30 + i, dtype=dtype))
+        keep, stats = lpl_ext.outlier_mask(y, return_stats=True)
+        assert keep.sum() < keep.numel()
+        assert _bits(stats) == _bits(ordered_stats(y, keep)), (shape, kind)
+
+
+def test_bits_do_not_depend_on_the_thread_count():
+    """1, 2 and 3 OpenMP threads (planes spread over threads, or one plane split by bands
+    of tiles over the team): the same masks and the same statistics, bit for bit."""
+    threads = torch.get_num_threads()
+    cases = [(_with_nonfinite(make_features(shape, kind, seed=40 + i, dtype=dtype)), shape)
+             for i, (shape, kind) in enumerate(ORDER_SHAPES + [((5, 3, 20, 30), "relu")]) for dtype in DTYPES]
+    results = {}
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            assert lpl_ext.build_info()["omp_max_threads"] == n or not lpl_ext.build_info()["openmp"]
+            results[n] = [(keep.numpy().tobytes(), _bits(stats)) for keep, stats in
+                          (lpl_ext.outlier_mask(y, return_stats=True) for y, _ in cases)]
+    finally:
+        torch.set_num_threads(threads)
+    for n in (2, 3):
+        for (got, want), (_, shape) in zip(zip(results[n], results[1]), cases):
+            assert got == want, (n, shape)
+
+
 # ---------------------------------------------------------------- inputs
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
@@ -441,4 +573,5 @@ class TestCuda:
         torch.cuda.current_stream().wait_stream(stream)  # the results come from the side stream
         want_keep, want_stats = lpl_ext.outlier_mask(y.cpu(), return_stats=True)
         assert_same_mask(keep.cpu(), want_keep)
-        np.testing.assert_allclose([float(s) for s in stats], [float(s) for s in want_stats], rtol=1e-10)
+        # one reduction order on both (csrc/lpl_kernel_abi.h): the same bits
+        assert _bits(float(s) for s in stats) == _bits(float(s) for s in want_stats)

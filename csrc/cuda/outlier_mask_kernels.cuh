@@ -9,37 +9,40 @@
 // Plane path (om_plane), when a plane's values and two mask bytes per value fit in the
 // block's dynamic shared memory: one block per plane reads the plane ONCE, then works in
 // shared memory only: the finite count, sum, min / max key and the two-pass variance
-// summed by one thread in element order (the CPU's order: the plane's mean, std and kept
-// moments are bit-identical to outlier_mask_cpu.c's), the two order statistics by an
+// summed by all threads in the one reduction order of lpl_kernel_abi.h (tiles of 32 x 64,
+// 256 lanes = the block's threads, fixed trees: the CPU's order, so the plane's mean, std
+// and kept moments are bit-identical to outlier_mask_cpu.c's), the two order statistics by an
 // 8-bit MSD radix select (block histogram + block-wide scan per digit), thresholds,
 // keep0 -> closing (row, column max) -> opening (row, column min) -> AND finite, the
 // mask written ONCE, and the plane's kept moments (3 doubles) for the layer statistics.
 // Global traffic: the values once, the mask once, 24 bytes per plane.
 //
-// Streaming path, for larger planes (B blocks per plane, per-block partials combined in a
-// fixed order, so results do not depend on the block order):
+// Streaming path, for larger planes (B blocks per plane, each on every B-th reduction
+// tile; per-tile partials combined in the fixed tree, so results do not depend on the
+// block count or order and are the CPU's bits):
 //   om_select pass -1   clears the plane's digit histograms
-//   om_hist   pass 0    finite count, sum, min/max key; histogram of the top 11 key bits
-//   om_select pass 0    count, mean, ranks k1, k2; picks each rank's digit (block scan)
-//   om_hist   pass 1    sum (v - mean)^2, sum (v - mean); histograms of the next digit
-//                       among the keys matching each selected prefix
+//   om_hist   pass 0    per tile finite count, sum; per block min/max key; histogram of
+//                       the top 11 key bits
+//   om_select pass 0    count, mean (tile tree), ranks k1, k2; picks each rank's digit
+//                       (block scan)
+//   om_hist   pass 1    per tile sum (v - mean)^2, sum (v - mean); histograms of the next
+//                       digit among the keys matching each selected prefix
 //   om_select pass 1..  std; digits; after the last digit the thresholds lo, hi
 //   om_hist / om_select further digits (11 bits each: float32 3 passes over y in all,
 //                       16-bit 2, float64 6)
 //   om_filter           2-D tiles with a halo of r_close + r_open: threshold, closing,
 //                       opening, AND finite in shared memory, the mask written once;
-//                       per-tile kept moments
-//   om_plane_merge      per plane: kept moments from the tiles in tile order
-// Its sums are in block-reduction order: the layer mean / std agree with the CPU within
-// rounding, not bit for bit (the CPU sums a plane sequentially, or, for a few large
-// planes, split by rows over its thread team).
+//                       kept moments per 32 x 64 reduction tile (a filter tile holds 1 or 4)
+//   om_plane_merge      one block per plane: kept moments from the tiles (tile tree)
 //
-// Both paths end with om_layer_stats: one thread merges the planes' moments in plane
-// order with lpl_om_merge_moments, as the CPU does (bit-identical given the same plane
-// moments; planes are few).
+// Both paths end with om_layer_stats: one block merges the planes' moments with
+// lpl_om_merge_moments in the fixed plane tree, as the CPU does: the layer mean, std and
+// ratio are bit-identical to the CPU's on both paths.
 #include "lpl_device.cuh"
 
 #define kThreads LPL_OM_CUDA_THREADS
+static_assert(LPL_OM_LANES == kThreads && (LPL_OM_TILE_W * LPL_OM_TILE_H) % kThreads == 0 && LPL_OM_TILE_W >= 32,
+              "the reduction order's lanes are the block's threads, whole warps per tile row");
 
 template <typename T> struct om_traits;
 template <> struct om_traits<float> {
@@ -101,6 +104,72 @@ __device__ __forceinline__ uint64_t block_max_u64(uint64_t v, uint64_t *shared) 
     __syncthreads();
     return r;
 }
+
+// Step 3 of the reduction order (lpl_kernel_abi.h): the lane tree of N sums, lane =
+// threadIdx.x; results valid in thread 0. Strides 128, 64, 32 in shared memory, then 16 .. 1
+// inside warp 0 by shuffles (the same tree: lane i < s adds lane i + s). Ends with a
+// barrier, so `sh` (N * kThreads doubles) can be reused at once.
+template <int N>
+__device__ __forceinline__ void lane_tree(double (&v)[N], double *sh) {
+    for (int c = 0; c < N; ++c) sh[c * kThreads + threadIdx.x] = v[c];
+    __syncthreads();
+    for (int s = kThreads / 2; s >= 32; s >>= 1) {
+        if (threadIdx.x < (unsigned)s)
+            for (int c = 0; c < N; ++c) sh[c * kThreads + threadIdx.x] += sh[c * kThreads + threadIdx.x + s];
+        __syncthreads();
+    }
+    if (threadIdx.x < 32)
+        for (int c = 0; c < N; ++c) {
+            double x = sh[c * kThreads + threadIdx.x];
+            for (int off = 16; off > 0; off >>= 1) x += __shfl_down_sync(0xffffffffu, x, off);
+            v[c] = x;
+        }
+    __syncthreads();
+}
+
+// Step 4: the tile tree over n items of 4 doubles (components [C0, C0 + NC)), in place,
+// run by the block (a barrier per level); the results are left in a[C0 ..]. Global
+// memory (through lpl_ld / lpl_st) or shared memory.
+template <int C0, int NC, bool GLOBAL>
+__device__ __forceinline__ void tile_tree(double *a, int64_t n) {
+    for (int64_t s = lpl_om_tree_top(n); s > 0; s >>= 1) {
+        for (int64_t i = threadIdx.x; i < s && i + s < n; i += kThreads)
+            for (int c = C0; c < C0 + NC; ++c) {
+                if (GLOBAL)
+                    lpl_st(a, 4 * i + c, lpl_ld(a, 4 * i + c) + lpl_ld(a, 4 * (i + s) + c));
+                else
+                    a[4 * i + c] += a[4 * (i + s) + c];
+            }
+        __syncthreads();
+    }
+}
+
+// The tile tree of one plane's partials in global memory (items of 4 doubles at g,
+// components [C0, C0 + NC)): staged in shared memory `sh` (4 doubles per tile: each
+// partial read once) when not NULL, else in place in g. The NC results are returned in
+// out (valid in thread 0).
+template <int C0, int NC>
+__device__ __forceinline__ void plane_tile_tree(double *g, int64_t n, double *sh, double (&out)[NC]) {
+    if (sh) {
+        for (int64_t i = threadIdx.x; i < n; i += kThreads)
+            for (int c = 0; c < NC; ++c) sh[4 * i + c] = lpl_ld(g, 4 * i + C0 + c);
+        __syncthreads();
+        tile_tree<0, NC, false>(sh, n);
+        for (int c = 0; c < NC; ++c) out[c] = sh[c];
+    } else {
+        tile_tree<C0, NC, true>(g, n);
+        if (threadIdx.x == 0)
+            for (int c = 0; c < NC; ++c) out[c] = lpl_ld(g, C0 + c);
+    }
+}
+
+// Reduction tiles (32 x 64) of a plane along its rows, and in all.
+__device__ __forceinline__ int64_t red_tiles_x(const om_args &a) { return (a.w + LPL_OM_TILE_W - 1) / LPL_OM_TILE_W; }
+__device__ __forceinline__ int64_t red_tiles(const om_args &a) {
+    return red_tiles_x(a) * ((a.h + LPL_OM_TILE_H - 1) / LPL_OM_TILE_H);
+}
+// Positions of a reduction tile each thread (lane) visits, in its order: t = lane + k * 256.
+#define OM_TILE_STEPS (LPL_OM_TILE_W * LPL_OM_TILE_H / kThreads)
 
 // Exclusive prefix sum of v over the block's threads in thread order: a warp scan by
 // shuffles, then the warps' totals (integers, so exact; a plane's counts fit 32 bits, as
@@ -198,10 +267,16 @@ __device__ __forceinline__ void plane_kernel(const om_args &a) {
     __shared__ int digit[2];
     __shared__ double plane_sh[4];  // count, mean, std, is_const
     __shared__ double bounds[2];    // lo, hi
+    __shared__ double red[3 * kThreads];
+    __shared__ uint64_t redu[kThreads];
     const int len = (int)a.len, w = (int)a.w, h = (int)a.h;
     const int64_t plane = blockIdx.x;
+    const int tiles_x = (int)red_tiles_x(a), tiles = (int)red_tiles(a);
+    // dynamic shared: vals (len T, 8-byte aligned), per-tile partials (tiles * 4 doubles),
+    // buf_a, buf_b (len bytes each): outlier_mask_cuda.c plane_path_smem
     T *vals = reinterpret_cast<T *>(dyn);
-    uint8_t *buf_a = reinterpret_cast<uint8_t *>(dyn) + ((int64_t)len * (int64_t)sizeof(T) + 7) / 8 * 8;
+    double *tp = reinterpret_cast<double *>(dyn) + ((int64_t)len * (int64_t)sizeof(T) + 7) / 8;
+    uint8_t *buf_a = reinterpret_cast<uint8_t *>(tp + 4 * (int64_t)tiles);
     uint8_t *buf_b = buf_a + len;
     const T *yp = static_cast<const T *>(a.y) + plane * a.len;
 
@@ -209,42 +284,72 @@ __device__ __forceinline__ void plane_kernel(const om_args &a) {
     for (int i = threadIdx.x; i < len; i += kThreads) vals[i] = lpl_ld(yp, i);
     __syncthreads();
 
-    // moments in the CPU's order (outlier_mask_cpu.c om_pass1 / om_pass2): one thread
-    if (threadIdx.x == 0) {
-        int64_t cnt = 0;
-        double sum = 0.0;
-        uint64_t kmin = UINT64_MAX, kmax = 0;
-        for (int i = 0; i < len; ++i) {
-            const T r = vals[i];
+    // moments in the reduction order of lpl_kernel_abi.h (the CPU's): per tile, lane =
+    // thread; then the tile tree
+    uint64_t kmin = UINT64_MAX, kmax = 0;
+    for (int tile = 0; tile < tiles; ++tile) {
+        const int gy0 = tile / tiles_x * LPL_OM_TILE_H, gx0 = tile % tiles_x * LPL_OM_TILE_W;
+        double v[2] = {0.0, 0.0};  // count, sum
+        for (int k = 0; k < OM_TILE_STEPS; ++k) {
+            const int t = threadIdx.x + k * kThreads, gy = gy0 + t / LPL_OM_TILE_W, gx = gx0 + t % LPL_OM_TILE_W;
+            if (gy >= h || gx >= w) continue;
+            const T r = vals[gy * w + gx];
             if (!tr::finite(r)) continue;
-            const uint64_t k = tr::key(r);
-            sum += (double)tr::load(r);
-            ++cnt;
-            kmin = k < kmin ? k : kmin;
-            kmax = k > kmax ? k : kmax;
+            const uint64_t key = tr::key(r);
+            v[0] += 1.0;
+            v[1] += (double)tr::load(r);
+            kmin = key < kmin ? key : kmin;
+            kmax = key > kmax ? key : kmax;
         }
-        const double count = (double)cnt;
+        lane_tree<2>(v, red);
+        if (threadIdx.x == 0) {
+            tp[4 * tile] = v[0];
+            tp[4 * tile + 1] = v[1];
+        }
+    }
+    kmin = block_min_u64(kmin, redu);  // (its barriers publish tp)
+    kmax = block_max_u64(kmax, redu);
+    tile_tree<0, 2, false>(tp, tiles);
+    if (threadIdx.x == 0) {
+        const double count = tp[0], sum = tp[1];
+        const int64_t cnt = (int64_t)count;
         const int is_const = cnt > 0 && kmin == kmax;
         // a constant plane's mean is its value exactly
-        const double mean = cnt > 0 ? (is_const ? lpl_om_key_to_double(kmin, a.dtype) : sum / count) : 0.0;
-        double ss = 0.0, sd = 0.0;
-        if (cnt > 0 && !is_const) {
-            for (int i = 0; i < len; ++i) {
-                const T r = vals[i];
-                if (!tr::finite(r)) continue;
-                const double d = (double)tr::load(r) - mean;
-                ss += d * d;
-                sd += d;
-            }
-        }
         plane_sh[0] = count;
-        plane_sh[1] = mean;
-        plane_sh[2] = cnt > 0 ? lpl_om_sample_std(count, ss, sd, is_const) : 0.0;
+        plane_sh[1] = cnt > 0 ? (is_const ? lpl_om_key_to_double(kmin, a.dtype) : sum / count) : 0.0;
         plane_sh[3] = (double)is_const;
         prefix[0] = prefix[1] = 0;
         rank[0] = cnt > 0 ? (uint64_t)lpl_quantile_rank(cnt, a.quantile) : 1;
         rank[1] = cnt > 0 ? (uint64_t)lpl_quantile_rank(cnt, 1.0 - a.quantile) : 1;
     }
+    __syncthreads();
+    const double count = plane_sh[0], mean = plane_sh[1];
+    const int is_const = plane_sh[3] != 0.0;
+    if (count > 0.0 && !is_const) {  // (uniform over the block)
+        for (int tile = 0; tile < tiles; ++tile) {
+            const int gy0 = tile / tiles_x * LPL_OM_TILE_H, gx0 = tile % tiles_x * LPL_OM_TILE_W;
+            double v[2] = {0.0, 0.0};  // sum (v - mean)^2, sum (v - mean)
+            for (int k = 0; k < OM_TILE_STEPS; ++k) {
+                const int t = threadIdx.x + k * kThreads, gy = gy0 + t / LPL_OM_TILE_W, gx = gx0 + t % LPL_OM_TILE_W;
+                if (gy >= h || gx >= w) continue;
+                const T r = vals[gy * w + gx];
+                if (!tr::finite(r)) continue;
+                const double d = (double)tr::load(r) - mean;
+                v[0] += d * d;
+                v[1] += d;
+            }
+            lane_tree<2>(v, red);
+            if (threadIdx.x == 0) {
+                tp[4 * tile + 2] = v[0];
+                tp[4 * tile + 3] = v[1];
+            }
+        }
+        __syncthreads();
+        tile_tree<2, 2, false>(tp, tiles);
+    }
+    if (threadIdx.x == 0)
+        plane_sh[2] = count > 0.0 ? lpl_om_sample_std(count, is_const ? 0.0 : tp[2], is_const ? 0.0 : tp[3], is_const)
+                                  : 0.0;
     __syncthreads();
 
     // order statistics: 8-bit MSD radix select of both ranks at once, on shared memory
@@ -297,34 +402,42 @@ __device__ __forceinline__ void plane_kernel(const om_args &a) {
     }
     if (a.stats == NULL) return;
     __syncthreads();
-    // kept moments in the CPU's order (om_final_rows)
-    if (threadIdx.x == 0) {
-        const double k = plane_sh[1];
-        int64_t kept = 0;
-        double s1 = 0.0, s2 = 0.0;
-        for (int i = 0; i < len; ++i) {
-            if (!buf_a[i]) continue;
-            const double d = (double)tr::load(vals[i]) - k;
-            ++kept;
-            s1 += d;
-            s2 += d * d;
+    // kept moments in the reduction order (the CPU's om_final_bands)
+    const double k = plane_sh[1];
+    for (int tile = 0; tile < tiles; ++tile) {
+        const int gy0 = tile / tiles_x * LPL_OM_TILE_H, gx0 = tile % tiles_x * LPL_OM_TILE_W;
+        double v[3] = {0.0, 0.0, 0.0};  // kept, sum (v - k), sum (v - k)^2
+        for (int kk = 0; kk < OM_TILE_STEPS; ++kk) {
+            const int t = threadIdx.x + kk * kThreads, gy = gy0 + t / LPL_OM_TILE_W, gx = gx0 + t % LPL_OM_TILE_W;
+            if (gy >= h || gx >= w || !buf_a[gy * w + gx]) continue;
+            const double d = (double)tr::load(vals[gy * w + gx]) - k;
+            v[0] += 1.0;
+            v[1] += d;
+            v[2] += d * d;
         }
-        store_plane_moments(a, plane, (double)kept, s1, s2, k);
+        lane_tree<3>(v, red);
+        if (threadIdx.x == 0)
+            for (int c = 0; c < 3; ++c) tp[4 * tile + c] = v[c];
     }
+    __syncthreads();
+    tile_tree<0, 3, false>(tp, tiles);
+    if (threadIdx.x == 0) store_plane_moments(a, plane, tp[0], tp[1], tp[2], k);
 }
 
 // ---- streaming path -------------------------------------------------------------------------------
 
-// One pass over the values of plane blockIdx.x / B (block j = blockIdx.x % B takes values
-// j*T + t, stepping B*T: coalesced): pass 0 the finite moments, pass 1 the deviations;
-// every pass the digit [shift, shift + digit_bits) histogram of the finite keys matching
-// each selection's prefix (pass 0: one histogram, the prefixes are empty), added into
-// the plane's global histograms.
+// One pass over the values of plane blockIdx.x / B: block j = blockIdx.x % B takes the
+// reduction tiles j, j + B, ... (lane = thread: coalesced rows of 64 values). Pass 0 each
+// tile's finite count and sum, pass 1 its deviations (into part_d, reduction order of
+// lpl_kernel_abi.h); pass 0 also the block's min / max key (part_u); every pass the digit
+// [shift, shift + digit_bits) histogram of the finite keys matching each selection's
+// prefix (pass 0: one histogram, the prefixes are empty), added into the plane's global
+// histograms.
 template <typename T>
 __device__ __forceinline__ void hist_kernel(const om_args &a) {
     typedef om_traits<T> tr;
     __shared__ uint32_t h[2 * LPL_OM_DIGIT_BINS];
-    __shared__ double red[32];
+    __shared__ double red[2 * kThreads];
     __shared__ uint64_t redu[kThreads];
     __shared__ uint64_t prefix_sh[2];
     __shared__ double mean_sh;
@@ -341,46 +454,50 @@ __device__ __forceinline__ void hist_kernel(const om_args &a) {
     const int hi_bit = a.shift + a.digit_bits;
     const double mean = mean_sh;
     const T *yp = static_cast<const T *>(a.y) + plane * a.len;
-    double s_a = 0.0, s_b = 0.0;  // pass 0: count, sum; pass 1: sum (v - mean)^2, sum (v - mean)
+    const int64_t tiles_x = red_tiles_x(a), tiles = red_tiles(a), base = plane * a.parts_per_plane;
     uint64_t kmin = UINT64_MAX, kmax = 0;
-    for (int64_t i = j * kThreads + threadIdx.x; i < a.len; i += nb * kThreads) {
-        const T r = lpl_ld(yp, i);
-        if (!tr::finite(r)) continue;
-        const uint64_t k = tr::key(r);
-        if (a.pass == 0) {
-            s_a += 1.0;
-            s_b += (double)tr::load(r);
-            kmin = k < kmin ? k : kmin;
-            kmax = k > kmax ? k : kmax;
-        } else if (a.pass == 1) {
-            const double d = (double)tr::load(r) - mean;
-            s_a += d * d;
-            s_b += d;
+    for (int64_t tile = j; tile < tiles; tile += nb) {
+        const int64_t gy0 = tile / tiles_x * LPL_OM_TILE_H, gx0 = tile % tiles_x * LPL_OM_TILE_W;
+        double v[2] = {0.0, 0.0};  // pass 0: count, sum; pass 1: sum (v - mean)^2, sum (v - mean)
+        for (int k = 0; k < OM_TILE_STEPS; ++k) {
+            const int t = threadIdx.x + k * kThreads;
+            const int64_t gy = gy0 + t / LPL_OM_TILE_W, gx = gx0 + t % LPL_OM_TILE_W;
+            if (gy >= a.h || gx >= a.w) continue;
+            const T r = lpl_ld(yp, gy * a.w + gx);
+            if (!tr::finite(r)) continue;
+            const uint64_t key = tr::key(r);
+            if (a.pass == 0) {
+                v[0] += 1.0;
+                v[1] += (double)tr::load(r);
+                kmin = key < kmin ? key : kmin;
+                kmax = key > kmax ? key : kmax;
+            } else if (a.pass == 1) {
+                const double d = (double)tr::load(r) - mean;
+                v[0] += d * d;
+                v[1] += d;
+            }
+            const unsigned d = (unsigned)((key >> a.shift) & digit_mask);
+            if (prefix_matches(key, p1, hi_bit)) atomicAdd(&h[d], 1u);
+            if (selections == 2 && prefix_matches(key, p2, hi_bit)) atomicAdd(&h[LPL_OM_DIGIT_BINS + d], 1u);
         }
-        const unsigned d = (unsigned)((k >> a.shift) & digit_mask);
-        if (prefix_matches(k, p1, hi_bit)) atomicAdd(&h[d], 1u);
-        if (selections == 2 && prefix_matches(k, p2, hi_bit)) atomicAdd(&h[LPL_OM_DIGIT_BINS + d], 1u);
+        if (a.pass <= 1) {  // (uniform over the block)
+            lane_tree<2>(v, red);
+            if (threadIdx.x == 0) {
+                lpl_st(a.ws.part_d, (base + tile) * 4 + 2 * a.pass, v[0]);
+                lpl_st(a.ws.part_d, (base + tile) * 4 + 2 * a.pass + 1, v[1]);
+            }
+        }
     }
     __syncthreads();
     uint32_t *g = a.ws.hist + plane * 2 * LPL_OM_DIGIT_BINS;
     for (int i = threadIdx.x; i < bins; i += kThreads)
         if (h[i]) atomicAdd(&g[i], h[i]);
-    if (a.pass > 1) return;
-    s_a = lpl_block_sum(s_a, red);
-    __syncthreads();
-    s_b = lpl_block_sum(s_b, red);
-    const int64_t slot = plane * a.parts_per_plane + j;
-    if (a.pass == 0) {
-        kmin = block_min_u64(kmin, redu);
-        kmax = block_max_u64(kmax, redu);
-    }
+    if (a.pass != 0) return;
+    kmin = block_min_u64(kmin, redu);
+    kmax = block_max_u64(kmax, redu);
     if (threadIdx.x == 0) {
-        lpl_st(a.ws.part_d, slot * 4 + 2 * a.pass, s_a);
-        lpl_st(a.ws.part_d, slot * 4 + 2 * a.pass + 1, s_b);
-        if (a.pass == 0) {
-            lpl_st(a.ws.part_u, slot * 2, kmin);
-            lpl_st(a.ws.part_u, slot * 2 + 1, kmax);
-        }
+        lpl_st(a.ws.part_u, (base + j) * 2, kmin);
+        lpl_st(a.ws.part_u, (base + j) * 2 + 1, kmax);
     }
 }
 
@@ -389,6 +506,7 @@ __device__ __forceinline__ void hist_kernel(const om_args &a) {
 // pick each selection's digit from the histograms, clear them for the next pass; after
 // the last digit (shift 0) the thresholds.
 extern "C" __global__ void __launch_bounds__(kThreads) lpl_om_select(const om_args a) {
+    LPL_DYNAMIC_SHARED(double, staged);  // a.tiles_in_shared: the tile partials (tile tree)
     __shared__ unsigned scan[kThreads / 32];
     __shared__ uint64_t prefix[2], rank[2];
     __shared__ int digit[2];
@@ -404,14 +522,18 @@ extern "C" __global__ void __launch_bounds__(kThreads) lpl_om_select(const om_ar
         }
         return;
     }
-    const int64_t nb = a.blocks_per_plane, base = plane * a.parts_per_plane;
+    const int64_t nb = a.blocks_per_plane, base = plane * a.parts_per_plane, tiles = red_tiles(a);
+    // the tiles' partials of pass 0 (count, sum) or 1 (deviations) in the tile tree
+    double tree[2] = {0.0, 0.0};
+    if (a.pass == 0)
+        plane_tile_tree<0, 2>(a.ws.part_d + base * 4, tiles, a.tiles_in_shared ? staged : NULL, tree);
+    else if (a.pass == 1)
+        plane_tile_tree<2, 2>(a.ws.part_d + base * 4, tiles, a.tiles_in_shared ? staged : NULL, tree);
     if (threadIdx.x == 0) {
         if (a.pass == 0) {
-            double count = 0.0, sum = 0.0;
+            const double count = tree[0], sum = tree[1];
             uint64_t kmin = UINT64_MAX, kmax = 0;
-            for (int64_t j = 0; j < nb; ++j) {
-                count += lpl_ld(a.ws.part_d, (base + j) * 4);
-                sum += lpl_ld(a.ws.part_d, (base + j) * 4 + 1);
+            for (int64_t j = 0; j < nb; ++j) {  // exact in any order
                 const uint64_t lo = lpl_ld(a.ws.part_u, (base + j) * 2), hi = lpl_ld(a.ws.part_u, (base + j) * 2 + 1);
                 kmin = lo < kmin ? lo : kmin;
                 kmax = hi > kmax ? hi : kmax;
@@ -426,11 +548,7 @@ extern "C" __global__ void __launch_bounds__(kThreads) lpl_om_select(const om_ar
             prefix[0] = prefix[1] = 0;
         } else {
             if (a.pass == 1) {
-                double ss = 0.0, sd = 0.0;
-                for (int64_t j = 0; j < nb; ++j) {
-                    ss += lpl_ld(a.ws.part_d, (base + j) * 4 + 2);
-                    sd += lpl_ld(a.ws.part_d, (base + j) * 4 + 3);
-                }
+                const double ss = tree[0], sd = tree[1];
                 const double count = lpl_ld(pd, PD_COUNT);
                 lpl_st(pd, PD_STD, count > 0.0 ? lpl_om_sample_std(count, ss, sd, lpl_ld(pd, PD_CONST) != 0.0) : 0.0);
             }
@@ -476,7 +594,7 @@ __device__ __forceinline__ void filter_kernel(const om_args &a) {
     typedef om_traits<T> tr;
     typedef typename tr::V V;
     LPL_DYNAMIC_SHARED(uint64_t, dyn);
-    __shared__ double red[32];
+    __shared__ double red[3 * kThreads];
     __shared__ double plane_sh[3];  // lo, hi, mean
     const int64_t tiles = a.tiles_x * a.tiles_y, plane = blockIdx.x / tiles, tile = blockIdx.x % tiles;
     const int hx = a.rc_x + a.ro_x, hy = a.rc_y + a.ro_y;
@@ -538,63 +656,95 @@ __device__ __forceinline__ void filter_kernel(const om_args &a) {
     }
     __syncthreads();
     // opening, column min AND finite over the tile: the mask, written once; kept moments
+    // per 32 x 64 reduction tile of the tile (reduction order of lpl_kernel_abi.h: lane =
+    // thread, then the lane tree; om_plane_merge runs the tile tree)
     const double k = plane_sh[2];
-    double kept = 0.0, s1 = 0.0, s2 = 0.0;
     uint8_t *kp = a.keep + plane * a.len;
-    for (int t = threadIdx.x; t < tw * th; t += kThreads) {
-        const int ty = t / tw, tx = t - ty * tw;
-        const int64_t gy = y0 + hy + ty, gx = x0 + hx + tx;
-        if (gy >= a.h || gx >= a.w) continue;
-        const int i = (ty + hy) * rw + tx + hx;
-        uint8_t out = (uint8_t)(img_a[i] >> 1);
-        for (int d = -a.ro_y; d <= a.ro_y; ++d) out &= img_b[i + d * rw];
-        lpl_st(kp, gy * a.w + gx, out);
-        if (out) {
-            const double dv = (double)tr::load(vals[t]) - k;
-            kept += 1.0;
-            s1 += dv;
-            s2 += dv * dv;
+    const int64_t rtx = red_tiles_x(a), base = plane * a.parts_per_plane;
+    for (int sy = 0; sy < th / LPL_OM_TILE_H; ++sy)
+        for (int sx = 0; sx < tw / LPL_OM_TILE_W; ++sx) {
+            const int64_t gy0 = y0 + hy + sy * LPL_OM_TILE_H, gx0 = x0 + hx + sx * LPL_OM_TILE_W;
+            if (gy0 >= a.h || gx0 >= a.w) continue;  // (uniform: a sub-tile past the plane's edge)
+            double v[3] = {0.0, 0.0, 0.0};          // kept, sum (v - k), sum (v - k)^2
+            for (int kk = 0; kk < OM_TILE_STEPS; ++kk) {
+                const int t = threadIdx.x + kk * kThreads;
+                const int ty = sy * LPL_OM_TILE_H + t / LPL_OM_TILE_W, tx = sx * LPL_OM_TILE_W + t % LPL_OM_TILE_W;
+                const int64_t gy = y0 + hy + ty, gx = x0 + hx + tx;
+                if (gy >= a.h || gx >= a.w) continue;
+                const int i = (ty + hy) * rw + tx + hx;
+                uint8_t out = (uint8_t)(img_a[i] >> 1);
+                for (int d = -a.ro_y; d <= a.ro_y; ++d) out &= img_b[i + d * rw];
+                lpl_st(kp, gy * a.w + gx, out);
+                if (out) {
+                    const double dv = (double)tr::load(vals[ty * tw + tx]) - k;
+                    v[0] += 1.0;
+                    v[1] += dv;
+                    v[2] += dv * dv;
+                }
+            }
+            if (a.stats == NULL) continue;  // (uniform)
+            lane_tree<3>(v, red);
+            if (threadIdx.x == 0) {
+                const int64_t rtile = gy0 / LPL_OM_TILE_H * rtx + gx0 / LPL_OM_TILE_W;
+                for (int c = 0; c < 3; ++c) lpl_st(a.ws.part_d, (base + rtile) * 4 + c, v[c]);
+            }
         }
-    }
-    if (a.stats == NULL) return;
-    kept = lpl_block_sum(kept, red);
-    __syncthreads();
-    s1 = lpl_block_sum(s1, red);
-    __syncthreads();
-    s2 = lpl_block_sum(s2, red);
-    if (threadIdx.x == 0) {
-        const int64_t slot = plane * a.parts_per_plane + tile;
-        lpl_st(a.ws.part_d, slot * 4, kept);
-        lpl_st(a.ws.part_d, slot * 4 + 1, s1);
-        lpl_st(a.ws.part_d, slot * 4 + 2, s2);
-    }
 }
 
-// One thread per plane: the plane's kept moments from its tiles, in tile order.
-extern "C" __global__ void lpl_om_plane_merge(const om_args a) {
-    const int64_t plane = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (plane >= a.planes) return;
-    const int64_t tiles = a.tiles_x * a.tiles_y, base = plane * a.parts_per_plane;
-    double kept = 0.0, s1 = 0.0, s2 = 0.0;
-    for (int64_t t = 0; t < tiles; ++t) {
-        kept += lpl_ld(a.ws.part_d, (base + t) * 4);
-        s1 += lpl_ld(a.ws.part_d, (base + t) * 4 + 1);
-        s2 += lpl_ld(a.ws.part_d, (base + t) * 4 + 2);
-    }
-    store_plane_moments(a, plane, kept, s1, s2, lpl_ld(a.ws.plane_d, plane * LPL_OM_PLANE_D + PD_MEAN));
+// One block per plane: the plane's kept moments from its reduction tiles (tile tree).
+extern "C" __global__ void __launch_bounds__(kThreads) lpl_om_plane_merge(const om_args a) {
+    LPL_DYNAMIC_SHARED(double, staged);  // a.tiles_in_shared: the tile partials (tile tree)
+    const int64_t plane = blockIdx.x, base = plane * a.parts_per_plane;
+    double tree[3];
+    plane_tile_tree<0, 3>(a.ws.part_d + base * 4, red_tiles(a), a.tiles_in_shared ? staged : NULL, tree);
+    if (threadIdx.x != 0) return;
+    store_plane_moments(a, plane, tree[0], tree[1], tree[2], lpl_ld(a.ws.plane_d, plane * LPL_OM_PLANE_D + PD_MEAN));
 }
 
-// Single thread: planes merged in plane order (as the CPU does).
-extern "C" __global__ void lpl_om_layer_stats(const om_args a) {
-    if (blockIdx.x != 0 || threadIdx.x != 0) return;
-    double n = 0.0, mean = 0.0, m2 = 0.0, kept = 0.0;
-    for (int64_t pl = 0; pl < a.planes && a.len > 0; ++pl) {
-        const double *pd = a.ws.plane_d + pl * LPL_OM_PLANE_D;
-        lpl_om_merge_moments(&n, &mean, &m2, (double)a.len, lpl_ld(pd, PD_PMEAN), lpl_ld(pd, PD_PM2));
-        kept += lpl_ld(pd, PD_KEPT);
+// One block: the planes' moments merged in the fixed plane tree (step 5 of the reduction
+// order, as the CPU), a barrier per level: in dynamic shared memory (3 doubles per plane,
+// each plane's moments read once) when a.layer_in_shared, else in place in plane_d.
+extern "C" __global__ void __launch_bounds__(kThreads) lpl_om_layer_stats(const om_args a) {
+    LPL_DYNAMIC_SHARED(double, staged);
+    if (blockIdx.x != 0) return;
+    const int64_t n = a.len > 0 ? a.planes : 0;
+    const double len = (double)a.len;
+    const bool sh = a.layer_in_shared != 0;
+    if (sh) {
+        for (int64_t i = threadIdx.x; i < n; i += kThreads) {
+            const double *pd = a.ws.plane_d + i * LPL_OM_PLANE_D;
+            staged[3 * i] = lpl_ld(pd, PD_PMEAN);
+            staged[3 * i + 1] = lpl_ld(pd, PD_PM2);
+            staged[3 * i + 2] = lpl_ld(pd, PD_KEPT);
+        }
+        __syncthreads();
     }
+    for (int64_t s = lpl_om_tree_top(n); s > 0; s >>= 1) {
+        for (int64_t i = threadIdx.x; i < s && i + s < n; i += kThreads) {
+            if (sh) {
+                lpl_om_tree_merge_planes(len, n, i, s, staged + 3 * i, staged + 3 * (i + s));
+                continue;
+            }
+            double *pa = a.ws.plane_d + i * LPL_OM_PLANE_D;
+            const double *pb = a.ws.plane_d + (i + s) * LPL_OM_PLANE_D;
+            double va[3] = {lpl_ld(pa, PD_PMEAN), lpl_ld(pa, PD_PM2), lpl_ld(pa, PD_KEPT)};
+            const double vb[3] = {lpl_ld(pb, PD_PMEAN), lpl_ld(pb, PD_PM2), lpl_ld(pb, PD_KEPT)};
+            lpl_om_tree_merge_planes(len, n, i, s, va, vb);
+            lpl_st(pa, PD_PMEAN, va[0]);
+            lpl_st(pa, PD_PM2, va[1]);
+            lpl_st(pa, PD_KEPT, va[2]);
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x != 0) return;
     double out[3];
-    lpl_om_finish_stats(n, mean, m2, kept, out);
+    if (n > 0 && sh)
+        lpl_om_finish_stats(len * (double)n, staged[0], staged[1], staged[2], out);
+    else if (n > 0)
+        lpl_om_finish_stats(len * (double)n, lpl_ld(a.ws.plane_d, PD_PMEAN), lpl_ld(a.ws.plane_d, PD_PM2),
+                            lpl_ld(a.ws.plane_d, PD_KEPT), out);
+    else
+        lpl_om_finish_stats(0.0, 0.0, 0.0, 0.0, out);
     for (int i = 0; i < 3; ++i) lpl_st(a.stats, i, out[i]);
 }
 
