@@ -93,6 +93,8 @@ REAL_DEFAULTS = dict(
     num_validation_inference_steps=25,
 )
 DEMO_VALIDATION_PROMPTS = ("a large red circle on a white background", "a large yellow square on a black background")
+# The first two of lpl_ext.demo.textures.evaluation_prompts() (--synthetic_data textures).
+TEXTURE_VALIDATION_PROMPTS = ("red and white vertical stripes, period 6", "black and yellow horizontal stripes, period 8")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -150,7 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Probability of replacing a caption with '' (classifier-free guidance dropout), drawn "
                         "anew for every example in every epoch.")
     g.add_argument("--num_synthetic_examples", type=int, default=64,
-                   help="Size of the built-in shapes set used when no dataset is given.")
+                   help="Size of the built-in set used when no dataset is given.")
+    g.add_argument("--synthetic_data", choices=("shapes", "textures"), default="shapes",
+                   help="Built-in set used when no dataset is given: coloured shapes, or fine two-colour textures "
+                        "(lpl_ext.demo.textures). With no --pretrained_model_name_or_path it also picks the tiny "
+                        "pipeline (tokenizer, VAE, base) trained on it.")
     g.add_argument("--resolution", type=int, default=None, help="Training resolution (demo 64, else 1024).")
     g.add_argument("--center_crop", action="store_true", help="Center crop instead of random crop.")
     g.add_argument("--random_flip", action="store_true", help="Random horizontal flip.")
@@ -282,7 +288,8 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.validation_prompt is None and args.builtin_data:
-        args.validation_prompts = list(DEMO_VALIDATION_PROMPTS)
+        args.validation_prompts = list(DEMO_VALIDATION_PROMPTS if args.synthetic_data == "shapes"
+                                       else TEXTURE_VALIDATION_PROMPTS)
     elif args.validation_prompt is not None:
         args.validation_prompts = [args.validation_prompt]
     else:
@@ -311,6 +318,12 @@ def validate_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
                      "(epsilon, v_prediction, sample), not for --prediction_type flow_matching")
     if args.dataset_name is not None and args.train_data_dir is not None:
         parser.error("give either --dataset_name or --train_data_dir, not both")
+    if args.synthetic_data != "shapes" and not args.builtin_data:
+        parser.error(f"--synthetic_data {args.synthetic_data} picks the built-in set used without a dataset; "
+                     "it cannot be combined with --dataset_name or --train_data_dir")
+    if args.synthetic_data == "textures" and args.builtin_data and args.random_flip:
+        parser.error("--random_flip with --synthetic_data textures: a mirror turns diagonal stripes into "
+                     "antidiagonal ones, so the captions would be wrong")
     if args.train_data_dir is not None:
         folder = Path(args.train_data_dir)
         if not folder.is_dir():
@@ -600,9 +613,12 @@ class ImageCaptionSource:
             self.hf = ds
             self.image_column, self.caption_column = args.image_column, args.caption_column
         else:
-            from lpl_ext.demo.synthetic_data import SyntheticShapes
+            if getattr(args, "synthetic_data", "shapes") == "textures":
+                from lpl_ext.demo.textures import SyntheticTextures as Synthetic
+            else:
+                from lpl_ext.demo.synthetic_data import SyntheticShapes as Synthetic
 
-            self.synthetic = SyntheticShapes(args.num_synthetic_examples)
+            self.synthetic = Synthetic(args.num_synthetic_examples)
         raw = len(self.records if self.kind == "imagefolder" else self.hf if self.kind == "hf" else self.synthetic)
         if raw == 0:
             raise SystemExit("the training data is empty")
@@ -1320,7 +1336,7 @@ def load_models(args: argparse.Namespace, accelerator, log) -> SimpleNamespace:
         from lpl_ext.demo.tiny_sdxl import ensure_tiny_sdxl
 
         with accelerator.main_process_first():
-            model_path = str(ensure_tiny_sdxl(args.cache_dir, seed=args.tiny_model_seed))
+            model_path = str(ensure_tiny_sdxl(args.cache_dir, seed=args.tiny_model_seed, dataset=args.synthetic_data))
         log.info(f"offline demo: tiny SDXL pipeline at {model_path}", main_process_only=True)
     else:
         model_path = args.pretrained_model_name_or_path
@@ -1603,7 +1619,7 @@ def write_model_card(args: argparse.Namespace, output_dir: Path, repo_id: str, b
     text = (f"---\nbase_model: {base_model}\ntags:\n- stable-diffusion-xl\n- text-to-image\n- diffusers\n"
             f"- latent-perceptual-loss\n{'- lora' + chr(10) if args.rank is not None else ''}---\n\n"
             f"# {repo_id}\n\nFine-tuned from **{base_model}** with `train_sdxl_lpl.py` (diffusion loss + Latent "
-            f"Perceptual Loss): {kind}.\n\n- data: {args.dataset_name or args.train_data_dir or 'built-in shapes'}\n"
+            f"Perceptual Loss): {kind}.\n\n- data: {args.dataset_name or args.train_data_dir or 'built-in ' + args.synthetic_data}\n"
             f"- steps: {args.max_train_steps}, resolution {args.resolution}, learning rate {args.learning_rate:g}\n"
             f"- LPL: {lpl}\n\n```python\nfrom diffusers import StableDiffusionXLPipeline\n{usage}\n```\n")
     path = output_dir / "README.md"

@@ -34,7 +34,9 @@ names = {n.split("/", 1)[1] for n in tarfile.open(sdist).getnames() if "/" in n}
 need = {str(p.relative_to(repo)) for p in (repo / "csrc").rglob("*") if p.suffix in (".c", ".h", ".cu", ".cuh")}
 need |= {"setup.py", "pyproject.toml", "lpl_ext/_kernel_sources.py", "lpl_ext/_cuda.py", "README.md"}
 need |= {"lpl_ext/demo/__init__.py", "lpl_ext/demo/assets/tiny_vae.safetensors",
-         "lpl_ext/demo/assets/tiny_sdxl_base.safetensors"}  # the offline demo's weights
+         "lpl_ext/demo/assets/tiny_sdxl_base.safetensors",  # the offline demo's weights
+         "lpl_ext/demo/assets/tiny_vae_textures.safetensors",  # and the texture pipeline's
+         "lpl_ext/demo/assets/tiny_sdxl_textures_base.safetensors"}
 missing = sorted(need - names)
 junk = sorted(n for n in names if n.endswith((".so", ".o", ".cubin")) or "/_kernels/" in n or "__pycache__" in n)
 print(f"[dist] sdist: {len(names)} files, missing {missing or 'nothing'}, build outputs {junk or 'none'}", file=sys.stderr)

@@ -4,7 +4,10 @@
   small pretrained weights in ``lpl_ext/demo/assets`` (what ``accelerate launch train_sdxl_lpl.py``
   trains when given no model);
 - :mod:`lpl_ext.demo.synthetic_data`: the built-in captioned coloured shapes it trains on;
-- :mod:`lpl_ext.demo.image_metrics`: reads colour, shape and size back from generated images.
+- :mod:`lpl_ext.demo.image_metrics`: reads colour, shape and size back from generated images;
+- :mod:`lpl_ext.demo.textures` / :mod:`lpl_ext.demo.texture_metrics`: the built-in fine two-colour textures
+  (stripes, checkerboards, dots, grids, crosshatch) and the spectral / period / orientation / colour / edge
+  metrics read back from pictures of them (``train_sdxl_lpl.py --synthetic_data textures``).
 
 They need the trainer's extras (``pip install "lpl_ext[train]"``: diffusers, transformers, pillow);
 ``import lpl_ext`` never imports them.

@@ -18,6 +18,11 @@ with every component the SDXL trainer uses:
   ``merges.txt`` written locally,
 - ``scheduler``: ``EulerDiscreteScheduler`` with SDXL's scaled-linear betas.
 
+The texture variant (``dataset="textures"``: :mod:`lpl_ext.demo.textures`) has the same architecture with
+its own tokenizer vocabulary (the texture captions' words), VAE (``tiny_vae_textures.safetensors``, trained
+on shapes plus textures) and base (``tiny_sdxl_textures_base.safetensors``, trained on the textures), cached
+in its own folder.
+
 The pipeline is seeded, saved once with ``save_pretrained`` into a cache folder (atomically: built in a
 temporary folder, then renamed), and loaded back with ``from_pretrained(local_path)`` by the trainer.
 """
@@ -52,6 +57,11 @@ TINY_VAE_ASSET_NAME = "tiny_vae.safetensors"
 # TINY_SDXL_VERSION.
 TINY_BASE_ASSET_NAME = "tiny_sdxl_base.safetensors"
 _BASE_PREFIXES = ("unet", "text_encoder", "text_encoder_2")
+# The texture variant's assets (tools/pretrain_tiny_vae.py --data shapes+textures, tools/pretrain_tiny_unet.py
+# --data textures). Its cache folder name holds a hash of these files, so no version to bump.
+TINY_VAE_TEXTURES_ASSET_NAME = "tiny_vae_textures.safetensors"
+TINY_TEXTURES_BASE_ASSET_NAME = "tiny_sdxl_textures_base.safetensors"
+DATASETS = ("shapes", "textures")
 # Scaling factor of the randomly initialised VAE (SDXL's value; only used when no weights are shipped).
 _RANDOM_VAE_SCALING_FACTOR = 0.13025
 
@@ -81,6 +91,51 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, (chr(c) for c in chars)))
 
 
+def _bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """CLIP's BPE of one word: repeatedly merge the adjacent pair of lowest merge rank."""
+    word = list(symbols)
+    while len(word) > 1:
+        pairs = [(ranks.get((a, b), len(ranks)), i) for i, (a, b) in enumerate(zip(word, word[1:]))]
+        rank, _ = min(pairs)
+        if rank == len(ranks):
+            break
+        a, b = next((word[i], word[i + 1]) for r, i in pairs if r == rank)
+        merged, i = [], 0
+        while i < len(word):
+            if i + 1 < len(word) and word[i] == a and word[i + 1] == b:
+                merged.append(a + b)
+                i += 2
+            else:
+                merged.append(word[i])
+                i += 1
+        word = merged
+    return word
+
+
+def _repair_merges(words: list[str], merges: list[str], vocab: dict[str, int]) -> None:
+    """Append merges (in place) until every word of ``words`` is one token under CLIP's BPE.
+
+    The left-to-right merges of a word can be pre-empted by an earlier-ranked merge of another word that
+    shares a pair (``p e`` of "period" splits "stripes" into ``stri pe s</w>``); then join the pieces BPE
+    does produce, left to right. Vocabularies that need no repair (the shapes') are left unchanged."""
+    for _ in range(10):
+        ranks = {tuple(m.split(" ")): i for i, m in enumerate(merges)}
+        broken = False
+        for word in words:
+            pieces = _bpe(list(word[:-1]) + [word[-1] + "</w>"], ranks)
+            current = pieces[0]
+            for nxt in pieces[1:]:
+                broken = True
+                merge = f"{current} {nxt}"
+                if merge not in merges:
+                    merges.append(merge)
+                current = current + nxt
+                vocab.setdefault(current, len(vocab))
+        if not broken:
+            return
+    raise RuntimeError(f"could not build whole-word BPE merges for {words}")
+
+
 def write_tokenizer_files(folder: str | os.PathLike, words: list[str] | None = None) -> tuple[Path, Path]:
     """Write a small byte-level BPE vocabulary usable by ``CLIPTokenizer``.
 
@@ -107,6 +162,7 @@ def write_tokenizer_files(folder: str | os.PathLike, words: list[str] | None = N
                 merges.append(merge)
             current = current + nxt
             vocab.setdefault(current, len(vocab))
+    _repair_merges(words or [], merges, vocab)
     vocab.setdefault("<|startoftext|>", len(vocab))
     vocab.setdefault("<|endoftext|>", len(vocab))
     vocab_path = folder / "vocab.json"
@@ -116,20 +172,31 @@ def write_tokenizer_files(folder: str | os.PathLike, words: list[str] | None = N
     return vocab_path, merges_path
 
 
-def _caption_words() -> list[str]:
-    from lpl_ext.demo.synthetic_data import caption_vocabulary
+def _check_dataset(dataset: str) -> str:
+    if dataset not in DATASETS:
+        raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
+    return dataset
+
+
+def _caption_words(dataset: str = "shapes") -> list[str]:
+    if _check_dataset(dataset) == "textures":
+        from lpl_ext.demo.textures import caption_vocabulary
+    else:
+        from lpl_ext.demo.synthetic_data import caption_vocabulary
 
     return caption_vocabulary()
 
 
-def tiny_vae_weights_path() -> Path:
-    """Path of the shipped pretrained tiny VAE weights (may not exist in a stripped install)."""
-    return Path(__file__).resolve().parent / "assets" / TINY_VAE_ASSET_NAME
+def tiny_vae_weights_path(dataset: str = "shapes") -> Path:
+    """Path of the shipped pretrained tiny VAE weights of ``dataset`` (may not exist in a stripped install)."""
+    name = TINY_VAE_TEXTURES_ASSET_NAME if _check_dataset(dataset) == "textures" else TINY_VAE_ASSET_NAME
+    return Path(__file__).resolve().parent / "assets" / name
 
 
-def tiny_base_weights_path() -> Path:
-    """Path of the shipped pretrained base (UNet + text encoders; may not exist in a stripped install)."""
-    return Path(__file__).resolve().parent / "assets" / TINY_BASE_ASSET_NAME
+def tiny_base_weights_path(dataset: str = "shapes") -> Path:
+    """Path of the shipped pretrained base (UNet + text encoders) of ``dataset`` (may not exist)."""
+    name = TINY_TEXTURES_BASE_ASSET_NAME if _check_dataset(dataset) == "textures" else TINY_BASE_ASSET_NAME
+    return Path(__file__).resolve().parent / "assets" / name
 
 
 def load_base_weights(components: dict, path: str | os.PathLike) -> None:
@@ -150,17 +217,29 @@ def load_base_weights(components: dict, path: str | os.PathLike) -> None:
             raise ValueError(f"base weights {path}: {prefix} does not match the tiny architecture: {exc}") from exc
 
 
-def build_tiny_vae(seed: int = 1, pretrained: bool = True):
+def build_tiny_vae(seed: int = 1, pretrained: bool = True, dataset: str = "shapes",
+                   weights: str | os.PathLike | None = None):
     """The tiny SDXL-shaped ``AutoencoderKL`` (4 down / 4 up blocks, factor 8, 4 latent channels, 64 px).
 
-    With ``pretrained`` and the shipped weights present (:func:`tiny_vae_weights_path`), loads them and their
-    ``scaling_factor`` (1 / std of the synthetic-shapes latents); otherwise it is randomly initialised from
-    ``seed`` with SDXL's scaling factor.
+    With ``pretrained`` and the shipped weights present (``weights``, default
+    :func:`tiny_vae_weights_path` of ``dataset``), loads them and their ``scaling_factor`` (1 / std of the
+    training latents); otherwise it is randomly initialised from ``seed`` with SDXL's scaling factor.
+    The texture VAE falls back to the shapes VAE (with a warning) while its file is not shipped.
     """
     import torch
     from diffusers import AutoencoderKL
 
-    weights = tiny_vae_weights_path()
+    if weights is not None:
+        weights = Path(weights)
+        if not weights.is_file():
+            raise ValueError(f"weights: no such file {weights}")
+    else:
+        weights = tiny_vae_weights_path(dataset)
+        if pretrained and dataset == "textures" and not weights.is_file():
+            import warnings
+
+            warnings.warn(f"{weights} not found: the texture pipeline uses the shapes VAE", stacklevel=2)
+            weights = tiny_vae_weights_path("shapes")
     use_weights = pretrained and weights.is_file()
     scaling_factor = _RANDOM_VAE_SCALING_FACTOR
     if use_weights:
@@ -190,8 +269,12 @@ def build_tiny_vae(seed: int = 1, pretrained: bool = True):
 
 def build_tiny_sdxl_components(seed: int = 0, tokenizer_folder: str | os.PathLike | None = None,
                                pretrained_vae: bool = True, pretrained_base: bool = True,
-                               base_weights: str | os.PathLike | None = None) -> dict:
+                               base_weights: str | os.PathLike | None = None, dataset: str = "shapes",
+                               vae_weights: str | os.PathLike | None = None) -> dict:
     """Build the tiny SDXL components (randomly initialised with ``seed``, then loaded where weights exist).
+
+    ``dataset`` ("shapes" or "textures") picks the tokenizer vocabulary and the default shipped weights
+    (``vae_weights`` / ``base_weights`` override them); the rest below is for "shapes", "textures" alike.
 
     - VAE: the shipped pretrained weights (same for every ``seed``) when ``pretrained_vae`` is true and
       ``lpl_ext/demo/assets/tiny_vae.safetensors`` exists; see :func:`build_tiny_vae`.
@@ -211,7 +294,7 @@ def build_tiny_sdxl_components(seed: int = 0, tokenizer_folder: str | os.PathLik
         own_tmp = tempfile.mkdtemp(prefix="lpl_tiny_tok_")
         tokenizer_folder = own_tmp
     try:
-        write_tokenizer_files(tokenizer_folder, _caption_words())
+        write_tokenizer_files(tokenizer_folder, _caption_words(dataset))
         tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_folder), model_max_length=MAX_TOKEN_LENGTH)
         tokenizer_2 = CLIPTokenizer.from_pretrained(str(tokenizer_folder), model_max_length=MAX_TOKEN_LENGTH)
     finally:
@@ -243,7 +326,7 @@ def build_tiny_sdxl_components(seed: int = 0, tokenizer_folder: str | os.PathLik
         projection_class_embeddings_input_dim=6 * ADDITION_TIME_EMBED_DIM + TEXT_PROJECTION_2,
         norm_num_groups=16,
     )
-    vae = build_tiny_vae(seed=seed + 1, pretrained=pretrained_vae)
+    vae = build_tiny_vae(seed=seed + 1, pretrained=pretrained_vae, dataset=dataset, weights=vae_weights)
     text_cfg = dict(
         vocab_size=vocab_size,
         intermediate_size=37,
@@ -262,7 +345,7 @@ def build_tiny_sdxl_components(seed: int = 0, tokenizer_folder: str | os.PathLik
     )
     components = dict(unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2)
     if pretrained_base:
-        path = Path(base_weights) if base_weights is not None else tiny_base_weights_path()
+        path = Path(base_weights) if base_weights is not None else tiny_base_weights_path(dataset)
         if base_weights is not None and not path.is_file():
             raise ValueError(f"base_weights: no such file {path}")
         if path.is_file():
@@ -287,9 +370,23 @@ def build_tiny_sdxl_components(seed: int = 0, tokenizer_folder: str | os.PathLik
     )
 
 
-def tiny_sdxl_path(cache_dir: str | os.PathLike | None = None, seed: int = 0) -> Path:
-    """Folder the tiny pipeline is (or will be) saved in."""
+def _texture_assets_hash() -> str:
+    """Short hash of the texture variant's shipped files (absent ones count as absent)."""
+    import hashlib
+
+    digest = hashlib.sha256(f"v{TINY_SDXL_VERSION}".encode())
+    for path in (tiny_vae_weights_path("textures"), tiny_base_weights_path("textures")):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes() if path.is_file() else b"<missing>")
+    return digest.hexdigest()[:10]
+
+
+def tiny_sdxl_path(cache_dir: str | os.PathLike | None = None, seed: int = 0, dataset: str = "shapes") -> Path:
+    """Folder the tiny pipeline is (or will be) saved in (for textures: named after its assets' hash,
+    so a re-shipped asset is never served from a stale cache)."""
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    if _check_dataset(dataset) == "textures":
+        return root / f"tiny-sdxl-textures-{_texture_assets_hash()}-seed{seed}"
     return root / f"tiny-sdxl-v{TINY_SDXL_VERSION}-seed{seed}"
 
 
@@ -298,13 +395,14 @@ def is_complete(path: str | os.PathLike) -> bool:
     return (Path(path) / _COMPLETE_MARKER).is_file()
 
 
-def ensure_tiny_sdxl(cache_dir: str | os.PathLike | None = None, seed: int = 0) -> Path:
-    """Return the folder of the cached tiny pipeline, building and saving it first if needed.
+def ensure_tiny_sdxl(cache_dir: str | os.PathLike | None = None, seed: int = 0, dataset: str = "shapes") -> Path:
+    """Return the folder of the cached tiny pipeline of ``dataset`` ("shapes" or "textures"), building and
+    saving it first if needed.
 
     Safe against concurrent callers and interrupted builds: the pipeline is written into a temporary
     sibling folder and renamed into place only once complete; a loser of the race discards its copy.
     """
-    target = tiny_sdxl_path(cache_dir, seed)
+    target = tiny_sdxl_path(cache_dir, seed, dataset)
     if is_complete(target):
         return target
     from diffusers import StableDiffusionXLPipeline
@@ -312,12 +410,13 @@ def ensure_tiny_sdxl(cache_dir: str | os.PathLike | None = None, seed: int = 0) 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        components = build_tiny_sdxl_components(seed=seed, tokenizer_folder=tmp / "_tokenizer_src")
+        components = build_tiny_sdxl_components(seed=seed, tokenizer_folder=tmp / "_tokenizer_src", dataset=dataset)
         shutil.rmtree(tmp / "_tokenizer_src", ignore_errors=True)
         pipe = StableDiffusionXLPipeline(**components)
         pipe.save_pretrained(str(tmp))
         (tmp / _COMPLETE_MARKER).write_text(
-            json.dumps({"version": TINY_SDXL_VERSION, "seed": seed}), encoding="utf-8"
+            json.dumps({"version": TINY_SDXL_VERSION, "seed": seed} if dataset == "shapes" else
+                       {"version": TINY_SDXL_VERSION, "seed": seed, "dataset": dataset}), encoding="utf-8"
         )
         if target.exists() and not is_complete(target):
             shutil.rmtree(target, ignore_errors=True)
