@@ -767,15 +767,23 @@ def markdown_tables(results: dict) -> str:
                          f"{100 * r['bg_acc']:.1f} | {100 * r['shape_acc']:.1f} | {100 * r['size_acc']:.1f} | "
                          f"{r['shape_iou']:.3f} | {r['edge_width_px']:.2f} | {r['fg_error']:.1f} |")
     lines += loss_table(agg, labels)
-    pix = results.get("pixel_difference_to_off", {})
-    if pix:
-        lines += ["", "| arm | mean abs. pixel difference (0-255) of its samples to LPL off, same training seed |",
-                  "|---|---|"]
-        lines += [f"| {labels.get(arm, arm)} | {fmt(pix[arm])} |" for arm in agg if arm in pix]
-        if "off_between_seeds" in pix:
-            lines.append(f"| (LPL off, between training seeds) | {fmt(pix['off_between_seeds'])} |")
+    lines += pixel_difference_table(results, agg, labels)
     lines += gradient_probe_table(results, labels)
     return "\n".join(lines) + "\n"
+
+
+def pixel_difference_table(results: dict, agg: dict, labels: dict) -> list[str]:
+    """Markdown lines: each arm's mean absolute pixel difference to LPL off (same training seed), and LPL off
+    between training seeds for scale; none when the results have no such numbers."""
+    pix = results.get("pixel_difference_to_off", {})
+    if not pix:
+        return []
+    lines = ["", "| arm | mean abs. pixel difference (0-255) of its samples to LPL off, same training seed |",
+             "|---|---|"]
+    lines += [f"| {labels.get(arm, arm)} | {fmt(pix[arm])} |" for arm in agg if arm in pix]
+    if "off_between_seeds" in pix:
+        lines.append(f"| (LPL off, between training seeds) | {fmt(pix['off_between_seeds'])} |")
+    return lines
 
 
 def gradient_probe_table(results: dict, labels: dict) -> list[str]:
@@ -864,13 +872,7 @@ def texture_tables(results: dict) -> str:
                   f"{100 * cal['share_at_weight_1']:.2f}% | {100 * cal['target_share']:.0f}% | "
                   f"{cal['calibrated_weight']:.4g} | {cal['min_snr_weight_mean_uniform_t']:.3g} / "
                   f"{cal['min_snr_weight_mean_below_threshold']:.3g} |"]
-    pix = results.get("pixel_difference_to_off", {})
-    if pix:
-        lines += ["", "| arm | mean abs. pixel difference (0-255) of its samples to LPL off, same training seed |",
-                  "|---|---|"]
-        lines += [f"| {labels.get(arm, arm)} | {fmt(pix[arm])} |" for arm in agg if arm in pix]
-        if "off_between_seeds" in pix:
-            lines.append(f"| (LPL off, between training seeds) | {fmt(pix['off_between_seeds'])} |")
+    lines += pixel_difference_table(results, agg, labels)
     lines += gradient_probe_table(results, labels)
     return "\n".join(lines) + "\n"
 

@@ -89,12 +89,19 @@ def draw_example(index: int, width: int = DEFAULT_WIDTH, height: int = DEFAULT_H
     return img, caption_for(spec)
 
 
-class SyntheticShapes:
-    """Sequence of ``num_examples`` (PIL image, caption) pairs; index i is always the same picture."""
+class IndexedDrawings:
+    """Sequence of ``num_examples`` (PIL image, caption) pairs drawn by ``draw(index, width, height)``
+    from the index alone, so index i is always the same picture (the built-in sets' common protocol)."""
+
+    @staticmethod
+    def draw(index: int, width: int, height: int) -> tuple[Image.Image, str]:
+        raise NotImplementedError
 
     def __init__(self, num_examples: int = 64, width: int = DEFAULT_WIDTH, height: int = DEFAULT_HEIGHT):
         if num_examples < 1:
             raise ValueError(f"num_examples must be >= 1, got {num_examples}")
+        if width < 1 or height < 1:
+            raise ValueError(f"width and height must be >= 1, got {width}x{height}")
         self.num_examples = int(num_examples)
         self.width = int(width)
         self.height = int(height)
@@ -105,7 +112,13 @@ class SyntheticShapes:
     def __getitem__(self, index: int) -> tuple[Image.Image, str]:
         if not 0 <= index < self.num_examples:
             raise IndexError(index)
-        return draw_example(index, self.width, self.height)
+        return self.draw(index, self.width, self.height)
+
+
+class SyntheticShapes(IndexedDrawings):
+    """The coloured shapes: :func:`draw_example` of each index."""
+
+    draw = staticmethod(draw_example)
 
 
 def write_imagefolder(folder: str | os.PathLike, num_examples: int = 16, **size) -> Path:

@@ -44,7 +44,7 @@ import re
 import numpy as np
 from PIL import Image
 
-from lpl_ext.demo.synthetic_data import COLORS
+from lpl_ext.demo.synthetic_data import COLORS, IndexedDrawings
 
 PATTERNS: tuple[str, ...] = ("stripes", "checkerboard", "dots", "grid", "crosshatch")
 # Period 4 was in the set and is dropped: the tiny texture VAE did not reconstruct it (see the module
@@ -216,25 +216,11 @@ def draw_example(index: int, width: int = DEFAULT_WIDTH, height: int = DEFAULT_H
     return render(spec, width, height, phase=None), caption_for(spec)
 
 
-class SyntheticTextures:
-    """Sequence of ``num_examples`` (PIL image, caption) pairs; index i is always the same picture."""
+class SyntheticTextures(IndexedDrawings):
+    """Sequence of ``num_examples`` (PIL image, caption) pairs; index i is always the same picture
+    (:func:`draw_example` of each index)."""
 
-    def __init__(self, num_examples: int = 64, width: int = DEFAULT_WIDTH, height: int = DEFAULT_HEIGHT):
-        if num_examples < 1:
-            raise ValueError(f"num_examples must be >= 1, got {num_examples}")
-        if width < 1 or height < 1:
-            raise ValueError(f"width and height must be >= 1, got {width}x{height}")
-        self.num_examples = int(num_examples)
-        self.width = int(width)
-        self.height = int(height)
-
-    def __len__(self) -> int:
-        return self.num_examples
-
-    def __getitem__(self, index: int) -> tuple[Image.Image, str]:
-        if not 0 <= index < self.num_examples:
-            raise IndexError(index)
-        return draw_example(index, self.width, self.height)
+    draw = staticmethod(draw_example)
 
 
 def evaluation_prompts() -> list[str]:
