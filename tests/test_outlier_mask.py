@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import pickle
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -379,21 +383,41 @@ def test_stats_follow_the_reduction_order(dtype):
         assert _bits(stats) == _bits(ordered_stats(y, keep)), (shape, kind)
 
 
-def test_bits_do_not_depend_on_the_thread_count():
+def _thread_cases() -> list:
+    return [(_with_nonfinite(make_features(shape, kind, seed=40 + i, dtype=dtype)), shape)
+            for i, (shape, kind) in enumerate(ORDER_SHAPES + [((5, 3, 20, 30), "relu")]) for dtype in DTYPES]
+
+
+def thread_case_results(cases_file: str) -> tuple[int, list]:
+    """(the extension's OpenMP thread count, [(mask bytes, stats bits)] of every case saved in
+    ``cases_file``; the inputs are made once, by the caller: torch's own ops that make them
+    round differently with another thread count)."""
+    results = [(keep.numpy().tobytes(), _bits(stats)) for keep, stats in
+               (lpl_ext.outlier_mask(y, return_stats=True) for y in torch.load(cases_file))]
+    return lpl_ext.build_info()["omp_max_threads"], results
+
+
+def test_bits_do_not_depend_on_the_thread_count(tmp_path):
     """1, 2 and 3 OpenMP threads (planes spread over threads, or one plane split by bands
-    of tiles over the team): the same masks and the same statistics, bit for bit."""
-    threads = torch.get_num_threads()
-    cases = [(_with_nonfinite(make_features(shape, kind, seed=40 + i, dtype=dtype)), shape)
-             for i, (shape, kind) in enumerate(ORDER_SHAPES + [((5, 3, 20, 30), "relu")]) for dtype in DTYPES]
+    of tiles over the team): the same masks and the same statistics, bit for bit. Each count
+    runs in its own process, set both ways: torch.set_num_threads reaches the OpenMP runtime
+    torch loaded (which the extension shares in a source build; torch's import caps it at the
+    core count), OMP_NUM_THREADS the runtime a repaired wheel's extension carries itself
+    (tests/dist_install_run.sh)."""
+    cases = _thread_cases()
+    cases_file = tmp_path / "cases.pt"
+    torch.save([y for y, _ in cases], cases_file)
     results = {}
-    try:
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            assert lpl_ext.build_info()["omp_max_threads"] == n or not lpl_ext.build_info()["openmp"]
-            results[n] = [(keep.numpy().tobytes(), _bits(stats)) for keep, stats in
-                          (lpl_ext.outlier_mask(y, return_stats=True) for y, _ in cases)]
-    finally:
-        torch.set_num_threads(threads)
+    for n in (1, 2, 3):
+        out = tmp_path / f"threads{n}.pkl"
+        code = (f"import pickle, sys, torch; torch.set_num_threads({n}); "
+                f"sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_outlier_mask as t; "
+                f"open({str(out)!r}, 'wb').write(pickle.dumps(t.thread_case_results({str(cases_file)!r})))")
+        proc = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, OMP_NUM_THREADS=str(n)),
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        threads, results[n] = pickle.loads(out.read_bytes())
+        assert threads == n or not lpl_ext.build_info()["openmp"]
     for n in (2, 3):
         for (got, want), (_, shape) in zip(zip(results[n], results[1]), cases):
             assert got == want, (n, shape)
