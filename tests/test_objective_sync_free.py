@@ -62,7 +62,11 @@ def test_whole_batch_mode_equals_the_default_without_a_sync(vae, scheduler, pred
     assert counter.ours() == []  # no host sync anywhere in the objective or the loss
     assert sizes == [6, 6]  # target and prediction passes over the whole batch
     assert_close_to_scale(got, want, rtol=1e-5)
-    torch.testing.assert_close(grad, want_grad, rtol=1e-4, atol=1e-7 * float(want_grad.abs().max()))
+    # l1's gradient is sign(d): the decoder runs on 6 samples here and on the 3 below the
+    # threshold there, so float32 features differ in their last bits and a d within rounding
+    # of 0 may flip sign (seen: 1.4e-4 of the largest gradient); mse is smooth: 1e-7
+    scale = 1e-3 if opts.get("loss_type") == "l1" else 1e-7
+    torch.testing.assert_close(grad, want_grad, rtol=1e-4, atol=scale * float(want_grad.abs().max()))
     assert torch.equal(grad[[0, 2, 5]], torch.zeros_like(grad[[0, 2, 5]]))  # exactly 0 above the threshold
     assert set(logs) == set(want_logs)
     for key in ("lpl_loss", "lpl_applied_ratio", "lpl_num_samples") + tuple(
