@@ -159,6 +159,14 @@ typedef struct {
 #define LPL_OM_TILE_H 32
 /* Per-plane slots: LPL_OM_PLANE_D doubles and LPL_OM_PLANE_U order keys. */
 #define LPL_OM_PLANE_U 8
+/* Candidate gather of the streaming path's radix select: once the bins a digit pass selects
+ * for both order statistics hold at most 1 / LPL_OM_CAND_DIVISOR of the plane's values each,
+ * the next pass over the values also copies the keys in those bins (the candidates) into two
+ * per-plane lists, and the remaining digit passes histogram the lists instead of re-reading
+ * the plane (float32: 3 reads of y instead of 4 on spread-out data). Larger bins (ties, values
+ * piled at one magnitude) keep re-reading the plane: the lists' capacity is fixed by the
+ * plane's size, the results are the same either way. */
+#define LPL_OM_CAND_DIVISOR 32
 
 /* ---- the outlier mask's one reduction order (CPU and both CUDA paths) -------------------
  * Every floating sum of the outlier mask (a plane's finite sum, its sums of (v - mean)^2
@@ -227,6 +235,7 @@ typedef struct {
     double *part_d;    /* per-block partial sums: parts_per_plane * 4 doubles per plane */
     uint64_t *part_u;  /* per-block min / max order keys: parts_per_plane * 2 per plane */
     uint32_t *hist;    /* per-plane digit histograms: 2 * LPL_OM_DIGIT_BINS per plane */
+    uint64_t *cand;    /* per-plane candidate lists: 2 * cand_cap keys per plane */
 } lpl_om_ws;
 
 /* The one by-value parameter block of every outlier-mask kernel. The launcher fills it
@@ -250,6 +259,7 @@ typedef struct {
     int shift, digit_bits; /* the pass's digit: key bits [shift, shift + digit_bits) */
     int layer_in_shared;   /* om_layer_stats: the planes' moments staged in dynamic shared memory */
     int tiles_in_shared;   /* om_select / om_plane_merge: a plane's tile partials staged there */
+    int64_t cand_cap;      /* keys per candidate list (lpl_om_candidate_cap) */
     lpl_om_ws ws;
 } lpl_om_args;
 

@@ -168,6 +168,9 @@ static inline lpl_om_v1_layout lpl_om_v1_workspace_layout(int64_t n, int64_t c, 
  *   part_d  P*S*4 doubles       per-block partial sums of the streaming path
  *   part_u  P*S*2 uint64        per-block min / max keys of the streaming path
  *   hist    P*2*2048 uint32     per-plane digit histograms of the streaming path
+ *   cand    P*2*K uint64        per-plane candidate lists of the streaming path's radix
+ *                               select, K = lpl_om_candidate_cap(L) keys each (L/32: half a byte
+ *                               per value, within the v1 layout's one byte per value)
  * Planes that fit in shared memory use plane_d only. */
 
 /* Blocks over one plane's values in the streaming passes (8 values per thread or more). */
@@ -193,8 +196,11 @@ static inline int64_t lpl_om_parts_per_plane(int64_t h, int64_t w) {
     return t < 0 ? -1 : (t > b ? t : b);
 }
 
+/* Keys per candidate list (LPL_OM_CAND_DIVISOR in lpl_kernel_abi.h). */
+static inline int64_t lpl_om_candidate_cap(int64_t plane_len) { return plane_len > 0 ? plane_len / LPL_OM_CAND_DIVISOR : 0; }
+
 typedef struct {
-    int64_t plane_d, plane_u, part_d, part_u, hist, total;
+    int64_t plane_d, plane_u, part_d, part_u, hist, cand, total;
 } lpl_om_layout;
 
 /* Region offsets in bytes; total = -1 when the sizes overflow int64. */
@@ -206,7 +212,8 @@ static inline lpl_om_layout lpl_om_workspace_layout(int64_t n, int64_t c, int64_
     l.part_d = lpl_om_add(l.plane_u, lpl_om_align256(lpl_om_mul(planes, LPL_OM_PLANE_U * 8)));
     l.part_u = lpl_om_add(l.part_d, lpl_om_align256(lpl_om_mul(parts, 4 * 8)));
     l.hist = lpl_om_add(l.part_u, lpl_om_align256(lpl_om_mul(parts, 2 * 8)));
-    l.total = lpl_om_add(l.hist, lpl_om_align256(lpl_om_mul(planes, 2 * LPL_OM_DIGIT_BINS * 4)));
+    l.cand = lpl_om_add(l.hist, lpl_om_align256(lpl_om_mul(planes, 2 * LPL_OM_DIGIT_BINS * 4)));
+    l.total = lpl_om_add(l.cand, lpl_om_align256(lpl_om_mul(lpl_om_mul(planes, 2 * 8), lpl_om_candidate_cap(lpl_om_mul(h, w)))));
     if (l.total == 0) l.total = 256;
     return l;
 }

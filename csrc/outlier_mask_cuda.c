@@ -137,6 +137,8 @@ int lpl_cuda_outlier_mask(const struct lpl_cuda_kernels *k, const lpl_om_params 
     a.ws.part_d = (double *)(base + layout.part_d);
     a.ws.part_u = (uint64_t *)(base + layout.part_u);
     a.ws.hist = (uint32_t *)(base + layout.hist);
+    a.ws.cand = (uint64_t *)(base + layout.cand);
+    a.cand_cap = lpl_om_candidate_cap(a.len);
     if (a.planes > 2147483647LL) {
         snprintf(err, LPL_ERR_LEN, "too many (sample, channel) planes for one launch");
         return -1;

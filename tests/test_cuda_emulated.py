@@ -630,6 +630,52 @@ def test_outlier_mask_matches_cpu(dev, case, dtype):
         assert dev.name("om_layer_stats") not in {ln["kernel"] for ln in dev.launches()}
 
 
+def _sort_keys(values: np.ndarray) -> np.ndarray:
+    """lpl_math.h's order-preserving keys of float32 / float64 values (uint64)."""
+    bits = values.view(np.uint32 if values.dtype == np.float32 else np.uint64).astype(np.uint64)
+    sign = np.uint64(1 << (8 * values.itemsize - 1))
+    full = np.uint64((1 << (8 * values.itemsize)) - 1)
+    return np.where(bits & sign, ~bits & full, bits | sign)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32] if MODE == "sanitize" else [torch.float32, torch.float64],
+                         ids=_dtype_id)
+def test_streaming_select_reads_candidate_lists_where_they_fit(dev, dtype):
+    """v2 streaming path, candidate gather (LPL_OM_CAND_DIVISOR in lpl_kernel_abi.h). Plane 0
+    is spread out: after the first digits the bins of its two order statistics hold under
+    1/32 of its values, so one pass copies them into lists and the remaining digits are
+    counted from the lists. Plane 1 piles its values on 9 levels (about 1/9 per bin): it
+    keeps re-reading the plane. Both planes' selected keys are the exact order statistics,
+    mask and stats the CPU's, and from the third digit pass on only plane 1 is read."""
+    if dev.kernel_set != "v2":
+        pytest.skip("the v2 kernels' streaming select")
+    g = torch.Generator().manual_seed(5)
+    y = torch.randn(1, 2, 256, 256, generator=g, dtype=torch.float64)
+    y[0, 1] = torch.randint(-4, 5, (256, 256), generator=g).double() / 4
+    y = y.to(dtype)
+    planes, length = 2, 256 * 256
+    ws = FakeCudaArray(np.full(_C.outlier_mask_workspace_bytes(*y.shape), 0xCD, np.uint8))
+    keep = FakeCudaArray(np.zeros(tuple(y.shape), np.uint8).view(np.bool_))
+    stats = FakeCudaArray(np.zeros(3))
+    _C.outlier_mask(_on_device(y), keep, stats, 0.02, 2.0, 3, 5, stream=STREAM, workspace=ws, kernels=dev.kernels)
+    want_keep, want_stats = cpu_outlier_mask(y, 3, 5)
+    np.testing.assert_array_equal(keep.array.view(np.uint8), want_keep)
+    np.testing.assert_array_equal(_bits(stats.array), _bits(want_stats))
+    # the selected keys (plane_u slots 0, 1 after the last digit; lpl_om_workspace_layout:
+    # plane_u follows plane_d's 16 doubles per plane, 256-byte aligned)
+    plane_u = (planes * 16 * 8 + 255) // 256 * 256
+    selected = ws.array[plane_u:plane_u + planes * 8 * 8].view(np.uint64).reshape(planes, 8)[:, :2]
+    values = y.reshape(planes, length).numpy()
+    for p in range(planes):
+        ranks = [min(max(int(np.floor(length * q)), 1), length) for q in (0.02, 1 - 0.02)]
+        np.testing.assert_array_equal(selected[p], _sort_keys(np.sort(values[p])[[r - 1 for r in ranks]]))
+    hists = [ln for ln in dev.launches() if ln["kernel"] == dev.name(f"om_hist_{SUFFIX[dtype]}")]
+    assert len(hists) == {torch.float32: 3, torch.float64: 6}[dtype]
+    plane_bytes = length * y.element_size()
+    assert all(int(ln["read"]) >= planes * plane_bytes for ln in hists[:2])
+    assert all(plane_bytes <= int(ln["read"]) < 1.05 * plane_bytes for ln in hists[2:]), [ln["read"] for ln in hists]
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
 def test_outlier_stats_are_bit_identical_when_the_sums_are_exact(dev, dtype):
     """Dyadic values on 2 planes of 64: every partial sum is exact in any order, so the

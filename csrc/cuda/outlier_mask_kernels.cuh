@@ -29,7 +29,16 @@
 //                       digit among the keys matching each selected prefix
 //   om_select pass 1..  std; digits; after the last digit the thresholds lo, hi
 //   om_hist / om_select further digits (11 bits each: float32 3 passes over y in all,
-//                       16-bit 2, float64 6)
+//                       16-bit 2, float64 6). Candidate gather (LPL_OM_CAND_DIVISOR):
+//                       once a select finds both selected bins holding at most 1/32 of
+//                       the plane's values and two or more digits left, the next om_hist
+//                       pass also copies the keys in those bins into two per-plane lists
+//                       (a block scan per step, one counter reservation per list), and
+//                       every later digit is counted by om_select from the lists in
+//                       shared memory (om_hist returns at once; no global histogram to
+//                       clear or read): spread-out float32 reads y twice here, float64
+//                       twice instead of 6 times; piled-up values (bins over 1/32) keep
+//                       the passes over y. Same keys selected either way.
 //   om_filter           2-D tiles with a halo of r_close + r_open: threshold, closing,
 //                       opening, AND finite in shared memory, the mask written once;
 //                       kept moments per 32 x 64 reduction tile (a filter tile holds 1 or 4)
@@ -72,8 +81,12 @@ template <> struct om_traits<lpl_bf16> {
 
 // plane_d slots (LPL_OM_PLANE_D doubles per plane)
 enum { PD_COUNT = 0, PD_MEAN, PD_CONST, PD_STD, PD_LO, PD_HI, PD_PMEAN, PD_PM2, PD_KEPT };
-// plane_u slots (LPL_OM_PLANE_U order keys per plane)
-enum { PU_PREFIX1 = 0, PU_PREFIX2, PU_RANK1, PU_RANK2, PU_KMIN };
+// plane_u slots (LPL_OM_PLANE_U order keys per plane): the selections' prefixes and ranks,
+// the streaming path's candidate mode (OM_MODE_*) and its two list lengths
+enum { PU_PREFIX1 = 0, PU_PREFIX2, PU_RANK1, PU_RANK2, PU_KMIN, PU_MODE, PU_NCAND1, PU_NCAND2 };
+// Streaming digit passes (LPL_OM_CAND_DIVISOR): over the plane; over the plane, copying the
+// keys that match each selection's prefix into its list (the candidates); over the lists.
+enum { OM_MODE_PLANE = 0, OM_MODE_GATHER = 1, OM_MODE_LISTS = 2 };
 
 typedef lpl_om_args om_args;
 
@@ -191,11 +204,12 @@ __device__ __forceinline__ unsigned block_exclusive_scan(unsigned v, unsigned *s
 
 // The bin holding the rank-th smallest key (1-based) of a histogram whose bins are
 // dealt PER consecutive ones to each thread (c: this thread's counts): one block-wide
-// scan instead of a serial walk. The thread owning it writes *digit and the rank inside
-// the bin; *digit stays as it was when no bin holds the rank (no finite value).
+// scan instead of a serial walk. The thread owning it writes *digit, the rank inside
+// the bin and the bin's count; *digit stays as it was when no bin holds the rank (no
+// finite value).
 template <int PER>
 __device__ __forceinline__ void select_bin(const uint32_t (&c)[PER], uint64_t rank, unsigned *scan, int *digit,
-                                           uint64_t *rank_in_bin) {
+                                           uint64_t *rank_in_bin, uint32_t *bin_count) {
     unsigned mine = 0;
     for (int i = 0; i < PER; ++i) mine += c[i];
     uint64_t before = block_exclusive_scan(mine, scan);
@@ -204,6 +218,7 @@ __device__ __forceinline__ void select_bin(const uint32_t (&c)[PER], uint64_t ra
         while (rank > before + c[d]) before += c[d++];
         *digit = (int)threadIdx.x * PER + d;
         *rank_in_bin = rank - before;
+        *bin_count = c[d];
     }
     __syncthreads();
 }
@@ -265,6 +280,7 @@ __device__ __forceinline__ void plane_kernel(const om_args &a) {
     __shared__ unsigned scan[kThreads / 32];
     __shared__ uint64_t prefix[2], rank[2];
     __shared__ int digit[2];
+    __shared__ uint32_t bin_count[2];
     __shared__ double plane_sh[4];  // count, mean, std, is_const
     __shared__ double bounds[2];    // lo, hi
     __shared__ double red[3 * kThreads];
@@ -369,7 +385,7 @@ __device__ __forceinline__ void plane_kernel(const om_args &a) {
         __syncthreads();
         for (int s = 0; s < 2; ++s) {
             const uint32_t c[1] = {hist[s * 256 + threadIdx.x]};
-            select_bin<1>(c, rank[s], scan, &digit[s], &rank[s]);
+            select_bin<1>(c, rank[s], scan, &digit[s], &rank[s], &bin_count[s]);
         }
         if (threadIdx.x == 0)
             for (int s = 0; s < 2; ++s)
@@ -426,13 +442,54 @@ __device__ __forceinline__ void plane_kernel(const om_args &a) {
 
 // ---- streaming path -------------------------------------------------------------------------------
 
+// Appends the keys of this block step whose flags are set (bit 0: selection 0's list, bit
+// 16: selection 1's) to the plane's candidate lists: one block-wide scan of the packed
+// flags, one counter reservation per list and step. Called by every thread of the block.
+// The lists' order depends on the blocks' order; the histograms built from them do not.
+__device__ __forceinline__ void append_candidates(const om_args &a, int64_t plane, uint64_t key, unsigned flags,
+                                                  unsigned *scan, unsigned long long *base_sh) {
+    const unsigned before = block_exclusive_scan(flags, scan);
+    if (threadIdx.x == kThreads - 1) {  // the step's totals: reserve each list's slots once
+        const unsigned total = before + flags;
+        unsigned long long *count = (unsigned long long *)(a.ws.plane_u + plane * LPL_OM_PLANE_U + PU_NCAND1);
+        base_sh[0] = (total & 0xffffu) ? atomicAdd(count, (unsigned long long)(total & 0xffffu)) : 0ull;
+        base_sh[1] = (total >> 16) ? atomicAdd(count + 1, (unsigned long long)(total >> 16)) : 0ull;
+    }
+    __syncthreads();
+    uint64_t *lists = a.ws.cand + plane * 2 * a.cand_cap;
+    // the select only asks for a gather when each list's keys fit (its bin count <= cap)
+    if (flags & 1u) lpl_st(lists, (int64_t)(base_sh[0] + (before & 0xffffu)), key);
+    if (flags >> 16) lpl_st(lists + a.cand_cap, (int64_t)(base_sh[1] + (before >> 16)), key);
+    __syncthreads();  // base_sh is rewritten by the next step
+}
+
+// The digit histograms of the plane's candidate lists (OM_MODE_LISTS, passes >= 2), in
+// shared memory h (2 * LPL_OM_DIGIT_BINS, zeroed): histogram s counts list s's keys that
+// match selection s's prefix. Run by the select's block: the lists are small, so no
+// digit pass over the plane and no global histogram.
+__device__ __forceinline__ void hist_from_lists(const om_args &a, int64_t plane, const uint64_t (&prefix)[2],
+                                                const uint64_t (&lengths)[2], uint32_t *h) {
+    const uint64_t digit_mask = ((uint64_t)1 << a.digit_bits) - 1;
+    const int hi_bit = a.shift + a.digit_bits;
+    for (int s = 0; s < 2; ++s) {
+        const uint64_t *list = a.ws.cand + (plane * 2 + s) * a.cand_cap, p = prefix[s];
+        for (int64_t i = threadIdx.x; i < (int64_t)lengths[s]; i += kThreads) {
+            const uint64_t key = lpl_ld(list, i);
+            if (prefix_matches(key, p, hi_bit))
+                atomicAdd(&h[s * LPL_OM_DIGIT_BINS + (unsigned)((key >> a.shift) & digit_mask)], 1u);
+        }
+    }
+    __syncthreads();
+}
+
 // One pass over the values of plane blockIdx.x / B: block j = blockIdx.x % B takes the
 // reduction tiles j, j + B, ... (lane = thread: coalesced rows of 64 values). Pass 0 each
 // tile's finite count and sum, pass 1 its deviations (into part_d, reduction order of
 // lpl_kernel_abi.h); pass 0 also the block's min / max key (part_u); every pass the digit
 // [shift, shift + digit_bits) histogram of the finite keys matching each selection's
 // prefix (pass 0: one histogram, the prefixes are empty), added into the plane's global
-// histograms.
+// histograms. In OM_MODE_GATHER the pass also copies those keys into the candidate lists;
+// in OM_MODE_LISTS there is nothing to do (the select histograms the lists).
 template <typename T>
 __device__ __forceinline__ void hist_kernel(const om_args &a) {
     typedef om_traits<T> tr;
@@ -441,50 +498,65 @@ __device__ __forceinline__ void hist_kernel(const om_args &a) {
     __shared__ uint64_t redu[kThreads];
     __shared__ uint64_t prefix_sh[2];
     __shared__ double mean_sh;
+    __shared__ int mode_sh;
+    __shared__ unsigned scan[kThreads / 32];
+    __shared__ unsigned long long cand_base[2];
     const int64_t nb = a.blocks_per_plane, plane = blockIdx.x / nb, j = blockIdx.x % nb;
     const int selections = a.pass == 0 ? 1 : 2, bins = selections * LPL_OM_DIGIT_BINS;
     for (int i = threadIdx.x; i < bins; i += kThreads) h[i] = 0;
     if (threadIdx.x == 0) {
-        prefix_sh[0] = lpl_ld(a.ws.plane_u, plane * LPL_OM_PLANE_U + PU_PREFIX1);
-        prefix_sh[1] = lpl_ld(a.ws.plane_u, plane * LPL_OM_PLANE_U + PU_PREFIX2);
+        const uint64_t *pu = a.ws.plane_u + plane * LPL_OM_PLANE_U;
+        prefix_sh[0] = lpl_ld(pu, PU_PREFIX1);
+        prefix_sh[1] = lpl_ld(pu, PU_PREFIX2);
+        mode_sh = (int)lpl_ld(pu, PU_MODE);
         mean_sh = a.pass == 1 ? lpl_ld(a.ws.plane_d, plane * LPL_OM_PLANE_D + PD_MEAN) : 0.0;
     }
     __syncthreads();
+    const int mode = mode_sh;
+    if (mode == OM_MODE_LISTS) return;  // (uniform over the block)
     const uint64_t p1 = prefix_sh[0], p2 = prefix_sh[1], digit_mask = ((uint64_t)1 << a.digit_bits) - 1;
     const int hi_bit = a.shift + a.digit_bits;
     const double mean = mean_sh;
-    const T *yp = static_cast<const T *>(a.y) + plane * a.len;
-    const int64_t tiles_x = red_tiles_x(a), tiles = red_tiles(a), base = plane * a.parts_per_plane;
+    const int64_t base = plane * a.parts_per_plane;
     uint64_t kmin = UINT64_MAX, kmax = 0;
-    for (int64_t tile = j; tile < tiles; tile += nb) {
-        const int64_t gy0 = tile / tiles_x * LPL_OM_TILE_H, gx0 = tile % tiles_x * LPL_OM_TILE_W;
-        double v[2] = {0.0, 0.0};  // pass 0: count, sum; pass 1: sum (v - mean)^2, sum (v - mean)
-        for (int k = 0; k < OM_TILE_STEPS; ++k) {
-            const int t = threadIdx.x + k * kThreads;
-            const int64_t gy = gy0 + t / LPL_OM_TILE_W, gx = gx0 + t % LPL_OM_TILE_W;
-            if (gy >= a.h || gx >= a.w) continue;
-            const T r = lpl_ld(yp, gy * a.w + gx);
-            if (!tr::finite(r)) continue;
-            const uint64_t key = tr::key(r);
-            if (a.pass == 0) {
-                v[0] += 1.0;
-                v[1] += (double)tr::load(r);
-                kmin = key < kmin ? key : kmin;
-                kmax = key > kmax ? key : kmax;
-            } else if (a.pass == 1) {
-                const double d = (double)tr::load(r) - mean;
-                v[0] += d * d;
-                v[1] += d;
+    {
+        const T *yp = static_cast<const T *>(a.y) + plane * a.len;
+        const int64_t tiles_x = red_tiles_x(a), tiles = red_tiles(a);
+        for (int64_t tile = j; tile < tiles; tile += nb) {
+            const int64_t gy0 = tile / tiles_x * LPL_OM_TILE_H, gx0 = tile % tiles_x * LPL_OM_TILE_W;
+            double v[2] = {0.0, 0.0};  // pass 0: count, sum; pass 1: sum (v - mean)^2, sum (v - mean)
+            for (int k = 0; k < OM_TILE_STEPS; ++k) {
+                const int t = threadIdx.x + k * kThreads;
+                const int64_t gy = gy0 + t / LPL_OM_TILE_W, gx = gx0 + t % LPL_OM_TILE_W;
+                const T r = gy < a.h && gx < a.w ? lpl_ld(yp, gy * a.w + gx) : T();
+                const bool finite = gy < a.h && gx < a.w && tr::finite(r);
+                const uint64_t key = finite ? tr::key(r) : 0;
+                const bool m1 = finite && prefix_matches(key, p1, hi_bit);
+                const bool m2 = finite && selections == 2 && prefix_matches(key, p2, hi_bit);
+                if (finite) {
+                    if (a.pass == 0) {
+                        v[0] += 1.0;
+                        v[1] += (double)tr::load(r);
+                        kmin = key < kmin ? key : kmin;
+                        kmax = key > kmax ? key : kmax;
+                    } else if (a.pass == 1) {
+                        const double d = (double)tr::load(r) - mean;
+                        v[0] += d * d;
+                        v[1] += d;
+                    }
+                    const unsigned d = (unsigned)((key >> a.shift) & digit_mask);
+                    if (m1) atomicAdd(&h[d], 1u);
+                    if (m2) atomicAdd(&h[LPL_OM_DIGIT_BINS + d], 1u);
+                }
+                if (mode == OM_MODE_GATHER)  // (uniform over the block)
+                    append_candidates(a, plane, key, (unsigned)m1 | ((unsigned)m2 << 16), scan, cand_base);
             }
-            const unsigned d = (unsigned)((key >> a.shift) & digit_mask);
-            if (prefix_matches(key, p1, hi_bit)) atomicAdd(&h[d], 1u);
-            if (selections == 2 && prefix_matches(key, p2, hi_bit)) atomicAdd(&h[LPL_OM_DIGIT_BINS + d], 1u);
-        }
-        if (a.pass <= 1) {  // (uniform over the block)
-            lane_tree<2>(v, red);
-            if (threadIdx.x == 0) {
-                lpl_st(a.ws.part_d, (base + tile) * 4 + 2 * a.pass, v[0]);
-                lpl_st(a.ws.part_d, (base + tile) * 4 + 2 * a.pass + 1, v[1]);
+            if (a.pass <= 1) {  // (uniform over the block)
+                lane_tree<2>(v, red);
+                if (threadIdx.x == 0) {
+                    lpl_st(a.ws.part_d, (base + tile) * 4 + 2 * a.pass, v[0]);
+                    lpl_st(a.ws.part_d, (base + tile) * 4 + 2 * a.pass + 1, v[1]);
+                }
             }
         }
     }
@@ -501,15 +573,18 @@ __device__ __forceinline__ void hist_kernel(const om_args &a) {
     }
 }
 
-// One block per plane. Pass -1: clear the histograms and the prefixes. Pass p >= 0: merge
-// the pass's block partials in block order (pass 0: count, mean, ranks; pass 1: std),
-// pick each selection's digit from the histograms, clear them for the next pass; after
-// the last digit (shift 0) the thresholds.
+// One block per plane. Pass -1: clear the histograms, the prefixes and the candidate mode.
+// Pass p >= 0: merge the pass's block partials in block order (pass 0: count, mean, ranks;
+// pass 1: std), pick each selection's digit from the histograms, clear them for the next
+// pass, set the next pass's candidate mode; after the last digit (shift 0) the thresholds.
 extern "C" __global__ void __launch_bounds__(kThreads) lpl_om_select(const om_args a) {
     LPL_DYNAMIC_SHARED(double, staged);  // a.tiles_in_shared: the tile partials (tile tree)
     __shared__ unsigned scan[kThreads / 32];
     __shared__ uint64_t prefix[2], rank[2];
     __shared__ int digit[2];
+    __shared__ uint32_t bin_count[2];
+    __shared__ uint64_t mode_sh[2], lengths[2];  // this pass's and the next pass's mode; the lists' lengths
+    __shared__ uint32_t list_hist[2 * LPL_OM_DIGIT_BINS];  // OM_MODE_LISTS
     const int64_t plane = blockIdx.x;
     uint32_t *g = a.ws.hist + plane * 2 * LPL_OM_DIGIT_BINS;
     double *pd = a.ws.plane_d + plane * LPL_OM_PLANE_D;
@@ -519,6 +594,7 @@ extern "C" __global__ void __launch_bounds__(kThreads) lpl_om_select(const om_ar
         if (threadIdx.x == 0) {
             lpl_st(pu, PU_PREFIX1, 0);
             lpl_st(pu, PU_PREFIX2, 0);
+            lpl_st(pu, PU_MODE, (uint64_t)OM_MODE_PLANE);
         }
         return;
     }
@@ -558,17 +634,41 @@ extern "C" __global__ void __launch_bounds__(kThreads) lpl_om_select(const om_ar
             prefix[1] = lpl_ld(pu, PU_PREFIX2);
         }
         digit[0] = digit[1] = -1;
+        mode_sh[0] = lpl_ld(pu, PU_MODE);
+        if (mode_sh[0] == OM_MODE_LISTS) {
+            lengths[0] = lpl_ld(pu, PU_NCAND1);
+            lengths[1] = lpl_ld(pu, PU_NCAND2);
+        }
     }
     __syncthreads();
+    const uint64_t mode = mode_sh[0];
+    if (mode == OM_MODE_LISTS) {  // (uniform over the block)
+        for (int i = threadIdx.x; i < 2 * LPL_OM_DIGIT_BINS; i += kThreads) list_hist[i] = 0;
+        __syncthreads();
+        hist_from_lists(a, plane, prefix, lengths, list_hist);
+    }
     const int per = LPL_OM_DIGIT_BINS / kThreads;
     for (int s = 0; s < 2; ++s) {
-        const uint32_t *hs = g + (a.pass == 0 ? 0 : s * LPL_OM_DIGIT_BINS);
+        const int64_t at = (a.pass == 0 ? 0 : s * LPL_OM_DIGIT_BINS) + (int64_t)threadIdx.x * per;
         uint32_t c[LPL_OM_DIGIT_BINS / kThreads];
-        for (int i = 0; i < per; ++i) c[i] = lpl_ld(hs, (int64_t)threadIdx.x * per + i);
-        select_bin<LPL_OM_DIGIT_BINS / kThreads>(c, rank[s], scan, &digit[s], &rank[s]);
+        for (int i = 0; i < per; ++i) c[i] = mode == OM_MODE_LISTS ? list_hist[at + i] : lpl_ld(g, at + i);
+        select_bin<LPL_OM_DIGIT_BINS / kThreads>(c, rank[s], scan, &digit[s], &rank[s], &bin_count[s]);
     }
-    // every thread has read its bins (select_bin ends with a barrier): clear them
-    for (int i = threadIdx.x; i < (a.pass == 0 ? 1 : 2) * LPL_OM_DIGIT_BINS; i += kThreads) lpl_st(g, i, 0u);
+    if (threadIdx.x == 0) {
+        // the next pass's candidate mode: once gathered, the lists; else gather when the
+        // two selected bins fit the lists and at least one pass follows the next one
+        uint64_t next = mode == OM_MODE_PLANE ? (uint64_t)OM_MODE_PLANE : (uint64_t)OM_MODE_LISTS;
+        if (mode == OM_MODE_PLANE && a.shift > LPL_OM_DIGIT_BITS && digit[0] >= 0 && digit[1] >= 0 &&
+            (int64_t)bin_count[0] <= a.cand_cap && (int64_t)bin_count[1] <= a.cand_cap)
+            next = OM_MODE_GATHER;
+        mode_sh[1] = next;
+    }
+    __syncthreads();
+    // every thread has read its bins (select_bin ends with a barrier): clear them for the
+    // next pass, unless it reads the lists (then no global histogram is used again; the
+    // next call's pass -1 clears them)
+    if (mode != OM_MODE_LISTS && mode_sh[1] != OM_MODE_LISTS)
+        for (int i = threadIdx.x; i < (a.pass == 0 ? 1 : 2) * LPL_OM_DIGIT_BINS; i += kThreads) lpl_st(g, i, 0u);
     if (threadIdx.x != 0) return;
     for (int s = 0; s < 2; ++s)
         if (digit[s] >= 0) prefix[s] |= (uint64_t)digit[s] << a.shift;
@@ -576,6 +676,11 @@ extern "C" __global__ void __launch_bounds__(kThreads) lpl_om_select(const om_ar
     lpl_st(pu, PU_PREFIX2, prefix[1]);
     lpl_st(pu, PU_RANK1, rank[0]);
     lpl_st(pu, PU_RANK2, rank[1]);
+    if (mode_sh[1] == OM_MODE_GATHER) {
+        lpl_st(pu, PU_NCAND1, 0);
+        lpl_st(pu, PU_NCAND2, 0);
+    }
+    lpl_st(pu, PU_MODE, mode_sh[1]);
     if (a.shift == 0) {
         double lo, hi;
         plane_thresholds(a, lpl_ld(pd, PD_COUNT), lpl_ld(pd, PD_STD), prefix[0], prefix[1], &lo, &hi);
