@@ -129,6 +129,64 @@ def run(res: int = 32, dtypes: Sequence[str] = DTYPES, norms: Sequence[str] = NO
     return rows
 
 
+#: Outlier planes too large for v2's one-block path (its streaming path): the pyramid's
+#: 256x256 level at 1024 px (two planes) and one plane of its 1024x1024 level.
+STREAMING_SHAPES = ((1, 2, 256, 256), (1, 1, 1024, 1024))
+STREAMING_DTYPES = ("float32", "bfloat16", "float64")
+
+
+def run_streaming(kernel_sets: Sequence[str] = KERNEL_SETS, shapes: Sequence[Tuple[int, ...]] = STREAMING_SHAPES,
+                  dtypes: Sequence[str] = STREAMING_DTYPES, log: Callable[[str], None] = print) -> List[Row]:
+    """One outlier-mask row per (kernel set, plane shape, dtype) on streaming-path planes of
+    spread-out values (standard normal), closing 3, opening 5 (the 1024 px levels' windows)."""
+    import torch
+
+    rows: List[Row] = []
+    for kernel_set in kernel_sets:
+        emulated, dev = _device(kernel_set)
+        for shape in shapes:
+            for dtype in dtypes:
+                y = torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+                y = y.to(getattr(torch, dtype))
+                dev.clear()
+                t = time.time()
+                emulated.emu_outlier_mask(dev, y, 3, 5)
+                rows.append(_row(kernel_set, "outlier_mask", "streaming", shape, dtype, "", False, _totals(dev),
+                                 ELEM[dtype] + 1, time.time() - t))
+                log(_line(rows[-1]))
+        del dev
+    return rows
+
+
+def streaming_table(rows: List[Row]) -> str:
+    """Markdown: the streaming-path rows, labelled as emulated traffic."""
+    out = ["| kernels | op | plane | dtype | requested B/elem | distinct B/elem | minimal | requested / minimal"
+           " | launches |", "|---|---|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        out.append(f"| {r['kernels']} | {r['op']} | {r['shape']} | {r['dtype']} | {r['requested_per_elem']:.2f}"
+                   f" | {r['distinct_per_elem']:.2f} | {r['minimal_per_elem']:.0f}"
+                   f" | {r['requested_over_minimal']:.2f}× | {r['launches']} |")
+    return "\n".join(out)
+
+
+def summary_table(rows: List[Row]) -> str:
+    """Markdown: per (op, dtype, norm), the range over the pyramid's layers of requested /
+    minimal bytes, one column per kernel set."""
+    sets = [k for k in KERNEL_SETS if any(r["kernels"] == k for r in rows)]
+    keys = sorted({(r["op"], r["dtype"], r["norm"]) for r in rows})
+    names = {"v1": "v1 (0.2 kernels)", "v2": "v2 (current)"}
+    out = ["| op | dtype | norm | " + " | ".join(f"{names[k]}: requested / minimal" for k in sets) + " |",
+           "|---|---|---|" + "---:|" * len(sets)]
+    for op, dtype, norm in keys:
+        cells = []
+        for k in sets:
+            vals = [r["requested_over_minimal"] for r in rows if (r["kernels"], r["op"], r["dtype"], r["norm"])
+                    == (k, op, dtype, norm)]
+            cells.append(f"{min(vals):.2f}–{max(vals):.2f}×" if vals else "–")
+        out.append(f"| {op} | {dtype} | {norm or '–'} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def _line(r: Row) -> str:
     return (f"[emulated bytes] {r['kernels']} {r['op']} {r['layer']} {r['shape']} {r['dtype']} {r['norm'] or '-'}"
             f"{' mask' if r['mask'] else ''}: requested {r['requested_per_elem']:.2f} B/elem, distinct "
@@ -176,7 +234,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if bad or not sets:
         p.error(f"--kernel-sets: expected a subset of {','.join(KERNEL_SETS)}, got {args.kernel_sets!r}")
     rows = run(args.res, kernel_sets=sets)
-    print(table(rows, args.res))
+    streaming = run_streaming(sets)
+    print(summary_table(rows), streaming_table(streaming), table(rows, args.res), sep="\n\n")
+    rows += streaming
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0

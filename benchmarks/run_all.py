@@ -404,8 +404,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         printed += rows
     if "emulated_bytes" in benches:
         rows = bench_emulated_bytes.run(args.res or 32, log=log)
+        streaming = bench_emulated_bytes.run_streaming(log=log)
+        log(bench_emulated_bytes.summary_table(rows))
+        log(bench_emulated_bytes.streaming_table(streaming))
         log(bench_emulated_bytes.table(rows, args.res or 32))
-        printed += rows
+        printed += rows + streaming
     if args.json:
         Path(args.json).write_text(json.dumps(printed, indent=1))
     return 0 if ok else 1
