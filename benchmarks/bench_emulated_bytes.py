@@ -5,6 +5,12 @@ against the minimal bytes:
 - feature distance: read x, y and the keep-mask once, write the gradient once;
 - outlier mask: read y once, write the mask once.
 
+On masked layers the feature distance is counted as the loss module runs it: with the
+plane moments the outlier mask returned with its mask (docs/spec.md, "Feature distance"),
+so the current kernels skip their statistics pass (y read once); the 0.2 kernels compute
+no moments (their rows run without them, as the loss module does there). The outlier mask
+row of a masked layer includes writing those moments (24 bytes per plane).
+
 Both kernel sets are counted (LPL_EXT_KERNEL_SET, docs/cuda.md "Switches"): ``v2``, the
 current kernels, and ``v1``, the 0.2 kernels kept until a GPU run has compared the two:
 the v1 rows are the "before" of the table, the v2 rows the "after".
@@ -76,13 +82,14 @@ def _totals(dev: Any) -> Row:
 
 
 def _row(kernels: str, op: str, layer: str, shape: Sequence[int], dtype: str, norm: str, masked: bool,
-         totals: Row, minimal_per_elem: float, wall_s: float) -> Row:
+         totals: Row, minimal_per_elem: float, wall_s: float, moments: bool = False) -> Row:
     elems = 1
     for d in shape:
         elems *= d
     requested = (totals["read"] + totals["write"] + totals["atomic"]) / elems
     distinct = (totals["unique_read"] + totals["unique_write"]) / elems
     return dict(kernels=kernels, op=op, layer=layer, shape="x".join(map(str, shape)), dtype=dtype, norm=norm, mask=masked,
+                plane_moments=moments,
                 read_per_elem=totals["read"] / elems, write_per_elem=totals["write"] / elems,
                 atomic_per_elem=totals["atomic"] / elems, requested_per_elem=requested, distinct_per_elem=distinct,
                 minimal_per_elem=minimal_per_elem, requested_over_minimal=requested / minimal_per_elem,
@@ -112,18 +119,21 @@ def run(res: int = 32, dtypes: Sequence[str] = DTYPES, norms: Sequence[str] = NO
                 x = (y.float() + 0.1 * torch.randn(shape, generator=g)).to(tdt)
                 dev.clear()
                 t = time.time()
-                keep, _ = emulated.emu_outlier_mask(dev, y, closing, opening)
+                # the loss module's call: the plane moments with the mask where they pay off
+                with_moments = masked and kernel_set != "v1"
+                keep, _, *moments = emulated.emu_outlier_mask(dev, y, closing, opening, moments=with_moments)
                 rows.append(_row(kernel_set, "outlier_mask", name, shape, dtype, "", False, _totals(dev),
-                                 ELEM[dtype] + 1, time.time() - t))
+                                 ELEM[dtype] + 1, time.time() - t, with_moments))
                 log(_line(rows[-1]))
                 mask = torch.from_numpy(keep.view(bool).copy()) if masked else None
                 for norm in norms:
                     dev.clear()
                     t = time.time()
-                    emulated.emu_feature_distance(dev, x, y, mask, norm, "mse", 1.0)
+                    emulated.emu_feature_distance(dev, x, y, mask, norm, "mse", 1.0,
+                                                  plane_moments=moments[0] if moments else None)
                     minimal = 2 * ELEM[dtype] + (1 if masked else 0) + ELEM[dtype]
                     rows.append(_row(kernel_set, "feature_distance", name, shape, dtype, norm, masked,
-                                     _totals(dev), minimal, time.time() - t))
+                                     _totals(dev), minimal, time.time() - t, with_moments))
                     log(_line(rows[-1]))
         del dev  # the kernels capsule (its module) before the next set's
     return rows
@@ -189,8 +199,17 @@ def summary_table(rows: List[Row]) -> str:
 
 def _line(r: Row) -> str:
     return (f"[emulated bytes] {r['kernels']} {r['op']} {r['layer']} {r['shape']} {r['dtype']} {r['norm'] or '-'}"
-            f"{' mask' if r['mask'] else ''}: requested {r['requested_per_elem']:.2f} B/elem, distinct "
+            f"{' mask' if r['mask'] else ''}{' +moments' if r.get('plane_moments') else ''}: requested"
+            f" {r['requested_per_elem']:.2f} B/elem, distinct "
             f"{r['distinct_per_elem']:.2f}, minimal {r['minimal_per_elem']:.0f} ({r['emulation_s']:.1f} s)")
+
+
+def _mask_label(r: Row) -> str:
+    """The table's mask column: whether the op reads a mask, and whether the plane moments
+    go with it (written by the outlier mask, read by the feature distance)."""
+    if r["mask"]:
+        return "yes, moments" if r.get("plane_moments") else "yes"
+    return "moments" if r.get("plane_moments") else "no"
 
 
 def table(rows: List[Row], res: int) -> str:
@@ -203,7 +222,9 @@ def table(rows: List[Row], res: int) -> str:
         " reads x, y (and the 1-byte mask on masked layers) and writes the gradient once, the outlier"
         " mask reads y and writes the mask once.",
         "",
-        "*kernels*: v2 the current kernels (after), v1 the 0.2 kernels (before; LPL_EXT_KERNEL_SET=v1).",
+        "*kernels*: v2 the current kernels (after), v1 the 0.2 kernels (before; LPL_EXT_KERNEL_SET=v1)."
+        " *mask* \"yes, moments\": the feature distance takes the outlier mask's plane moments (no"
+        " statistics pass), and the outlier mask writes them.",
         "",
         "| kernels | op | layer | shape | dtype | norm | mask | requested B/elem (read + write + atomic)"
         " | distinct B/elem | minimal B/elem | requested / minimal | distinct / minimal | launches |",
@@ -212,7 +233,7 @@ def table(rows: List[Row], res: int) -> str:
     for r in rows:
         out.append(
             f"| {r['kernels']} | {r['op']} | {r['layer']} | {r['shape']} | {r['dtype']} | {r['norm'] or '–'}"
-            f" | {'yes' if r['mask'] else 'no'}"
+            f" | {_mask_label(r)}"
             f" | {r['requested_per_elem']:.2f} ({r['read_per_elem']:.2f} + {r['write_per_elem']:.2f}"
             f" + {r['atomic_per_elem']:.3f}) | {r['distinct_per_elem']:.2f} | {r['minimal_per_elem']:.0f}"
             f" | {r['requested_over_minimal']:.2f}× | {r['distinct_over_minimal']:.2f}× | {r['launches']} |")

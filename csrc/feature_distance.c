@@ -32,20 +32,21 @@ static int check_no_overlap(const lpl_tensor *out, const char *outname, const lp
 PyObject *lpl_py_feature_distance(PyObject *self, PyObject *args, PyObject *kwargs) {
     (void)self;
     static char *kwlist[] = {"x", "y", "mask", "loss", "grad", "norm", "distance",
-                             "weight", "stream", "workspace", "kernels", "grad_scale", NULL};
+                             "weight", "stream", "workspace", "kernels", "grad_scale", "plane_moments", NULL};
     PyObject *x_obj, *y_obj, *mask_obj, *loss_obj, *grad_obj, *norm_obj, *dist_obj;
     PyObject *ws_obj = Py_None, *stream_obj = Py_None, *kernels_obj = Py_None, *scale_obj = Py_None;
+    PyObject *moments_obj = Py_None;
     double weight;
-    PyObject *keep[7] = {NULL, NULL, NULL, NULL, NULL, NULL, NULL};
+    PyObject *keep[8] = {NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL};
     PyObject *result = NULL;
-    lpl_tensor x, y, mask, loss, grad, scale;
+    lpl_tensor x, y, mask, loss, grad, scale, moments;
     lpl_fd_params p;
     char err[LPL_ERR_LEN] = {0};
     int rc;
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOOd|OOOO", kwlist, &x_obj, &y_obj,
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOOOd|OOOOO", kwlist, &x_obj, &y_obj,
                                      &mask_obj, &loss_obj, &grad_obj, &norm_obj, &dist_obj,
-                                     &weight, &stream_obj, &ws_obj, &kernels_obj, &scale_obj))
+                                     &weight, &stream_obj, &ws_obj, &kernels_obj, &scale_obj, &moments_obj))
         return NULL;
 
     int norm = lpl_parse_choice(norm_obj, "norm", lpl_norm_names);
@@ -113,6 +114,19 @@ PyObject *lpl_py_feature_distance(PyObject *self, PyObject *args, PyObject *kwar
         if (lpl_check_same_device(&scale, "grad_scale", &x, "x") < 0) goto fail;
         p.grad_scale = (const double *)scale.data;
     }
+    if (moments_obj != Py_None) {
+        /* the moments of where(mask, y, 0) (docs/spec.md, "Feature distance"): meaningless
+         * without the mask they were computed with */
+        if (mask_obj == Py_None) {
+            PyErr_SetString(PyExc_ValueError, "plane_moments: given without a mask (they are the moments of "
+                                              "where(mask, y, 0) that outlier_mask returns with its mask)");
+            goto fail;
+        }
+        if (lpl_tensor_from_object(moments_obj, "plane_moments", 0, &moments, &keep[7]) < 0) goto fail;
+        if (lpl_check_plane_moments(&moments, "plane_moments", n * c) < 0) goto fail;
+        if (lpl_check_same_device(&moments, "plane_moments", &x, "x") < 0) goto fail;
+        p.plane_moments = (const double *)moments.data;
+    }
 
     p.x = x.data;
     p.y = y.data;
@@ -137,9 +151,9 @@ PyObject *lpl_py_feature_distance(PyObject *self, PyObject *args, PyObject *kwar
             goto fail;
         {
             const lpl_tensor *tensors[] = {&x, &y, p.mask ? &mask : NULL, &loss, p.grad ? &grad : NULL,
-                                           p.grad_scale ? &scale : NULL};
-            static const char *const names[] = {"x", "y", "mask", "loss", "grad", "grad_scale"};
-            if (lpl_cuda_check_memory(call.kernels, tensors, names, 6) < 0) goto fail;
+                                           p.grad_scale ? &scale : NULL, p.plane_moments ? &moments : NULL};
+            static const char *const names[] = {"x", "y", "mask", "loss", "grad", "grad_scale", "plane_moments"};
+            if (lpl_cuda_check_memory(call.kernels, tensors, names, 7) < 0) goto fail;
         }
         p.workspace = (double *)call.workspace;
         Py_BEGIN_ALLOW_THREADS
@@ -158,6 +172,6 @@ PyObject *lpl_py_feature_distance(PyObject *self, PyObject *args, PyObject *kwar
     Py_INCREF(Py_None);
     result = Py_None;
 fail:
-    for (int i = 0; i < 7; ++i) Py_XDECREF(keep[i]);
+    for (int i = 0; i < 8; ++i) Py_XDECREF(keep[i]);
     return result;
 }

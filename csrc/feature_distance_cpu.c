@@ -137,15 +137,22 @@ int lpl_cpu_feature_distance(const lpl_fd_params *p, char *err) {
     }
     /* Waking a thread team costs more than a small layer's whole pass. */
     const int parallel = planes * hw >= LPL_FD_PARALLEL_MIN;
+    /* the outlier mask's moments of where(mask, y, 0), meaningful with that mask only */
+    const double *pm = p->mask ? p->plane_moments : NULL;
     if (p->grad && p->advise_hugepages) advise_huge_pages(p->grad, (size_t)(planes * hw) * lpl_dtype_size((lpl_dtype)p->dtype));
     coef = (double *)malloc(sizeof(double) * nplanes);
     if (!coef) {
         snprintf(err, LPL_ERR_LEN, "out of host memory");
         goto fail;
     }
-    /* M[n, c] = number of kept values of the plane; coef = w / (C * M), 0 when M = 0. */
+    /* M[n, c] = number of kept values of the plane; coef = w / (C * M), 0 when M = 0. With
+     * the outlier mask's plane moments, M is their kept count (the same exact integer). */
 #pragma omp parallel for schedule(static) if (parallel)
     for (int64_t pl = 0; pl < planes; ++pl) {
+        if (pm) { /* (as a double: caller-given, never converted to an integer) */
+            coef[pl] = lpl_plane_coef(p->weight, C, pm[pl * LPL_PM_COMPONENTS + LPL_PM_KEPT]);
+            continue;
+        }
         int64_t kept = hw;
         if (p->mask) {
             const uint8_t *m = p->mask + pl * hw;
@@ -166,7 +173,19 @@ int lpl_cpu_feature_distance(const lpl_fd_params *p, char *err) {
         for (int64_t pl = 0; pl < planes; ++pl) grad_coef[pl] = coef[pl] * p->grad_scale[pl / C];
     }
 
-    if (p->norm == LPL_NORM_BATCH) {
+    if (p->norm == LPL_NORM_BATCH && pm) {
+        /* The channel statistics from the outlier mask's plane moments, merged in the order
+         * fd_setup merges them (lpl_batch_stats_from_planes): no pass over y here, and the
+         * CPU's gradient is the GPU's bits. */
+        chan_mean = (double *)malloc(sizeof(double) * nchan);
+        chan_std = (double *)malloc(sizeof(double) * nchan);
+        if (!chan_mean || !chan_std) {
+            snprintf(err, LPL_ERR_LEN, "out of host memory");
+            goto fail;
+        }
+        for (int64_t c = 0; c < C; ++c)
+            lpl_batch_stats_from_planes(pm, N, C, c, (double)hw, &chan_mean[c], &chan_std[c]);
+    } else if (p->norm == LPL_NORM_BATCH) {
         /* Per-channel mean and unbiased std of y*keep over (n, h, w). */
         plane_sum = (double *)malloc(sizeof(double) * nplanes);
         plane_m2 = (double *)malloc(sizeof(double) * nplanes);

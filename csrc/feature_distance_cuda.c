@@ -123,6 +123,7 @@ int lpl_cuda_feature_distance(const struct lpl_cuda_kernels *k, const lpl_fd_par
     a.grad = p->grad;
     a.loss = p->loss;
     a.grad_scale = p->grad_scale;
+    a.plane_moments = p->mask ? p->plane_moments : NULL;
     a.n = N;
     a.c = C;
     a.hw = hw;
@@ -155,8 +156,10 @@ int lpl_cuda_feature_distance(const struct lpl_cuda_kernels *k, const lpl_fd_par
     size_t smem = 0;
     if (has_work) {
         /* pack the mask into bits in grad's storage when there is a gradient and a
-         * tile's bits fit in shared memory; else fd_main reads the mask bytes again */
-        int64_t bytes = p->mask && p->grad ? fd_plan_main(k, &a, dtype, 1, &threads) : -1;
+         * tile's bits fit in shared memory; else fd_main reads the mask bytes again. With
+         * the plane moments there is no statistics pass to pack them: fd_main reads the
+         * mask bytes, its one read of them. */
+        int64_t bytes = p->mask && p->grad && !a.plane_moments ? fd_plan_main(k, &a, dtype, 1, &threads) : -1;
         /* The bits of values [8j, 8j + 8) live in gradient element 8j: they are inside a
          * tile's own gradient only when tiles start at multiples of 8 (or there is one
          * tile); else a block could overwrite bits another block has not read yet. */
@@ -173,7 +176,10 @@ int lpl_cuda_feature_distance(const struct lpl_cuda_kernels *k, const lpl_fd_par
     }
     if (lpl_cu_begin(k, err) < 0) return -1;
     if (has_work && (p->mask || batch)) {
-        if (lpl_cu_launch(k, LPL_K_fd_stats_f32 + dtype, planes * a.stats_parts, FD_THREADS, 0, stream, args, err) < 0)
+        /* the kept counts and batch statistics come from the outlier mask's moments when
+         * given (docs/spec.md, "Feature distance"): y is then read once, by fd_main */
+        if (!a.plane_moments &&
+            lpl_cu_launch(k, LPL_K_fd_stats_f32 + dtype, planes * a.stats_parts, FD_THREADS, 0, stream, args, err) < 0)
             goto fail;
         const int64_t items = planes > C ? planes : C;
         if (lpl_cu_launch(k, LPL_K_fd_setup, (items + FD_THREADS - 1) / FD_THREADS, FD_THREADS, 0, stream, args, err) <

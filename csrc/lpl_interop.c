@@ -331,6 +331,20 @@ int lpl_check_1d(const lpl_tensor *t, const char *argname, int64_t len) {
     return 0;
 }
 
+int lpl_check_plane_moments(const lpl_tensor *t, const char *argname, int64_t planes) {
+    if (lpl_check_dtype(t, argname, LPL_FLOAT64) < 0) return -1;
+    if (t->ndim != 2 || t->shape[0] != planes || t->shape[1] != LPL_PM_COMPONENTS) {
+        PyErr_Format(PyExc_ValueError, "%s: expected shape (%lld, %d) (N*C planes of mean, M2, kept)", argname,
+                     (long long)planes, (int)LPL_PM_COMPONENTS);
+        return -1;
+    }
+    if (!lpl_is_contiguous(t)) {
+        PyErr_Format(PyExc_ValueError, "%s: expected a contiguous tensor", argname);
+        return -1;
+    }
+    return 0;
+}
+
 int lpl_parse_choice(PyObject *obj, const char *argname, const char *const *choices) {
     if (!PyUnicode_Check(obj)) {
         PyErr_Format(PyExc_TypeError, "%s: expected a string, got %s", argname,

@@ -26,6 +26,8 @@ int lpl_check_same_device(const lpl_tensor *t, const char *argname, const lpl_te
 int lpl_check_dtype(const lpl_tensor *t, const char *argname, lpl_dtype want);
 int lpl_check_mask_dtype(const lpl_tensor *t, const char *argname);
 int lpl_check_1d(const lpl_tensor *t, const char *argname, int64_t len);
+/* float64, C-contiguous, shape (planes, LPL_PM_COMPONENTS): per-plane moments (lpl_kernel_abi.h). */
+int lpl_check_plane_moments(const lpl_tensor *t, const char *argname, int64_t planes);
 
 /* Parses one of `choices` (NULL-terminated) and returns its index, -1 on error. */
 int lpl_parse_choice(PyObject *obj, const char *argname, const char *const *choices);

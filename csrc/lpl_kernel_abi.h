@@ -88,6 +88,33 @@ enum { LPL_KERNEL_LIST(LPL_KERNEL_ENUM_ENTRY) LPL_KERNEL_COUNT };
 #define LPL_FD_STATS_PARTS 32
 #define LPL_FD_MAX_BLOCKS 256
 
+/* Per-plane moments of where(keep, y, 0), the outlier mask's optional output and the feature
+ * distance's optional input (docs/spec.md, "Outlier mask" and "Feature distance"): float64,
+ * (N*C, LPL_PM_COMPONENTS) row-major, row q = n*C + c of plane (n, c):
+ *   [LPL_PM_MEAN]  mean of where(keep, y, 0) over the plane's h*w values (masked ones as 0)
+ *   [LPL_PM_M2]    its M2, the sum of squared deviations from that mean (>= 0)
+ *   [LPL_PM_KEPT]  the kept count (an exact integer)
+ * summed in the outlier mask's one reduction order (below), so the CPU and the v2 kernels
+ * write the same bits; all 0 for planes of no value (h*w = 0: the CPU writes them, the CUDA
+ * path launches nothing and lpl_ext._launch zeroes them). */
+enum { LPL_PM_MEAN = 0, LPL_PM_M2 = 1, LPL_PM_KEPT = 2, LPL_PM_COMPONENTS = 3 };
+
+/* `batch` statistics of channel c from the plane moments (LPL_PM_* above; docs/spec.md,
+ * "Normalization"): the planes (0, c), (1, c), ..., (N - 1, c), each
+ * of plane_len values, merged in this order with lpl_om_merge_moments. The CPU runs this
+ * helper and fd_setup the same sequence (through its counted loads), so the channel mean and
+ * std are the same bits on both. */
+LPL_HD void lpl_batch_stats_from_planes(const double *pm, int64_t n_planes, int64_t channels, int64_t c,
+                                        double plane_len, double *mean_out, double *std_out) {
+    double count = 0.0, mean = 0.0, m2 = 0.0;
+    for (int64_t n = 0; n < n_planes; ++n) {
+        const double *row = pm + (n * channels + c) * LPL_PM_COMPONENTS;
+        lpl_om_merge_moments(&count, &mean, &m2, plane_len, row[LPL_PM_MEAN], row[LPL_PM_M2]);
+    }
+    *mean_out = mean;
+    *std_out = lpl_unbiased_std(count, m2);
+}
+
 /* Feature-distance kernel arguments, one by-value struct for every fd kernel (the
  * launcher fills it once, feature_distance_cuda.c). Scratch pointers are into the
  * workspace laid out by lpl_fd_workspace_layout (lpl_ops.h). */
@@ -97,6 +124,10 @@ typedef struct {
     void *grad;            /* NULL = loss only */
     double *loss;          /* (N,) */
     const double *grad_scale; /* (N,) factors folded into the gradient's plane coefficients, NULL = 1 */
+    /* the outlier mask's moments of where(mask, y, 0) (LPL_PM_*), NULL = none: with them
+     * fd_setup takes the kept counts and the batch statistics from them, and fd_stats does
+     * not run (y and the mask are read by fd_main only) */
+    const double *plane_moments;
     int64_t n, c, hw;
     int norm, dist;
     double weight;
@@ -244,6 +275,7 @@ typedef struct {
     const void *y;         /* (planes, h, w) values, storage dtype */
     uint8_t *keep;         /* (planes, h, w) output keep-mask */
     double *stats;         /* (3,) layer statistics, NULL: none */
+    double *plane_moments; /* (planes, LPL_PM_COMPONENTS) per-plane moments, NULL: none */
     int64_t planes, h, w, len; /* len = h * w */
     int64_t blocks_per_plane;  /* streaming passes: blocks over each plane's values */
     int64_t tiles_x, tiles_y;  /* filter kernel: tiles per plane row / column */

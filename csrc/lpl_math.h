@@ -311,6 +311,9 @@ LPL_HD void lpl_om_merge_moments(double *n_a, double *mean_a, double *m2_a, doub
     *n_a = n;
 }
 
+/* Unbiased std from merged (count, M2) moments: torch.std semantics, NaN for one value. */
+LPL_HD double lpl_unbiased_std(double count, double m2) { return count > 1.0 ? sqrt(m2 / (count - 1.0)) : (double)NAN; }
+
 /* Layer statistics (mean, unbiased std, outlier ratio) from merged moments. */
 LPL_HD void lpl_om_finish_stats(double n, double mean, double m2, double kept, double *stats) {
     stats[0] = n > 0.0 ? mean : NAN;

@@ -32,6 +32,11 @@ typedef struct {
      * gradient (the upstream gradient of loss[n] when known at forward time, so that no
      * second pass rescales it); NULL: s[n] = 1 */
     const double *grad_scale;
+    /* (N*C, LPL_PM_COMPONENTS) float64 on the tensors' device, only with a mask: the outlier
+     * mask's moments of where(mask, y, 0) for this mask (lpl_kernel_abi.h), from which the
+     * kept counts and the `batch` channel statistics are taken instead of a pass over the
+     * mask and y (the v1 kernels ignore them); NULL: computed here */
+    const double *plane_moments;
     double *loss;        /* (N,) float64 */
     int dtype;           /* lpl_dtype of x, y and grad */
     int64_t n, c, hw;
@@ -97,6 +102,10 @@ typedef struct {
     const void *y;     /* (N, C, H, W), dtype */
     uint8_t *keep;     /* (N, C, H, W) output keep-mask (0/1 bytes) */
     double *stats;     /* (3,) float64 output: mean, std of y*keep, outlier ratio; may be NULL */
+    /* (N*C, LPL_PM_COMPONENTS) float64 output, the per-plane moments of where(keep, y, 0)
+     * (lpl_kernel_abi.h); may be NULL. The CPU writes zeros for h*w = 0, the CUDA path writes
+     * nothing then (no launch; the caller zeroes them) and refuses them on the v1 kernels. */
+    double *plane_moments;
     int dtype;
     int64_t n, c, h, w;
     double quantile;   /* q in (0, 0.5) */

@@ -69,9 +69,10 @@ static PyMethodDef lpl_methods[] = {
     {"feature_distance", (PyCFunction)(void (*)(void))lpl_py_feature_distance,
      METH_VARARGS | METH_KEYWORDS,
      "feature_distance(x, y, mask, loss, grad, norm, distance, weight, stream=None, "
-     "workspace=None, kernels=None, grad_scale=None)\n\nPer-sample LPL layer loss into loss (N,) float64 and, "
-     "when grad is not None, d(sum_n s[n] loss[n])/dx into grad (x's shape and dtype); s = grad_scale, "
-     "(N,) float64, or 1."},
+     "workspace=None, kernels=None, grad_scale=None, plane_moments=None)\n\nPer-sample LPL layer loss into "
+     "loss (N,) float64 and, when grad is not None, d(sum_n s[n] loss[n])/dx into grad (x's shape and dtype); "
+     "s = grad_scale, (N,) float64, or 1. plane_moments: (N*C, 3) float64, the outlier mask's moments of "
+     "where(mask, y, 0) for this mask (kept counts and batch statistics taken from them)."},
     {"scale_gradient", (PyCFunction)(void (*)(void))lpl_py_scale_gradient, METH_VARARGS | METH_KEYWORDS,
      "scale_gradient(grad, factor, stream=None, kernels=None)\n\ngrad *= factor[0] in place (factor (1,) "
      "float64 on grad's device), unless factor[0] == 1: then grad is not touched."},
@@ -81,8 +82,9 @@ static PyMethodDef lpl_methods[] = {
     {"outlier_mask", (PyCFunction)(void (*)(void))lpl_py_outlier_mask,
      METH_VARARGS | METH_KEYWORDS,
      "outlier_mask(y, keep, stats, quantile, margin_std, closing, opening, stream=None, "
-     "workspace=None, kernels=None)\n\nKeep-mask of the target features y into keep (bool/uint8, y's "
-     "shape); stats (3,) float64 receives mean, std and outlier ratio."},
+     "workspace=None, kernels=None, plane_moments=None)\n\nKeep-mask of the target features y into keep "
+     "(bool/uint8, y's shape); stats (3,) float64 receives mean, std and outlier ratio; plane_moments (N*C, 3) "
+     "float64 the mean, M2 and kept count of where(keep, y, 0) per plane."},
     {"cuda_driver_open", lpl_py_cuda_driver_open, METH_VARARGS,
      "cuda_driver_open(path) -> capsule: dlopen the CUDA driver library (libcuda.so.1) and "
      "cuInit it."},

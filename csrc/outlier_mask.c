@@ -49,21 +49,21 @@ static int check_options(double quantile, double margin_std, int closing, int op
 PyObject *lpl_py_outlier_mask(PyObject *self, PyObject *args, PyObject *kwargs) {
     (void)self;
     static char *kwlist[] = {"y",       "keep",    "stats",  "quantile",  "margin_std",
-                             "closing", "opening", "stream", "workspace", "kernels", NULL};
+                             "closing", "opening", "stream", "workspace", "kernels", "plane_moments", NULL};
     PyObject *y_obj, *keep_obj, *stats_obj;
-    PyObject *ws_obj = Py_None, *stream_obj = Py_None, *kernels_obj = Py_None;
+    PyObject *ws_obj = Py_None, *stream_obj = Py_None, *kernels_obj = Py_None, *moments_obj = Py_None;
     double quantile, margin_std;
     int closing, opening;
-    PyObject *hold[4] = {NULL, NULL, NULL, NULL};
+    PyObject *hold[5] = {NULL, NULL, NULL, NULL, NULL};
     PyObject *result = NULL;
-    lpl_tensor y, keep, stats;
+    lpl_tensor y, keep, stats, moments;
     lpl_om_params p;
     char err[LPL_ERR_LEN] = {0};
     int rc;
 
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOddii|OOO", kwlist, &y_obj, &keep_obj,
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOddii|OOOO", kwlist, &y_obj, &keep_obj,
                                      &stats_obj, &quantile, &margin_std, &closing, &opening,
-                                     &stream_obj, &ws_obj, &kernels_obj))
+                                     &stream_obj, &ws_obj, &kernels_obj, &moments_obj))
         return NULL;
     if (check_options(quantile, margin_std, closing, opening) < 0) goto fail;
 
@@ -90,6 +90,12 @@ PyObject *lpl_py_outlier_mask(PyObject *self, PyObject *args, PyObject *kwargs) 
         if (lpl_check_same_device(&stats, "stats", &y, "y") < 0) goto fail;
         p.stats = (double *)stats.data;
     }
+    if (moments_obj != Py_None) {
+        if (lpl_tensor_from_object(moments_obj, "plane_moments", 1, &moments, &hold[4]) < 0) goto fail;
+        if (lpl_check_plane_moments(&moments, "plane_moments", y.shape[0] * y.shape[1]) < 0) goto fail;
+        if (lpl_check_same_device(&moments, "plane_moments", &y, "y") < 0) goto fail;
+        p.plane_moments = (double *)moments.data;
+    }
 
     p.y = y.data;
     p.keep = (uint8_t *)keep.data;
@@ -109,9 +115,9 @@ PyObject *lpl_py_outlier_mask(PyObject *self, PyObject *args, PyObject *kwargs) 
                                lpl_outlier_mask_workspace_bytes(p.n, p.c, p.h, p.w), &call, &hold[3]) < 0)
             goto fail;
         {
-            const lpl_tensor *tensors[] = {&y, &keep, p.stats ? &stats : NULL};
-            static const char *const names[] = {"y", "keep", "stats"};
-            if (lpl_cuda_check_memory(call.kernels, tensors, names, 3) < 0) goto fail;
+            const lpl_tensor *tensors[] = {&y, &keep, p.stats ? &stats : NULL, p.plane_moments ? &moments : NULL};
+            static const char *const names[] = {"y", "keep", "stats", "plane_moments"};
+            if (lpl_cuda_check_memory(call.kernels, tensors, names, 4) < 0) goto fail;
         }
         p.workspace = call.workspace;
         Py_BEGIN_ALLOW_THREADS
@@ -130,7 +136,7 @@ PyObject *lpl_py_outlier_mask(PyObject *self, PyObject *args, PyObject *kwargs) 
     Py_INCREF(Py_None);
     result = Py_None;
 fail:
-    for (int i = 0; i < 4; ++i) Py_XDECREF(hold[i]);
+    for (int i = 0; i < 5; ++i) Py_XDECREF(hold[i]);
     return result;
 }
 

@@ -396,9 +396,10 @@ static void om_plane(om_team *t, int64_t plane, int tid, double *plane_moments) 
         s1 -= zeros * k;
         s2 += zeros * k * k;
         double m2 = len > 0 ? s2 - s1 * s1 / (double)len : 0.0;
-        plane_moments[3 * plane] = len > 0 ? k + s1 / (double)len : 0.0;
-        plane_moments[3 * plane + 1] = m2 > 0.0 ? m2 : 0.0;
-        plane_moments[3 * plane + 2] = kept;
+        double *row = plane_moments + LPL_PM_COMPONENTS * plane; /* lpl_kernel_abi.h's layout */
+        row[LPL_PM_MEAN] = len > 0 ? k + s1 / (double)len : 0.0;
+        row[LPL_PM_M2] = m2 > 0.0 ? m2 : 0.0;
+        row[LPL_PM_KEPT] = kept;
     }
     om_barrier(t);
 }
@@ -450,6 +451,8 @@ int lpl_cpu_outlier_mask(const lpl_om_params *p, char *err) {
     const int64_t planes = p->n * p->c, len = p->h * p->w;
     if (planes == 0 || len == 0) {
         if (p->stats) lpl_om_finish_stats(0.0, 0.0, 0.0, 0.0, p->stats);
+        if (p->plane_moments)
+            for (int64_t i = 0; i < planes * LPL_PM_COMPONENTS; ++i) p->plane_moments[i] = 0.0;
         return 0;
     }
     int nt = 1;
@@ -459,7 +462,7 @@ int lpl_cpu_outlier_mask(const lpl_om_params *p, char *err) {
     const int team_mode = nt > 1 && planes < nt && len >= OM_TEAM_MIN_LEN;
     int nteams = team_mode ? 1 : (planes < nt ? (int)planes : nt);
     om_team *teams = (om_team *)calloc((size_t)nteams, sizeof(om_team));
-    double *moments = (double *)malloc((size_t)planes * 3 * sizeof(double));
+    double *moments = (double *)malloc((size_t)planes * LPL_PM_COMPONENTS * sizeof(double));
     int failed = !teams || !moments;
     for (int i = 0; i < nteams && !failed; ++i)
         if (om_team_init(&teams[i], p, team_mode ? nt : 1) < 0) failed = 1;
@@ -486,6 +489,10 @@ int lpl_cpu_outlier_mask(const lpl_om_params *p, char *err) {
             for (int i = 0; i < nteams; ++i) failed |= teams[i].failed;
         }
     }
+    /* the planes' own moments, before the tree below merges them in place: the rows of
+     * `moments` are already the LPL_PM_* layout */
+    if (!failed && p->plane_moments)
+        memcpy(p->plane_moments, moments, (size_t)planes * LPL_PM_COMPONENTS * sizeof(double));
     if (!failed && p->stats) {
         /* the planes in the fixed tree (lpl_kernel_abi.h, step 5), as om_layer_stats */
         for (int64_t s = lpl_om_tree_top(planes); s > 0; s >>= 1)

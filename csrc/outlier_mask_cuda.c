@@ -85,12 +85,23 @@ static int streaming_path(const struct lpl_cuda_kernels *k, lpl_om_args *a, void
     }
     if (launch(k, LPL_K_om_filter_f32 + dtype, a->planes * tiles, T, (size_t)filter_smem, stream, a, err) < 0)
         return -1;
-    if (a->stats && launch(k, LPL_K_om_plane_merge, a->planes, T, merge_smem, stream, a, err) < 0) return -1;
+    if ((a->stats || a->plane_moments) && launch(k, LPL_K_om_plane_merge, a->planes, T, merge_smem, stream, a, err) < 0)
+        return -1;
     return 0;
 }
 
+/* The 0.2 kernels do not write the per-plane moments (and their sums follow another order
+ * than the CPU's): refused with this message rather than left unwritten. */
+static int refuse_plane_moments_on_v1(const char *why, char *err) {
+    snprintf(err, LPL_ERR_LEN, "plane_moments: not produced by the 0.2 outlier-mask kernels (%s)", why);
+    return -1;
+}
+
 int lpl_cuda_outlier_mask(const struct lpl_cuda_kernels *k, const lpl_om_params *p, void *stream, char *err) {
-    if (k->kernel_set == LPL_KERNEL_SET_V1) return lpl_cuda_outlier_mask_v1(k, p, stream, err);
+    if (k->kernel_set == LPL_KERNEL_SET_V1) {
+        if (p->plane_moments) return refuse_plane_moments_on_v1("LPL_EXT_KERNEL_SET=v1", err);
+        return lpl_cuda_outlier_mask_v1(k, p, stream, err);
+    }
     if (p->dtype < 0 || p->dtype > 3) {
         snprintf(err, LPL_ERR_LEN, "unsupported dtype");
         return -1;
@@ -110,6 +121,7 @@ int lpl_cuda_outlier_mask(const struct lpl_cuda_kernels *k, const lpl_om_params 
     a.y = p->y;
     a.keep = p->keep;
     a.stats = p->stats;
+    a.plane_moments = p->plane_moments;
     a.planes = p->n * p->c;
     a.h = p->h;
     a.w = p->w;
@@ -155,6 +167,7 @@ int lpl_cuda_outlier_mask(const struct lpl_cuda_kernels *k, const lpl_om_params 
     }
     if (rc == STREAMING_TILE_TOO_SMALL) {
         lpl_cu_end(k);
+        if (p->plane_moments) return refuse_plane_moments_on_v1("windows this wide on planes this large run them", err);
         return lpl_cuda_outlier_mask_v1(k, p, stream, err);
     }
     if (rc == 0 && a.stats) {

@@ -5,15 +5,17 @@ requires), each with a fake implementation (output shapes and dtypes without run
 kernel) so that ``torch.compile`` / AOTAutograd trace through the call without a graph
 break, and the feature distance with an autograd registration:
 
-``lpl_ext::feature_distance(x, y, mask, norm, distance, weight, need_grad, reentrant)
--> (loss, grad)``
+``lpl_ext::feature_distance(x, y, mask, norm, distance, weight, need_grad, reentrant,
+plane_moments=None) -> (loss, grad)``
     loss (N,) in x's dtype; grad, d(sum loss)/dx in x's shape and dtype, computed by the
     same fused pass when ``need_grad`` (an empty (0,) tensor otherwise). Backward only
     rescales the saved grad by the incoming (N,) gradient, in place unless
-    ``reentrant`` (docs/spec.md, "Feature distance").
+    ``reentrant`` (docs/spec.md, "Feature distance"). ``plane_moments``: the outlier
+    mask's (N*C, 3) float64 moments of where(mask, y, 0), with the mask they came with (a
+    constant, like y and the mask).
 
 ``lpl_ext::weighted_feature_distance(x, y, mask, norm, distance, weight, sample_weight,
-need_grad, reentrant) -> (total, loss, grad)``
+need_grad, reentrant, plane_moments=None) -> (total, loss, grad)``
     total = sum_n sample_weight[n] loss[n] (0-dim; float64 for float64 x, else float32)
     and the per-sample loss (N,) in x's dtype (not differentiable); grad as above. The fused pass folds
     sample_weight into the gradient, so backward only multiplies by the scalar upstream
@@ -25,6 +27,11 @@ need_grad, reentrant) -> (total, loss, grad)``
     keep: bool (N, C, H, W); stats: float64 (3,) = mean, std, outlier ratio when
     ``return_stats``, else (0,) (float32 on a device without float64, e.g. MPS). Not
     differentiable (a mask of a constant).
+
+``lpl_ext::outlier_mask_moments(y, quantile, margin_std, closing, opening, return_stats)
+-> (keep, stats, plane_moments)``
+    The same, and the (N*C, 3) float64 per-plane moments of where(keep, y, 0) (mean, M2,
+    kept count; csrc/lpl_kernel_abi.h), which the feature distance takes with that keep.
 
 One layer of the one-way stack (``lpl_ext._launch`` describes it): the eager
 implementations call ``lpl_ext._launch``, which picks the kernels or the plain-PyTorch
@@ -50,9 +57,10 @@ Tensor = torch.Tensor
 
 def _feature_distance(
     x: Tensor, y: Tensor, mask: Optional[Tensor], norm: str, distance: str, weight: float,
-    need_grad: bool, reentrant: bool,
+    need_grad: bool, reentrant: bool, plane_moments: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
-    loss, grad = _launch.feature_distance(x, y, mask, norm, distance, weight, need_grad)
+    loss, grad = _launch.feature_distance(x, y, mask, norm, distance, weight, need_grad,
+                                          plane_moments=plane_moments)
     return loss, x.new_empty((0,)) if grad is None else grad
 
 
@@ -66,9 +74,10 @@ feature_distance = torch.library.custom_op("lpl_ext::feature_distance", mutates_
 @feature_distance.register_fake
 def _feature_distance_fake(
     x: Tensor, y: Tensor, mask: Optional[Tensor], norm: str, distance: str, weight: float,
-    need_grad: bool, reentrant: bool,
+    need_grad: bool, reentrant: bool, plane_moments: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor]:
     _options.check_feature_distance_args(x, y, mask)
+    _options.check_plane_moments(plane_moments, x, mask)
     loss = x.new_empty((x.shape[0],))
     # The kernel writes a C-contiguous gradient whatever x's memory format.
     grad = x.new_empty(tuple(x.shape)) if need_grad else x.new_empty((0,))
@@ -86,7 +95,7 @@ def _feature_distance_setup_context(ctx: Any, inputs: Tuple[Any, ...], output: T
 
 def _feature_distance_backward(ctx: Any, grad_loss: Tensor, _grad_of_grad: Any) -> Tuple[Any, ...]:
     (grad,) = ctx.saved_tensors
-    grads = dict.fromkeys(FEATURE_DISTANCE_ARGS)  # y and mask are constants, the rest options
+    grads = dict.fromkeys(FEATURE_DISTANCE_ARGS)  # y, mask, plane_moments: constants; the rest options
     if ctx.need_grad and grad_loss is not None:
         grads["x"] = scale_kept_gradient(grad, grad_loss, ctx.reentrant)
     return tuple(grads.values())
@@ -125,9 +134,10 @@ def total_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _weighted_feature_distance(
     x: Tensor, y: Tensor, mask: Optional[Tensor], norm: str, distance: str, weight: float, sample_weight: Tensor,
-    need_grad: bool, reentrant: bool,
+    need_grad: bool, reentrant: bool, plane_moments: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    loss, grad = _launch.feature_distance(x, y, mask, norm, distance, weight, need_grad, grad_scale=sample_weight)
+    loss, grad = _launch.feature_distance(x, y, mask, norm, distance, weight, need_grad, grad_scale=sample_weight,
+                                          plane_moments=plane_moments)
     total = (loss.to(torch.float64) * sample_weight.to(torch.float64)).sum().to(total_dtype(x.dtype))
     return total, loss, x.new_empty((0,)) if grad is None else grad
 
@@ -140,9 +150,10 @@ weighted_feature_distance = torch.library.custom_op("lpl_ext::weighted_feature_d
 @weighted_feature_distance.register_fake
 def _weighted_feature_distance_fake(
     x: Tensor, y: Tensor, mask: Optional[Tensor], norm: str, distance: str, weight: float, sample_weight: Tensor,
-    need_grad: bool, reentrant: bool,
+    need_grad: bool, reentrant: bool, plane_moments: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     _options.check_feature_distance_args(x, y, mask)
+    _options.check_plane_moments(plane_moments, x, mask)
     total = x.new_empty((), dtype=total_dtype(x.dtype))
     loss = x.new_empty((x.shape[0],))
     grad = x.new_empty(tuple(x.shape)) if need_grad else x.new_empty((0,))
@@ -160,7 +171,7 @@ def _weighted_setup_context(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[Ten
 
 def _weighted_backward(ctx: Any, grad_total: Tensor, _grad_loss: Any, _grad_of_grad: Any) -> Tuple[Any, ...]:
     (grad,) = ctx.saved_tensors
-    grads = dict.fromkeys(WEIGHTED_FEATURE_DISTANCE_ARGS)  # y, mask, sample_weight: constants
+    grads = dict.fromkeys(WEIGHTED_FEATURE_DISTANCE_ARGS)  # y, mask, sample_weight, plane_moments: constants
     if ctx.need_grad and grad_total is not None:
         traced = type(grad) is not torch.Tensor or type(grad_total) is not torch.Tensor
         if ctx.reentrant or traced:
@@ -181,16 +192,14 @@ weighted_feature_distance.register_autograd(_weighted_backward, setup_context=_w
 def outlier_mask(
     y: Tensor, quantile: float, margin_std: float, closing: int, opening: int, return_stats: bool,
 ) -> Tuple[Tensor, Tensor]:
-    keep, stats = _launch.outlier_mask(y, quantile, margin_std, closing, opening, return_stats)
+    keep, stats, _ = _launch.outlier_mask(y, quantile, margin_std, closing, opening, return_stats)
     if stats is None:
         stats = torch.empty((0,), dtype=wide_dtype(y.device), device=y.device)
     return keep, stats
 
 
-@outlier_mask.register_fake
-def _outlier_mask_fake(
-    y: Tensor, quantile: float, margin_std: float, closing: int, opening: int, return_stats: bool,
-) -> Tuple[Tensor, Tensor]:
+def _outlier_mask_outputs(y: Tensor, return_stats: bool) -> Tuple[Tensor, Tensor]:
+    """The fakes' keep and stats."""
     _options.check_outlier_mask_args(y)
     keep = y.new_empty(tuple(y.shape), dtype=torch.bool)
     # float64, or float32 on a device without float64 (the plain-PyTorch backend's)
@@ -198,5 +207,30 @@ def _outlier_mask_fake(
     return keep, stats
 
 
+@outlier_mask.register_fake
+def _outlier_mask_fake(
+    y: Tensor, quantile: float, margin_std: float, closing: int, opening: int, return_stats: bool,
+) -> Tuple[Tensor, Tensor]:
+    return _outlier_mask_outputs(y, return_stats)
+
+
+@torch.library.custom_op("lpl_ext::outlier_mask_moments", mutates_args=())
+def outlier_mask_moments(
+    y: Tensor, quantile: float, margin_std: float, closing: int, opening: int, return_stats: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    keep, stats, moments = _launch.outlier_mask(y, quantile, margin_std, closing, opening, return_stats, True)
+    if stats is None:
+        stats = torch.empty((0,), dtype=wide_dtype(y.device), device=y.device)
+    return keep, stats, moments
+
+
+@outlier_mask_moments.register_fake
+def _outlier_mask_moments_fake(
+    y: Tensor, quantile: float, margin_std: float, closing: int, opening: int, return_stats: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    keep, stats = _outlier_mask_outputs(y, return_stats)
+    return keep, stats, y.new_empty((y.shape[0] * y.shape[1], 3), dtype=torch.float64)
+
+
 __all__ = ["FEATURE_DISTANCE_ARGS", "WEIGHTED_FEATURE_DISTANCE_ARGS", "feature_distance", "outlier_mask",
-           "scale_kept_gradient", "total_dtype", "weighted_feature_distance"]
+           "outlier_mask_moments", "scale_kept_gradient", "total_dtype", "weighted_feature_distance"]

@@ -171,6 +171,29 @@ def check_feature_distance_args(x: Any, y: Any, mask: Optional[Any]) -> None:
         _check_same_device("mask", mask, "x", x)
 
 
+def check_plane_moments(plane_moments: Any, x: Any, mask: Optional[Any]) -> None:
+    """The feature distance's optional ``plane_moments`` (docs/spec.md, "Feature distance"):
+    given only with a mask (they describe ``where(mask, y, 0)``), of x's kind, a float64
+    (N*C, 3) array on x's device. Whether they belong to this mask is not checked (that
+    would cost the pass they save): the caller passes what the outlier mask returned with it."""
+    if plane_moments is None:
+        return
+    check_same_kind("plane_moments", plane_moments, x)
+    if mask is None:
+        raise ValueError("plane_moments: given without a mask (they are the moments of where(mask, y, 0) "
+                         "that outlier_mask returns with its mask)")
+    planes = int(x.shape[0]) * int(x.shape[1])
+    if tuple(plane_moments.shape) != (planes, 3):
+        raise ValueError(f"plane_moments: expected shape ({planes}, 3) (N*C planes of mean, M2, kept), got "
+                         f"({_shape(plane_moments)})")
+    if is_tensor(x):
+        if plane_moments.dtype != torch.float64:
+            raise TypeError(f"plane_moments: expected dtype float64, got {_dtype_name(plane_moments.dtype)}")
+        _check_same_device("plane_moments", plane_moments, "x", x)
+    elif plane_moments.dtype != np.float64:
+        raise TypeError(f"plane_moments: expected dtype float64, got {plane_moments.dtype}")
+
+
 def check_outlier_mask_args(y: Any) -> None:
     """y 4-D (and, for a torch tensor, of a float dtype), as the C entry point checks it."""
     check_nchw("y", y)
@@ -179,4 +202,5 @@ def check_outlier_mask_args(y: Any) -> None:
 
 
 __all__ = ["DISTANCES", "NORMS", "check_feature_distance_args", "check_feature_distance_options",
-           "check_kind", "check_outlier_mask_args", "check_outlier_mask_options", "require_every_option"]
+           "check_kind", "check_outlier_mask_args", "check_outlier_mask_options", "check_plane_moments",
+           "require_every_option"]

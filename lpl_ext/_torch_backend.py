@@ -74,11 +74,13 @@ def wide_dtype(device: Any, probe: bool = True) -> torch.dtype:
 
 def feature_distance(
     x: torch.Tensor, y: torch.Tensor, mask: Optional[torch.Tensor], norm: str, distance: str, weight: float,
-    need_grad: bool,
+    need_grad: bool, plane_moments: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """docs/spec.md, "Feature distance": (loss (N,) in the wide dtype, d(sum loss)/dx in
     x's shape and dtype when ``need_grad``, else None). x, y (N, C, H, W) of one float
-    dtype, mask bool/uint8 or None; arguments already validated."""
+    dtype, mask bool/uint8 or None; ``plane_moments`` (N*C, 3) = mean, M2, kept of
+    where(mask, y, 0) per plane (with a mask only), from which the kept counts and the
+    batch statistics are taken, or None; arguments already validated."""
     n, c, h, w = x.shape
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     wide = wide_dtype(x.device)
@@ -90,7 +92,10 @@ def feature_distance(
         keep = mask.detach() != 0
         ya = torch.where(keep, ya, zero)  # a selection: a NaN under the mask never reaches a sum
         k = keep.to(acc)
-        kept = keep.sum(dim=(2, 3)).to(wide)
+        if plane_moments is not None:
+            kept = plane_moments[:, 2].reshape(n, c).to(wide)  # exact integers: the same counts
+        else:
+            kept = keep.sum(dim=(2, 3)).to(wide)
     else:
         kept = torch.full((n, c), float(h * w), dtype=wide, device=x.device)
     # coef = w / (C * M), 0 for an empty plane (exact integer counts in double).
@@ -113,13 +118,23 @@ def feature_distance(
         # Per-channel mean and unbiased std of y*keep over (n, h, w), in the wide dtype;
         # NaN std for a single value (torch semantics).
         count = n * h * w
-        yw = ya.to(wide)
-        mean = yw.sum(dim=(0, 2, 3), keepdim=True) / max(count, 1)
-        if count > 1:
-            dev = yw - mean
-            std = ((dev * dev).sum(dim=(0, 2, 3), keepdim=True) / (count - 1)).sqrt()
+        if plane_moments is not None and count > 0:
+            # the planes' (mean, M2) of h*w values each, merged over n (Chan's formula, all
+            # at once: equal counts): the kernels' sequential merge within rounding
+            pm = plane_moments.to(wide).reshape(n, c, 3)
+            mean = pm[:, :, 0].mean(dim=0)
+            spread = pm[:, :, 0] - mean
+            m2 = pm[:, :, 1].sum(dim=0) + float(h * w) * (spread * spread).sum(dim=0)
+            mean = mean.view(1, c, 1, 1)
+            std = (m2 / (count - 1)).sqrt().view(1, c, 1, 1) if count > 1 else torch.full_like(mean, float("nan"))
         else:
-            std = torch.full_like(mean, float("nan"))
+            yw = ya.to(wide)
+            mean = yw.sum(dim=(0, 2, 3), keepdim=True) / max(count, 1)
+            if count > 1:
+                dev = yw - mean
+                std = ((dev * dev).sum(dim=(0, 2, 3), keepdim=True) / (count - 1)).sqrt()
+            else:
+                std = torch.full_like(mean, float("nan"))
         a = (1.0 / (std + _EPS["batch"])).to(acc)
         b = mean.to(acc)
         d = (xa - b) * a - (ya - b) * a
@@ -184,13 +199,38 @@ def _max_filter(m: torch.Tensor, window: int) -> torch.Tensor:
     return m
 
 
+def plane_moments(y: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """(N*C, 3) float64: per (n, c) plane the mean of where(keep, y, 0) over its h*w values,
+    its M2 (sum of squared deviations from that mean) and the kept count (lpl_kernel_abi.h's
+    layout), two passes in float64; the kernels' values within the rounding of their order
+    of the sums. Zeros for planes of no value. RuntimeError on a device without float64."""
+    if not has_float64(y.device):
+        raise RuntimeError(f"plane_moments: float64, which {y.device.type} tensors cannot hold")
+    n, c, h, w = y.shape
+    if h * w == 0:
+        return torch.zeros((n * c, 3), dtype=torch.float64, device=y.device)
+    keep = keep.reshape(n * c, h * w)
+    masked = torch.where(keep, y.reshape(n * c, h * w).to(torch.float64),
+                         torch.zeros((), dtype=torch.float64, device=y.device))
+    mean = masked.mean(dim=1)
+    dev = masked - mean[:, None]
+    return torch.stack([mean, (dev * dev).sum(dim=1), keep.sum(dim=1).to(torch.float64)], dim=1)
+
+
 def outlier_mask(
     y: torch.Tensor, quantile: float, margin_std: float, closing: int, opening: int, return_stats: bool,
-) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    return_plane_moments: bool = False,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
     """docs/spec.md, "Outlier mask": (keep bool of y's shape, stats (3,) = mean, std,
-    outlier ratio in the wide dtype, or None). y (N, C, H, W) float; options already
-    validated."""
-    y = y.detach()
+    outlier ratio in the wide dtype, or None, :func:`plane_moments` or None). y (N, C, H, W)
+    float; options already validated."""
+    keep, stats = _outlier_mask(y.detach(), quantile, margin_std, closing, opening, return_stats)
+    return keep, stats, plane_moments(y.detach(), keep) if return_plane_moments else None
+
+
+def _outlier_mask(
+    y: torch.Tensor, quantile: float, margin_std: float, closing: int, opening: int, return_stats: bool,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     n, c, h, w = y.shape
     device = y.device
     wide = wide_dtype(device)
@@ -268,4 +308,4 @@ def outlier_mask(
     return keep, stats
 
 
-__all__ = ["feature_distance", "has_float64", "outlier_mask", "wide_dtype"]
+__all__ = ["feature_distance", "has_float64", "outlier_mask", "plane_moments", "wide_dtype"]

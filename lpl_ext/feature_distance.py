@@ -18,7 +18,8 @@ import numpy as np
 
 from . import _launch
 from ._backend import torch
-from ._options import DISTANCES, NORMS, check_feature_distance_args, check_feature_distance_options, check_kind
+from ._options import (DISTANCES, NORMS, check_feature_distance_args, check_feature_distance_options, check_kind,
+                       check_plane_moments)
 
 if torch is not None:
     from . import _ops  # noqa: F401 (declares torch.ops.lpl_ext.*)
@@ -33,6 +34,7 @@ def feature_distance(
     distance: str = "mse",
     weight: float = 1.0,
     reentrant: bool = False,
+    plane_moments: Any = None,
 ) -> Any:
     """Per-sample LPL distance of one layer.
 
@@ -51,6 +53,11 @@ def feature_distance(
         reentrant: allow more than one backward through the same graph (retain_graph,
             gradcheck); by default backward rescales the kept gradient in place, which
             saves an x-sized allocation per layer.
+        plane_moments: optional, only with ``mask``: the (N*C, 3) float64 moments
+            ``outlier_mask(y, return_plane_moments=True)`` returned with that mask (of that
+            y). The kept counts and the ``batch`` statistics are then taken from them
+            instead of a pass over the mask and y (docs/spec.md, "Feature distance"); they
+            are trusted to belong to this mask and y.
 
     Returns:
         (N,) loss in x's dtype (a tensor or an array like x). Accumulation is fp32 for
@@ -59,12 +66,14 @@ def feature_distance(
     weight = check_feature_distance_options(norm, distance, weight)
     check_kind("x", x)
     check_feature_distance_args(x, y, mask)
+    check_plane_moments(plane_moments, x, mask)
     if isinstance(x, np.ndarray):
-        return _launch.feature_distance_numpy(x, y, mask, norm, distance, weight)
+        return _launch.feature_distance_numpy(x, y, mask, norm, distance, weight, plane_moments)
     need_grad = bool(x.requires_grad and torch.is_grad_enabled())
-    # y and mask are constants: detached, so autograd never asks for their gradient.
+    # y, mask and the moments are constants: detached, so autograd never asks for their gradient.
     loss, _ = torch.ops.lpl_ext.feature_distance(x, y.detach(), None if mask is None else mask.detach(), norm,
-                                                 distance, weight, need_grad, bool(reentrant))
+                                                 distance, weight, need_grad, bool(reentrant),
+                                                 None if plane_moments is None else plane_moments.detach())
     return loss
 
 
@@ -78,6 +87,7 @@ def weighted_feature_distance(
     distance: str = "mse",
     weight: float = 1.0,
     reentrant: bool = False,
+    plane_moments: Any = None,
 ) -> Tuple[Any, Any]:
     """``(sum_n sample_weight[n] * loss[n], loss)`` of one layer, with the weights folded
     into the fused pass's gradient.
@@ -89,8 +99,8 @@ def weighted_feature_distance(
     accumulation), instead of a rescaling pass over an x-sized tensor per layer.
 
     Args:
-        x, y, mask, norm, distance, weight, reentrant: as :func:`feature_distance`
-            (torch tensors only).
+        x, y, mask, norm, distance, weight, reentrant, plane_moments: as
+            :func:`feature_distance` (torch tensors only).
         sample_weight: (N,) floating tensor on x's device; a constant (not differentiated).
 
     Returns:
@@ -109,10 +119,11 @@ def weighted_feature_distance(
                          f"{sample_weight.dtype} {tuple(sample_weight.shape)}")
     if sample_weight.device != x.device:
         raise ValueError(f"sample_weight: on {sample_weight.device}, x on {x.device}")
+    check_plane_moments(plane_moments, x, mask)
     need_grad = bool(x.requires_grad and torch.is_grad_enabled())
     total, loss, _ = torch.ops.lpl_ext.weighted_feature_distance(
         x, y.detach(), None if mask is None else mask.detach(), norm, distance, weight, sample_weight.detach(),
-        need_grad, bool(reentrant))
+        need_grad, bool(reentrant), None if plane_moments is None else plane_moments.detach())
     return total, loss
 
 

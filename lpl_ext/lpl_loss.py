@@ -57,6 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ._launch import plane_moments_pay_off
 from ._torch_backend import wide_dtype
 from .config import FEATURE_TYPES, LPLConfig, fields_of
 from .feature_distance import DISTANCES, NORMS, feature_distance, weighted_feature_distance
@@ -600,25 +601,32 @@ class LatentPerceptualLoss(nn.Module):
 
     def _mask_and_stats(
         self, index: int, y: torch.Tensor
-    ) -> Tuple[Optional[torch.Tensor], Optional[Dict[str, torch.Tensor]]]:
-        """Keep-mask (bool, y's shape) of layer ``index`` or None, and its logging stats."""
-        keep = None
-        stats = None
+    ) -> Tuple[Optional[torch.Tensor], Optional[Dict[str, torch.Tensor]], Optional[torch.Tensor]]:
+        """Keep-mask (bool, y's shape) of layer ``index`` or None, its logging stats, and the
+        mask's per-plane moments for the feature distance (or None: docs/spec.md, "Loss
+        module": with lpl_ext's kernels they spare the feature distance its own pass over
+        the mask and, for ``batch``, over y)."""
+        keep = stats = moments = None
         with torch.no_grad():
             if self.config.remove_outliers and index in OUTLIER_DOWN_FACTORS:
                 closing, opening = outlier_windows(OUTLIER_DOWN_FACTORS[index])
+                want_moments = plane_moments_pay_off(y.device)
+                out = outlier_mask(y, closing=closing, opening=opening, return_stats=self.config.compute_stats,
+                                   return_plane_moments=want_moments)
+                out = out if isinstance(out, tuple) else (out,)
+                keep = out[0]
                 if self.config.compute_stats:
-                    keep, raw = outlier_mask(y, closing=closing, opening=opening, return_stats=True)
+                    raw = out[1]
                     # 0-dim float64 tensors on y's device: mean, std of y * keep, 1 - mean(keep)
                     stats = {"mean": raw.mean.float(), "std": raw.std.float(),
                              "outlier_ratio": raw.outlier_ratio.float()}
-                else:
-                    keep = outlier_mask(y, closing=closing, opening=opening)
+                if want_moments:
+                    moments = out[-1]
             if self.config.compute_stats and keep is None:  # unmasked layer: plain statistics
                 std, mean = torch.std_mean(y)
                 stats = {"mean": mean.float(), "std": std.float(),
                          "outlier_ratio": torch.zeros((), dtype=torch.float32, device=y.device)}
-        return keep, stats
+        return keep, stats, moments
 
     # ------------------------------------------------------------------ loss
     def _check_pair(self, input: Any, target: Any) -> None:
@@ -670,11 +678,11 @@ class LatentPerceptualLoss(nn.Module):
                 with torch.no_grad():
                     hy = self._run_block(i, block, hy, False)
                 hx = self._run_block(i, block, hx, use_ckpt)
-                keep, stats = self._mask_and_stats(i, hy)
+                keep, stats, moments = self._mask_and_stats(i, hy)
                 if stats is not None:
                     stats_list.append(stats)
                 options = dict(norm=distance_norm, distance=self.config.loss_type,
-                               weight=_layer_weight(i, self.config.pow_law))
+                               weight=_layer_weight(i, self.config.pow_law), plane_moments=moments)
                 if sample_weight is None:
                     loss = feature_distance(hx, hy.detach(), keep, **options)
                 else:

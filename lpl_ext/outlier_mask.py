@@ -83,7 +83,8 @@ def outlier_mask(
     closing: int = 3,
     opening: int = 5,
     return_stats: bool = False,
-) -> Union[Any, Tuple[Any, OutlierStats]]:
+    return_plane_moments: bool = False,
+) -> Union[Any, Tuple[Any, OutlierStats], Tuple[Any, Any], Tuple[Any, OutlierStats, Any]]:
     """Keep-mask of the target features y.
 
     Args:
@@ -97,22 +98,39 @@ def outlier_mask(
         closing: odd window of the max filter (1 = none); see ``outlier_windows``.
         opening: odd window of the min filter (1 = none).
         return_stats: also return the layer's ``OutlierStats``.
+        return_plane_moments: also return the (N*C, 3) float64 per-plane moments of
+            ``where(mask, y, 0)``: row n*C + c = [mean over the plane's H*W values, M2 (sum
+            of squared deviations from it), kept count], which ``feature_distance(...,
+            plane_moments=)`` takes with this mask so that it needs no pass of its own over
+            y for them. CPU and CUDA (current kernels) give the same bits; the 0.2 CUDA
+            kernels (``LPL_EXT_KERNEL_SET=v1``) and the plain-PyTorch backend the same
+            values up to the order of the sums; a device without float64 cannot hold them.
 
     Returns:
         bool keep-mask of y's shape on y's device (a torch tensor or a numpy array like
-        y); with ``return_stats``, ``(mask, OutlierStats(mean, std, outlier_ratio))``.
+        y); with ``return_stats``, ``(mask, OutlierStats(mean, std, outlier_ratio))``; with
+        ``return_plane_moments`` the moments last: ``(mask, moments)`` or ``(mask, stats,
+        moments)``.
     """
     quantile, margin_std, closing, opening = check_outlier_mask_options(quantile, margin_std, closing, opening)
     check_kind("y", y)
     check_outlier_mask_args(y)
+    moments = None
     if isinstance(y, np.ndarray):
-        keep, stats = _launch.outlier_mask_numpy(y, quantile, margin_std, closing, opening)
+        keep, stats, moments = _launch.outlier_mask_numpy(y, quantile, margin_std, closing, opening,
+                                                          bool(return_plane_moments))
+    elif return_plane_moments:
+        keep, stats, moments = torch.ops.lpl_ext.outlier_mask_moments(y.detach(), quantile, margin_std, closing,
+                                                                      opening, bool(return_stats))
     else:
         keep, stats = torch.ops.lpl_ext.outlier_mask(y.detach(), quantile, margin_std, closing, opening,
                                                      bool(return_stats))
+    out = (keep,)
     if return_stats:
-        return keep, OutlierStats(stats[0], stats[1], stats[2])
-    return keep
+        out += (OutlierStats(stats[0], stats[1], stats[2]),)
+    if return_plane_moments:
+        out += (moments,)
+    return out if len(out) > 1 else keep
 
 
 __all__ = ["OutlierStats", "outlier_mask", "outlier_windows", "reference_windows"]

@@ -64,6 +64,29 @@ def test_kernels_compile_fullgraph_with_inductor():
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
 
 
+def moments_head(x, y):
+    """The masked layer as the loss module runs it: the outlier mask's plane moments handed
+    to the feature distance (batch, weighted too)."""
+    keep, stats, moments = lpl_ext.outlier_mask(y, return_stats=True, return_plane_moments=True)
+    a = lpl_ext.feature_distance(x, y, keep, norm="batch", plane_moments=moments)
+    total, _ = lpl_ext.weighted_feature_distance(x, y, keep, sample_weight=torch.tensor([0.5, 2.0]), norm="shared",
+                                                 plane_moments=moments)
+    return a.sum() + total, stats.outlier_ratio
+
+
+def test_plane_moments_compile_fullgraph():
+    x, y = head_inputs(seed=3)
+    want, want_ratio = moments_head(x, y)
+    (g_want,) = torch.autograd.grad(want, x)
+    got, got_ratio = torch.compile(moments_head, fullgraph=True)(x, y)
+    (g_got,) = torch.autograd.grad(got, x)
+    assert_close_to_scale(got, want, rtol=1e-6)
+    torch.testing.assert_close(got_ratio, want_ratio, rtol=0, atol=0)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-6, atol=1e-9)
+    explanation = torch._dynamo.explain(moments_head)(x, y)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+
+
 def test_non_finite_weight_is_still_rejected_under_compile():
     x, y = head_inputs()
     with pytest.raises(Exception, match="weight: must be finite"):

@@ -237,7 +237,8 @@ def _values(bits: np.ndarray, dtype: torch.dtype) -> np.ndarray:
     return bits.astype(np.float64)
 
 
-def emu_feature_distance(emu: Emu, x, y, mask, norm, distance, weight, kernels=None) -> Tuple[np.ndarray, np.ndarray]:
+def emu_feature_distance(emu: Emu, x, y, mask, norm, distance, weight, kernels=None,
+                         plane_moments=None) -> Tuple[np.ndarray, np.ndarray]:
     """(loss float64 (N,), gradient in x's storage) computed on the emulated device; every
     output starts as NaN / all-ones bits, so that a value no kernel wrote shows."""
     n, c = x.shape[:2]
@@ -246,32 +247,40 @@ def emu_feature_distance(emu: Emu, x, y, mask, norm, distance, weight, kernels=N
     grad = FakeCudaArray(np.full(x.numel() * storage.itemsize, 0xFF, np.uint8).view(storage).reshape(tuple(x.shape)),
                          bfloat16=x.dtype == torch.bfloat16)
     ws = FakeCudaArray(np.full(_C.feature_distance_workspace(n, c), np.nan))
+    extra = {} if plane_moments is None else {"plane_moments": FakeCudaArray(np.asarray(plane_moments))}
     _C.feature_distance(_on_device(x), _on_device(y), None if mask is None else _on_device(mask), loss, grad, norm,
-                        distance, weight, stream=STREAM, workspace=ws, kernels=kernels or emu.kernels)
+                        distance, weight, stream=STREAM, workspace=ws, kernels=kernels or emu.kernels, **extra)
     return loss.array, grad.array
 
 
-def cpu_feature_distance(x, y, mask, norm, distance, weight) -> Tuple[np.ndarray, np.ndarray]:
+def cpu_feature_distance(x, y, mask, norm, distance, weight, plane_moments=None) -> Tuple[np.ndarray, np.ndarray]:
     loss = torch.full((x.shape[0],), float("nan"), dtype=torch.float64)
     grad = torch.empty_like(x)
-    _C.feature_distance(x, y, mask, loss, grad, norm, distance, weight)
+    extra = {} if plane_moments is None else {"plane_moments": np.asarray(plane_moments)}
+    _C.feature_distance(x, y, mask, loss, grad, norm, distance, weight, **extra)
     return loss.numpy(), _on_device(grad).array
 
 
-def emu_outlier_mask(emu: Emu, y, closing, opening, stats=True, quantile=0.02, margin_std=2.0):
+def emu_outlier_mask(emu: Emu, y, closing, opening, stats=True, quantile=0.02, margin_std=2.0, moments=False):
+    """(keep bytes, stats or None[, plane moments (N*C, 3) when `moments`]) on the emulated
+    device; outputs start as bytes no kernel writes (the moments as NaN)."""
     keep = FakeCudaArray(np.full(tuple(y.shape), 0xAB, np.uint8).view(np.bool_))  # neither 0 nor 1
     st = FakeCudaArray(np.full(3, 12345.0)) if stats else None
     ws = FakeCudaArray(np.full(_C.outlier_mask_workspace_bytes(*y.shape), 0xCD, np.uint8))
+    pm = FakeCudaArray(np.full((y.shape[0] * y.shape[1], 3), np.nan)) if moments else None
     _C.outlier_mask(_on_device(y), keep, st, quantile, margin_std, closing, opening, stream=STREAM, workspace=ws,
-                    kernels=emu.kernels)
-    return keep.array.view(np.uint8), (st.array if stats else None)
+                    kernels=emu.kernels, **({"plane_moments": pm} if moments else {}))
+    out = keep.array.view(np.uint8), (st.array if stats else None)
+    return out + (pm.array,) if moments else out
 
 
-def cpu_outlier_mask(y, closing, opening, stats=True, quantile=0.02, margin_std=2.0):
+def cpu_outlier_mask(y, closing, opening, stats=True, quantile=0.02, margin_std=2.0, moments=False):
     keep = torch.zeros(y.shape, dtype=torch.bool)
     st = torch.zeros(3, dtype=torch.float64) if stats else None
-    _C.outlier_mask(y, keep, st, quantile, margin_std, closing, opening)
-    return keep.numpy().view(np.uint8), (st.numpy() if stats else None)
+    pm = np.full((y.shape[0] * y.shape[1], 3), np.nan) if moments else None
+    _C.outlier_mask(y, keep, st, quantile, margin_std, closing, opening, **({"plane_moments": pm} if moments else {}))
+    out = keep.numpy().view(np.uint8), (st.numpy() if stats else None)
+    return out + (pm,) if moments else out
 
 
 def assert_same_values(a_bits: np.ndarray, b_bits: np.ndarray, dtype: torch.dtype) -> None:
@@ -688,6 +697,159 @@ def test_outlier_stats_are_bit_identical_when_the_sums_are_exact(dev, dtype):
     np.testing.assert_array_equal(keep, want_keep)
     np.testing.assert_array_equal(_bits(stats), _bits(want_stats))
     assert 0 < stats[2] < 1
+
+
+# ---- the outlier mask's plane moments, taken by the feature distance --------------------------------
+
+# cases of _om_input (the one-block path, empty and non-finite planes, windows wider than the
+# plane, both streaming shapes) and the brief's 1 x 2 x 256 x 256 streaming layer
+PM_CASES = ["odd", "c1", "nonfinite", "constant", "hw0", "wide", "streaming", "streaming_odd", "streaming_256"]
+
+
+def _pm_input(case: str, dtype: torch.dtype) -> Tuple[torch.Tensor, int, int]:
+    if case != "streaming_256":
+        return _om_input(case, dtype)
+    y = torch.randn((1, 2, 256, 256), generator=torch.Generator().manual_seed(12), dtype=torch.float64)
+    y.view(-1)[::13] *= 7
+    y[0, 1, 40:72, 100:180] = 9.0  # a block of outliers (closed, then opened away)
+    return y.to(dtype), 3, 5
+
+
+def _pm_grid() -> list:
+    combos = list(itertools.product(PM_CASES, DTYPES))
+    if MODE != "full":  # every case, every dtype on the two paths' main cases
+        combos = [(c, d) for i, (c, d) in enumerate(combos) if c in ("odd", "streaming_256") or i % 3 == 0]
+    if MODE == "sanitize":
+        combos = [("odd", torch.float32), ("streaming", torch.float16)]
+    return [pytest.param(c, d, id=f"{c}-{_dtype_id(d)}") for c, d in combos]
+
+
+@pytest.mark.parametrize("case,dtype", _pm_grid())
+def test_outlier_plane_moments_match_cpu(dev, case, dtype):
+    """plane_moments on both v2 paths (one block per plane; the streaming path, whose tile
+    partials om_plane_merge combines): the CPU's bits, with and without the layer statistics
+    (which do not change), and torch's values within rounding. v1 refuses them."""
+    y, closing, opening = _pm_input(case, dtype)
+    if dev.kernel_set == "v1":
+        with pytest.raises(RuntimeError, match="plane_moments: not produced by the 0.2 outlier-mask kernels"):
+            emu_outlier_mask(dev, y, closing, opening, moments=True)
+        dev.clear()  # (the refused call launched nothing)
+        return
+    want_keep, want_stats, want_pm = cpu_outlier_mask(y, closing, opening, moments=True)
+    for stats in (True, False):
+        dev.clear()
+        keep, st, pm = emu_outlier_mask(dev, y, closing, opening, stats=stats, moments=True)
+        np.testing.assert_array_equal(keep, want_keep)
+        if not y.numel():  # nothing to launch: left to the caller (lpl_ext._launch zeroes them)
+            assert np.isnan(pm).all() and not want_pm.any()
+            continue
+        np.testing.assert_array_equal(_bits(pm), _bits(want_pm))
+        if stats:
+            np.testing.assert_array_equal(_bits(st), _bits(want_stats))
+        launched = {ln["kernel"] for ln in dev.launches()}
+        if y.numel():
+            assert (dev.name(f"om_hist_{SUFFIX[dtype]}") in launched) == case.startswith("streaming"), launched
+            assert (dev.name("om_plane_merge") in launched) == case.startswith("streaming")
+    if y.numel():
+        from test_outlier_mask import torch_plane_moments
+
+        want = torch_plane_moments(y, torch.from_numpy(want_keep.astype(bool))).numpy()
+        np.testing.assert_array_equal(want_pm[:, 2], want[:, 2])
+        spread = np.sqrt(want[:, 1].max())
+        np.testing.assert_allclose(want_pm[:, 0], want[:, 0], rtol=0, atol=1e-12 * spread)
+        np.testing.assert_allclose(want_pm[:, 1], want[:, 1], rtol=1e-11, atol=1e-300)
+
+
+def _pm_fd_grid() -> list:
+    shapes = {"n3": (3, 4, 11, 7), "blocks": (2, 3, 40, 50)}
+    combos = list(itertools.product(shapes, DTYPES, NORMS, DISTANCES))
+    if MODE == "quick":  # every dtype and norm on n3 (mse), the diagonal on blocks
+        combos = [c for c in combos if c[0] == "n3" and c[3] == "mse"] + [
+            ("blocks", *c[:3]) for c in _diagonal(1)]
+    elif MODE == "sanitize":
+        combos = [("n3", *c[:3]) for c in _diagonal(2)]
+    return [pytest.param(shapes[s], d, n, di, id=f"{s}-{_dtype_id(d)}-{n}-{di}") for s, d, n, di in combos]
+
+
+@pytest.mark.parametrize("shape,dtype,norm,distance", _pm_fd_grid())
+def test_feature_distance_with_plane_moments_matches_cpu(dev, shape, dtype, norm, distance):
+    """The feature distance given the outlier mask's moments: no statistics pass (v2), the
+    gradient bit-identical to the CPU's with the same moments for every norm, `batch`
+    included (both merge the planes' moments in the order of lpl_batch_stats_from_planes),
+    losses within reduction order; and for default / shared / none the same bits as the
+    call without moments (the kept counts are the same integers). The frozen v1 kernels
+    ignore the moments: their usual contract."""
+    g = torch.Generator().manual_seed(21)
+    y = torch.randn(shape, generator=g, dtype=torch.float64) * torch.logspace(-1, 1, shape[1]).view(1, -1, 1, 1)
+    y.view(-1)[::17] *= 9
+    y[0, 0] = 0.25  # a constant plane keeps nothing
+    x = (y + 0.3 * torch.randn(shape, generator=g, dtype=torch.float64)).to(dtype)
+    y = y.to(dtype)
+    keep, _, moments = cpu_outlier_mask(y, 1, 1, stats=False, moments=True)
+    mask = torch.from_numpy(keep.astype(bool))
+    assert 0 < int(mask.sum()) < mask.numel()
+    loss, grad = emu_feature_distance(dev, x, y, mask, norm, distance, 0.75, plane_moments=moments)
+    want_loss, want_grad = cpu_feature_distance(x, y, mask, norm, distance, 0.75, plane_moments=moments)
+    launched = [ln["kernel"] for ln in dev.launches()]
+    if dev.kernel_set == "v2":
+        assert launched == [dev.name(k) for k in ("fd_setup", f"fd_main_{SUFFIX[dtype]}", "fd_finalize")]
+        assert_same_values(grad, want_grad, dtype)
+    else:
+        assert_gradient_matches_cpu(dev, grad, want_grad, dtype, norm)
+    assert_losses_close(loss, want_loss, rtol=loss_rtol(dtype, shape[2] * shape[3], norm))
+    if norm != "batch" and dev.kernel_set == "v2":
+        plain_loss, plain_grad = emu_feature_distance(dev, x, y, mask, norm, distance, 0.75)
+        np.testing.assert_array_equal(_bits(grad), _bits(plain_grad))
+        np.testing.assert_array_equal(_bits(loss), _bits(plain_loss))
+
+
+def test_plane_moments_are_checked_on_the_device(dev):
+    """The C entry points refuse moments of the wrong shape or dtype, or in host memory
+    for CUDA inputs, naming the argument, before any launch."""
+    x, y, mask = _fd_inputs((2, 3, 5, 4), torch.float32, True)
+    moments = np.zeros((6, 3))
+    loss, ws = FakeCudaArray(np.zeros(2)), FakeCudaArray(np.zeros(_C.feature_distance_workspace(2, 3)))
+    for pm, error, message in [
+            (FakeCudaArray(np.zeros((5, 3))), ValueError, r"plane_moments: expected shape \(6, 3\)"),
+            (FakeCudaArray(np.zeros((6, 3), np.float32)), TypeError, "plane_moments: expected dtype"),
+            (moments, ValueError, "plane_moments: on cpu")]:
+        with pytest.raises(error, match=message):
+            _C.feature_distance(_on_device(x), _on_device(y), _on_device(mask), loss, None, "batch", "mse", 1.0,
+                                stream=STREAM, workspace=ws, kernels=dev.kernels, plane_moments=pm)
+        keep = FakeCudaArray(np.zeros(tuple(y.shape), np.bool_))
+        om_ws = FakeCudaArray(np.zeros(_C.outlier_mask_workspace_bytes(*y.shape), np.uint8))
+        with pytest.raises(error, match=message):
+            _C.outlier_mask(_on_device(y), keep, None, 0.02, 2.0, 3, 5, stream=STREAM, workspace=om_ws,
+                            kernels=dev.kernels, plane_moments=pm)
+    assert dev.launches() == []
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_v2_with_plane_moments_reads_y_once(dev, monkeypatch, norm):
+    """With the outlier mask's moments, the v2 feature distance reads x, y and the mask once
+    (fd_main: the mask bytes, no packed bits), writes the gradient once, and fd_setup reads
+    the moments: the kept count per plane (masked coefficients) and, for batch, the mean and
+    M2 per plane. float32."""
+    if dev.kernel_set != "v2":
+        pytest.skip("the v2 kernels' own traffic")
+    monkeypatch.setenv("FAKE_CUDA_FOOTPRINT", "1")
+    n, c, h, w = V2_READ_ONCE_SHAPE
+    x, y, mask = _fd_inputs((n, c, h, w), torch.float32, True)
+    moments = np.zeros((n * c, 3))
+    moments[:, 2] = mask.reshape(n * c, -1).sum(1).numpy()
+    moments[:, 1] = 1.0
+    emu_feature_distance(dev, x, y, mask, norm, "mse", 1.0, plane_moments=moments)
+    by_kernel = {ln["kernel"]: {k: int(v) for k, v in ln.items() if k not in ("kind", "kernel")}
+                 for ln in dev.launches()}
+    assert list(by_kernel) == [dev.name(k) for k in ("fd_setup", "fd_main_f32", "fd_finalize")]
+    e, planes, batch = n * c * h * w, n * c, norm == "batch"
+    main, setup = by_kernel[dev.name("fd_main_f32")], by_kernel[dev.name("fd_setup")]
+    params = 8 * c * (1 + 2 * batch)  # per block (one per sample): coefficients, batch scale and shift
+    assert main["read"] == (4 + 4 + 1) * e + n * params
+    assert main["unique_read"] == (4 + 4 + 1) * e + 8 * planes + (16 * c if batch else 0)
+    assert main["write"] == 4 * e + 8 * n
+    assert setup["read"] == 8 * planes * (1 + 2 * batch)
+    assert setup["write"] == 8 * planes + (16 * c if batch else 0)
 
 
 # ---- bytes moved ------------------------------------------------------------------------------------

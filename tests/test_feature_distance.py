@@ -274,6 +274,131 @@ def test_numpy_inputs(dtype, norm):
     )
 
 
+# ---------------------------------------------------------------- plane moments
+# feature_distance(..., plane_moments=): the outlier mask's per-plane moments of
+# where(mask, y, 0) stand in for the kernel's own pass over the mask and y (kept counts;
+# batch statistics), docs/spec.md "Feature distance".
+MOMENT_SHAPES = [(2, 5, 9, 13), (3, 1, 17, 11), (1, 7, 33, 65), (3, 4, 40, 50)]
+MOMENT_DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+
+
+def outlier_inputs(shape, dtype, seed):
+    """x, y with outliers in y, and y's outlier mask with its plane moments."""
+    x, y, _ = make_inputs(shape, dtype=torch.float64, seed=seed)
+    y.view(-1)[::23] *= 60  # outliers for the mask to drop (no closing that would restore them)
+    if shape[1] > 1:
+        y[0, 0] = 0.375  # a constant plane keeps nothing: its coefficient is 0
+    x, y = x.to(dtype), y.to(dtype)
+    keep, moments = lpl_ext.outlier_mask(y, closing=1, opening=1, return_plane_moments=True)
+    assert 0 < int(keep.sum()) < keep.numel()
+    return x, y, keep, moments
+
+
+def loss_and_grad(x, y, mask, norm, distance, grad_out, **kwargs):
+    xa = x.detach().clone().requires_grad_(True)
+    loss = lpl_ext.feature_distance(xa, y, mask, norm=norm, distance=distance, weight=0.75, **kwargs)
+    (loss * grad_out.to(loss.dtype)).sum().backward()
+    return loss.detach(), xa.grad
+
+
+@pytest.mark.parametrize("dtype", MOMENT_DTYPES, ids=str)
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("distance", DISTANCES)
+def test_plane_moments_change_nothing_but_the_batch_statistics_order(dtype, norm, distance):
+    """With the outlier mask's moments: default / shared / none bit-identical to the call
+    without them (the kept counts are the same integers); batch within the tolerances of
+    the plain-PyTorch oracle (its statistics are merged from the planes' moments instead of
+    being summed here: another order of the sums)."""
+    for k, shape in enumerate(MOMENT_SHAPES):
+        x, y, keep, moments = outlier_inputs(shape, dtype, seed=60 + k)
+        grad_out = torch.linspace(-1.5, 2.0, shape[0], dtype=torch.float64)
+        loss, grad = loss_and_grad(x, y, keep, norm, distance, grad_out, plane_moments=moments)
+        want_loss, want_grad = loss_and_grad(x, y, keep, norm, distance, grad_out)
+        if norm != "batch":
+            assert torch.equal(loss, want_loss) and torch.equal(grad, want_grad), shape
+            continue
+        xr = x.detach().double().clone().requires_grad_(True)
+        ref = ref_feature_distance(xr, y.double(), keep, norm, distance, 0.75)
+        (ref * grad_out).sum().backward()
+        if dtype == torch.float64:
+            torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(grad, xr.grad, rtol=1e-9, atol=1e-12)
+        else:
+            tol = TOLS[dtype]
+            assert_close_to_scale(loss.double(), ref.detach(), rtol=tol["loss_rtol"])
+            assert_close_to_scale(grad.double(), xr.grad, rtol=tol["grad_rtol"])
+            # and within the rounding of the statistics of the call without them
+            assert_close_to_scale(grad.double(), want_grad.double(), rtol=8 * torch.finfo(dtype).eps)
+
+
+def test_plane_moments_are_used_for_the_kept_counts_and_batch_statistics():
+    """The kernel takes what it is given (it cannot check them without the pass they save):
+    doubled kept counts halve every plane's coefficient, a 4 times larger M2 (twice the
+    channel std) about quarters the batch loss. So the moments are the ones read, not
+    recomputed."""
+    x, y, keep, moments = outlier_inputs((2, 5, 9, 13), torch.float64, seed=3)
+    half = moments.clone()
+    half[:, 2] *= 2
+    for norm in ("shared", "none", "default"):
+        full = lpl_ext.feature_distance(x, y, keep, norm=norm, plane_moments=moments)
+        torch.testing.assert_close(lpl_ext.feature_distance(x, y, keep, norm=norm, plane_moments=half), full / 2,
+                                   rtol=1e-15, atol=0)
+    wider = moments.clone()
+    wider[:, 1] *= 4
+    a = lpl_ext.feature_distance(x, y, keep, norm="batch", plane_moments=moments)
+    b = lpl_ext.feature_distance(x, y, keep, norm="batch", plane_moments=wider)
+    torch.testing.assert_close(b, a / 4, rtol=0.05, atol=0)  # (the planes' means keep their spread)
+
+
+def test_plane_moments_numpy_and_weighted():
+    x, y, keep, moments = outlier_inputs((2, 5, 9, 13), torch.float32, seed=4)
+    for norm in NORMS:
+        want = lpl_ext.feature_distance(x, y, keep, norm=norm, plane_moments=moments)
+        got = lpl_ext.feature_distance(x.numpy(), y.numpy(), keep.numpy(), norm=norm, plane_moments=moments.numpy())
+        np.testing.assert_array_equal(got, want.numpy())
+        sw = torch.tensor([0.5, 2.0])
+        xa = x.clone().requires_grad_(True)
+        total, loss = lpl_ext.weighted_feature_distance(xa, y, keep, sample_weight=sw, norm=norm,
+                                                        plane_moments=moments)
+        total.backward()
+        xb = x.clone().requires_grad_(True)
+        (lpl_ext.feature_distance(xb, y, keep, norm=norm, plane_moments=moments) * sw).sum().backward()
+        assert torch.equal(loss, want)
+        torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-6, atol=1e-7)
+
+
+def test_bad_plane_moments_name_the_argument():
+    x, y, keep, moments = outlier_inputs((2, 5, 9, 13), torch.float32, seed=5)
+    cases = [
+        (dict(mask=None, plane_moments=moments), ValueError, "plane_moments: given without a mask"),
+        (dict(mask=keep, plane_moments=moments[:9]), ValueError, r"plane_moments: expected shape \(10, 3\)"),
+        (dict(mask=keep, plane_moments=moments.reshape(-1)), ValueError, r"plane_moments: expected shape"),
+        (dict(mask=keep, plane_moments=moments.float()), TypeError, "plane_moments: expected dtype float64"),
+        (dict(mask=keep, plane_moments=moments.numpy()), TypeError, "plane_moments: expected a torch.Tensor"),
+    ]
+    for kwargs, error, message in cases:
+        with pytest.raises(error, match=message):
+            lpl_ext.feature_distance(x, y, **kwargs)
+        with pytest.raises(error, match=message):
+            lpl_ext.weighted_feature_distance(x, y, **kwargs, sample_weight=torch.ones(2))
+    with pytest.raises(TypeError, match="plane_moments: expected dtype float64"):
+        lpl_ext.feature_distance(x.numpy(), y.numpy(), keep.numpy(), plane_moments=moments.numpy().astype(np.float32))
+    # the C entry point checks them too (its callers need not be the public functions)
+    loss = np.empty(2)
+    for kwargs, error, message in [
+        (dict(mask=None, plane_moments=moments.numpy()), ValueError, "plane_moments: given without a mask"),
+        (dict(mask=keep.numpy(), plane_moments=moments.numpy()[:9]), ValueError,
+         r"plane_moments: expected shape \(10, 3\)"),
+        (dict(mask=keep.numpy(), plane_moments=moments.numpy().astype(np.float32)), TypeError,
+         "plane_moments: expected dtype float64"),
+        (dict(mask=keep.numpy(), plane_moments=np.asfortranarray(moments.numpy())), ValueError,
+         "plane_moments: expected a contiguous"),
+    ]:
+        with pytest.raises(error, match=message):
+            lpl_ext._C.feature_distance(x.numpy(), y.numpy(), kwargs["mask"], loss, None, "batch", "mse", 1.0,
+                                        plane_moments=kwargs["plane_moments"])
+
+
 class TestBadInput:
     def setup_method(self):
         self.x, self.y, self.mask = make_inputs((2, 3, 4, 4), dtype=torch.float32, masked=True)
@@ -333,6 +458,9 @@ class TestBadInput:
     def test_mixed_devices(self):
         with pytest.raises(ValueError, match="y: on cpu:0 but x is on cuda"):
             lpl_ext.feature_distance(self.x.cuda(), self.y)
+        keep, moments = lpl_ext.outlier_mask(self.y, return_plane_moments=True)
+        with pytest.raises(ValueError, match="plane_moments: on cpu:0 but x is on cuda"):
+            lpl_ext.feature_distance(self.x.cuda(), self.y.cuda(), keep.cuda(), plane_moments=moments)
 
 
 @pytest.mark.skipif(not CUDA_OK, reason=CUDA_REASON)

@@ -97,7 +97,8 @@ def test_the_backend_is_chosen_in_the_launch_layer_only():
                     if "use_native_kernels(" in p.read_text(encoding="utf-8") and p.name != "_backend.py")
     assert askers == ["_launch.py"]
     launch = (PACKAGE / "_launch.py").read_text(encoding="utf-8")
-    assert launch.count("use_native_kernels(") == 3  # one per op (and the weighted backward's product)
+    # one per op, the weighted backward's product, and whether the plane moments pay off
+    assert launch.count("use_native_kernels(") == 4
     assert launch.count(".is_cuda") == 0 and launch.count('device.type != "cuda"') == 1
 
 

@@ -519,3 +519,47 @@ def test_compute_stats_off_gives_the_same_loss(vaes):
     off = LatentPerceptualLoss(vae, norm_type="shared", compute_stats=False)
     torch.testing.assert_close(off.get_loss(x, y), on.get_loss(x, y), rtol=0, atol=0)
     assert off.last_feature_stats == [] and len(on.last_feature_stats) == 5
+
+
+@pytest.mark.parametrize("norm_type", ["batch", "shared"])
+def test_masked_layers_hand_the_plane_moments_to_the_distance(vaes, monkeypatch, norm_type):
+    """With the kernels, each masked layer's outlier mask returns its plane moments and the
+    feature distance takes them (its own pass over the mask and y saved): the loss and the
+    input gradient are those of the path without them within rounding (batch: its channel
+    statistics merged from the planes' moments, another order of the sums; shared: the same
+    integer kept counts, so the same bits)."""
+    from lpl_ext import lpl_loss as lpl_loss_module
+
+    vae = vaes["sdxl_like"]
+    x, y = latents(vae)
+    lpl = LatentPerceptualLoss(vae, norm_type=norm_type, remove_outliers=True, loss_type="l1")
+    seen = []
+    real = lpl_loss_module.feature_distance
+
+    def spy(hx, hy, keep=None, **kwargs):
+        seen.append((keep is not None, kwargs.get("plane_moments")))
+        return real(hx, hy, keep, **kwargs)
+
+    def loss_and_grad():
+        xa = x.detach().clone().requires_grad_(True)
+        out = lpl.get_loss(xa, y)
+        (out * torch.tensor([1.5, -0.5])).sum().backward()
+        return out.detach(), xa.grad, [dict(s) for s in lpl.last_feature_stats]
+
+    with monkeypatch.context() as m:
+        m.setattr(lpl_loss_module, "feature_distance", spy)
+        loss, grad, stats = loss_and_grad()
+    masked = [k for k, _ in seen]
+    assert masked == [False, False, True, True, True]
+    for is_masked, moments in seen:
+        assert (moments is not None) == is_masked
+        if moments is not None:
+            assert moments.dtype == torch.float64 and moments.shape[1] == 3
+    monkeypatch.setattr(lpl_loss_module, "plane_moments_pay_off", lambda device: False)
+    want_loss, want_grad, want_stats = loss_and_grad()
+    assert stats == want_stats  # the outlier mask's statistics do not change
+    if norm_type == "batch":
+        assert_close_to_scale(loss, want_loss, rtol=1e-6)
+        assert_close_to_scale(grad, want_grad, rtol=1e-5)
+    else:
+        assert torch.equal(loss, want_loss) and torch.equal(grad, want_grad)

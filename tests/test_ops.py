@@ -71,6 +71,24 @@ def test_opcheck_outlier_mask(device, return_stats, dtype):
     assert set(result.values()) == {"SUCCESS"} and len(result) == 4
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("return_stats,dtype", [(True, torch.float32), (False, torch.bfloat16)])
+def test_opcheck_outlier_mask_moments_and_the_distance_taking_them(device, return_stats, dtype):
+    x, y = features(shape=(2, 3, 12, 11), device=device, dtype=dtype)
+    result = torch.library.opcheck(torch.ops.lpl_ext.outlier_mask_moments.default, (y, 0.02, 2.0, 3, 5, return_stats))
+    assert set(result.values()) == {"SUCCESS"} and len(result) == 4
+    keep, _, moments = torch.ops.lpl_ext.outlier_mask_moments(y, 0.02, 2.0, 3, 5, return_stats)
+    x.requires_grad_(True)
+    for norm in ("batch", "shared"):
+        result = torch.library.opcheck(torch.ops.lpl_ext.feature_distance.default,
+                                       (x, y, keep, norm, "mse", 0.5, True, False, moments))
+        assert set(result.values()) == {"SUCCESS"}
+        sw = torch.tensor([0.5, 2.0], device=device)
+        result = torch.library.opcheck(torch.ops.lpl_ext.weighted_feature_distance.default,
+                                       (x, y, keep, norm, "mse", 0.5, sw, True, False, moments))
+        assert set(result.values()) == {"SUCCESS"}
+
+
 def test_public_functions_go_through_the_operators():
     x, y = features()
     x.requires_grad_(True)
@@ -95,6 +113,12 @@ def test_fake_implementations_give_shapes_and_dtypes_without_running_the_kernels
         _, no_stats = torch.ops.lpl_ext.outlier_mask(y, 0.02, 2.0, 3, 5, False)
         with pytest.raises(ValueError, match="y: shape"):
             torch.ops.lpl_ext.feature_distance(x, y[:1], None, "shared", "mse", 1.0, True, False)
+        keep_m, stats_m, moments = torch.ops.lpl_ext.outlier_mask_moments(y, 0.02, 2.0, 3, 5, False)
+        loss_m, _ = torch.ops.lpl_ext.feature_distance(x, y, keep_m, "batch", "mse", 1.0, True, False, moments)
+        with pytest.raises(ValueError, match="plane_moments: expected shape"):
+            torch.ops.lpl_ext.feature_distance(x, y, keep_m, "batch", "mse", 1.0, True, False, moments[:3])
+    assert (keep_m.shape, stats_m.shape, moments.shape, moments.dtype) == ((3, 4, 5, 6), (0,), (12, 3), torch.float64)
+    assert (loss_m.shape, loss_m.dtype) == ((3,), torch.bfloat16)
     assert (loss.shape, loss.dtype) == ((3,), torch.bfloat16)
     assert (grad.shape, grad.dtype) == ((3, 4, 5, 6), torch.bfloat16)
     assert (keep.shape, keep.dtype) == ((3, 4, 5, 6), torch.bool)

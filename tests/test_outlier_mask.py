@@ -319,9 +319,9 @@ def ordered_plane_sum(terms: np.ndarray, selected: np.ndarray) -> float:
     return _tree([float(t) for t in tiles], lambda a, b, *_: a + b)
 
 
-def ordered_stats(y: torch.Tensor, keep: torch.Tensor) -> list:
-    """Layer mean, std and outlier ratio of where(keep, y, 0) for the mask the kernel
-    returned, with every sum in the reduction order."""
+def ordered_plane_moments(y: torch.Tensor, keep: torch.Tensor) -> list:
+    """Per (n, c) plane (mean, M2, kept) of where(keep, y, 0) for the mask the kernel
+    returned, with every sum in the reduction order (the kernels' plane_moments)."""
     n, c, h, w = y.shape
     length = float(h * w)
     planes = []
@@ -341,6 +341,14 @@ def ordered_stats(y: torch.Tensor, keep: torch.Tensor) -> list:
         s2 += zeros * mean * mean
         m2 = s2 - s1 * s1 / length
         planes.append((mean + s1 / length, max(m2, 0.0), kept))
+    return planes
+
+
+def ordered_stats(y: torch.Tensor, keep: torch.Tensor) -> list:
+    """Layer mean, std and outlier ratio of where(keep, y, 0) for the mask the kernel
+    returned, with every sum in the reduction order."""
+    length = float(y.shape[2] * y.shape[3])
+    planes = ordered_plane_moments(y, keep)
 
     def merge(a, b, i, s, count):  # lpl_om_tree_merge_planes / lpl_om_merge_moments
         n_a = length * float((count - i + 2 * s - 1) // (2 * s))
@@ -381,6 +389,48 @@ def test_stats_follow_the_reduction_order(dtype):
         keep, stats = lpl_ext.outlier_mask(y, return_stats=True)
         assert keep.sum() < keep.numel()
         assert _bits(stats) == _bits(ordered_stats(y, keep)), (shape, kind)
+
+
+def torch_plane_moments(y: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """(N*C, 3) mean, M2 and kept count of where(keep, y, 0) per plane, written with torch
+    (float64, two passes): the kernels' values up to the order of the sums."""
+    n, c, h, w = y.shape
+    ym = torch.where(keep, y.double(), torch.zeros((), dtype=torch.float64)).reshape(n * c, h * w)
+    mean = ym.mean(dim=1)
+    m2 = ((ym - mean[:, None]) ** 2).sum(dim=1)
+    return torch.stack([mean, m2, keep.reshape(n * c, -1).sum(dim=1).double()], dim=1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[1])
+def test_plane_moments_follow_the_reduction_order(dtype):
+    """return_plane_moments: per plane the mean, M2 and kept count of where(keep, y, 0), the
+    bits of the documented reduction order (those the CUDA kernels write too,
+    tests/test_cuda_emulated.py), torch's values within rounding, and the same mask and
+    statistics as without them (team path included: ORDER_SHAPES)."""
+    for i, (shape, kind) in enumerate(ORDER_SHAPES + [((3, 1, 5, 4), "ties")]):
+        y = _with_nonfinite(make_features(shape, kind, seed=50 + i, dtype=dtype))
+        keep, stats, moments = lpl_ext.outlier_mask(y, return_stats=True, return_plane_moments=True)
+        keep_only, moments_only = lpl_ext.outlier_mask(y, return_plane_moments=True)
+        assert torch.equal(keep, lpl_ext.outlier_mask(y)) and torch.equal(keep_only, keep)
+        assert _bits(stats) == _bits(lpl_ext.outlier_mask(y, return_stats=True)[1])
+        assert moments.dtype == torch.float64 and moments.shape == (shape[0] * shape[1], 3)
+        assert _bits(moments.reshape(-1)) == _bits(np.array(ordered_plane_moments(y, keep)).reshape(-1)), shape
+        assert _bits(moments_only.reshape(-1)) == _bits(moments.reshape(-1))
+        want = torch_plane_moments(y, keep)
+        assert torch.equal(moments[:, 2], want[:, 2])  # counts: exact
+        spread = want[:, 1].max().sqrt()
+        torch.testing.assert_close(moments[:, 0], want[:, 0], rtol=0, atol=1e-12 * float(spread))
+        torch.testing.assert_close(moments[:, 1], want[:, 1], rtol=1e-11, atol=0)
+        moments_np = lpl_ext.outlier_mask(y.float().numpy() if dtype == torch.bfloat16 else y.numpy(),
+                                          return_plane_moments=True)[1]
+        if dtype != torch.bfloat16:  # (numpy has no bfloat16)
+            np.testing.assert_array_equal(moments_np.view(np.uint64), moments.numpy().view(np.uint64))
+
+
+def test_plane_moments_of_empty_layers_are_zeros():
+    for shape in [(2, 3, 0, 4), (0, 3, 4, 4)]:
+        keep, moments = lpl_ext.outlier_mask(torch.randn(shape), return_plane_moments=True)
+        assert moments.shape == (shape[0] * shape[1], 3) and not moments.any()
 
 
 def _thread_cases() -> list:

@@ -241,6 +241,34 @@ def test_outlier_mask_grid(monkeypatch, shape, kind, dtype):
         assert_stats_agree(stats_n, stats_t, y)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[1])
+@pytest.mark.parametrize("norm", NORMS)
+def test_plane_moments_on_the_torch_backend(monkeypatch, dtype, norm):
+    """The plain-PyTorch backend's outlier mask gives the kernels' plane moments within
+    rounding (counts exact), and its feature distance takes them as the kernels do: the
+    same loss and gradient to reduction order."""
+    y = make_features((3, 4, 21, 17), "spiky", seed=7, dtype=dtype)
+    x = (y.double() + 0.2 * torch.randn(y.shape, generator=torch.Generator().manual_seed(8),
+                                        dtype=torch.float64)).to(dtype)
+    grad_out = torch.tensor([1.0, -0.5, 3.0])
+
+    def run():
+        keep, moments = lpl_ext.outlier_mask(y, return_plane_moments=True)
+        xa = x.detach().clone().requires_grad_(True)
+        loss = lpl_ext.feature_distance(xa, y, keep, norm=norm, distance="l1", plane_moments=moments)
+        (loss * grad_out.to(loss.dtype)).sum().backward()
+        return keep, moments, loss.detach(), xa.grad
+
+    (keep_n, pm_n, loss_n, grad_n), (keep_t, pm_t, loss_t, grad_t) = both_backends(monkeypatch, run)
+    assert_same_mask(keep_t, keep_n)
+    assert pm_t.dtype == torch.float64 and torch.equal(pm_t[:, 2], pm_n[:, 2])
+    assert_close_to_scale(pm_t[:, 0], pm_n[:, 0], rtol=1e-12, floor=1e-12 * float(pm_n[:, 1].max().sqrt()),
+                          what="plane means")
+    assert_close_to_scale(pm_t[:, 1], pm_n[:, 1], rtol=1e-12, what="plane M2")
+    assert_same_to_reduction_order(loss_n, loss_t, dtype, "loss")
+    assert_same_to_reduction_order(grad_n, grad_t, dtype, "gradient")
+
+
 @pytest.mark.parametrize("closing,opening", WINDOWS)
 def test_outlier_mask_every_window_pair(monkeypatch, closing, opening):
     for shape, kind in [((2, 2, 7, 7), "heavy"), ((1, 3, 3, 5), "normal"), ((1, 1, 40, 33), "spiky")]:

@@ -2,7 +2,8 @@
 // GPU twin of feature_distance_cpu.c, same per-element math (lpl_math.h, in the CPU's
 // order), same outputs. Every kernel takes one lpl_fd_args (lpl_kernel_abi.h) by value;
 // the launch sequence lives in csrc/feature_distance_cuda.c:
-//   1. fd_stats (with a mask, or norm="batch"): per statistics block (at most
+//   1. fd_stats (with a mask, or norm="batch", unless the outlier mask's plane moments
+//      are given: they hold its results already): per statistics block (at most
 //      LPL_FD_STATS_PARTS per plane) the kept count and, for `batch`, the mean and M2 of
 //      y*keep, each chunk of LPL_FD_STATS_CHUNK values held in registers for its two
 //      passes (y and the mask are read once here); with a gradient it also packs the
@@ -10,7 +11,8 @@
 //      main kernel reads 1/8 byte per value instead of the mask byte again;
 //   2. fd_setup: per plane coef = lpl_plane_coef(w, C, kept) (partials added in block
 //      order: exact integer sums), per channel (`batch`) the partial moments merged in a
-//      fixed order with Chan's formula, stored as mean and scale = 1 / (std + eps);
+//      fixed order with Chan's formula, stored as mean and scale = 1 / (std + eps) (from
+//      the plane moments when given: the CPU's order, bit-identical statistics);
 //   3. fd_main: a block is a tile of P pixels of one sample x all C channels (P pixel
 //      lanes x 256 / P channel groups); it loads the sample's plane coefficients (and
 //      batch scale / shift) into shared memory once, then per tile:
@@ -132,15 +134,31 @@ template <typename T> __device__ __forceinline__ void fd_stats(const lpl_fd_args
 
 // ---- 2. per-plane coefficients and per-channel batch statistics ---------------------
 // Thread t < N*C (masked): plane t's coefficient; thread t < C (batch): channel t.
+// With a.plane_moments (the outlier mask's, lpl_kernel_abi.h's LPL_PM_* rows) both come
+// from them instead of fd_stats's partials: the kept count as is, the channel statistics
+// merged over n = 0 .. N-1 in order, the CPU's lpl_batch_stats_from_planes (same bits).
 extern "C" __global__ void lpl_fd_setup(const lpl_fd_args a) {
     const int64_t t = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     const int64_t planes = a.n * a.c, parts = a.stats_parts;
+    const double *pm = a.plane_moments;
     if (a.mask && t < planes) {
         double kept = 0.0;  // integer counts: exact in any order
-        for (int64_t j = 0; j < parts; ++j) kept += lpl_ld(a.part_kept, t * parts + j);
+        if (pm)
+            kept = lpl_ld(pm, t * LPL_PM_COMPONENTS + LPL_PM_KEPT);
+        else
+            for (int64_t j = 0; j < parts; ++j) kept += lpl_ld(a.part_kept, t * parts + j);
         lpl_st(a.coef, t, lpl_plane_coef(a.weight, a.c, kept));
     }
-    if (a.norm == LPL_NORM_BATCH && t < a.c) {
+    if (a.norm == LPL_NORM_BATCH && t < a.c && pm) {
+        double count = 0.0, mean = 0.0, m2 = 0.0;
+        for (int64_t n = 0; n < a.n; ++n) {
+            const int64_t row = (n * a.c + t) * LPL_PM_COMPONENTS;
+            lpl_om_merge_moments(&count, &mean, &m2, (double)a.hw, lpl_ld(pm, row + LPL_PM_MEAN),
+                                 lpl_ld(pm, row + LPL_PM_M2));
+        }
+        lpl_st(a.chan_mean, t, mean);
+        lpl_st(a.chan_scale, t, 1.0 / (lpl_unbiased_std(count, m2) + LPL_EPS_BATCH));
+    } else if (a.norm == LPL_NORM_BATCH && t < a.c) {
         double count = 0.0, mean = 0.0, m2 = 0.0;
         for (int64_t n = 0; n < a.n; ++n)
             for (int64_t j = 0; j < parts; ++j) {

@@ -240,17 +240,27 @@ __device__ __forceinline__ void plane_thresholds(const om_args &a, double count,
 }
 
 // Moments of where(keep, y, 0) over the plane from the kept count and the kept values'
-// sums of (v - k), (v - k)^2 (k = the finite mean): masked positions count as 0 - k.
+// sums of (v - k), (v - k)^2 (k = the finite mean): masked positions count as 0 - k. Into
+// the workspace for the layer statistics (a.stats) and into the caller's plane_moments
+// (lpl_kernel_abi.h's LPL_PM_* row), the same bits as outlier_mask_cpu.c's.
 __device__ __forceinline__ void store_plane_moments(const om_args &a, int64_t plane, double kept, double s1,
                                                     double s2, double k) {
     double *pd = a.ws.plane_d + plane * LPL_OM_PLANE_D;
     const double len = (double)a.len, zeros = len - kept;
     s1 -= zeros * k;
     s2 += zeros * k * k;
-    const double m2 = s2 - s1 * s1 / len;
-    lpl_st(pd, PD_PMEAN, k + s1 / len);
-    lpl_st(pd, PD_PM2, m2 > 0.0 ? m2 : 0.0);
-    lpl_st(pd, PD_KEPT, kept);
+    const double m2 = s2 - s1 * s1 / len, mean = k + s1 / len, m2_clamped = m2 > 0.0 ? m2 : 0.0;
+    if (a.stats) {
+        lpl_st(pd, PD_PMEAN, mean);
+        lpl_st(pd, PD_PM2, m2_clamped);
+        lpl_st(pd, PD_KEPT, kept);
+    }
+    if (a.plane_moments) {
+        double *row = a.plane_moments + plane * LPL_PM_COMPONENTS;
+        lpl_st(row, LPL_PM_MEAN, mean);
+        lpl_st(row, LPL_PM_M2, m2_clamped);
+        lpl_st(row, LPL_PM_KEPT, kept);
+    }
 }
 
 // ---- plane path: one block per plane, the plane in shared memory ---------------------------------
@@ -416,7 +426,7 @@ __device__ __forceinline__ void plane_kernel(const om_args &a) {
         buf_a[i] = out;
         lpl_st(kp, i, out);
     }
-    if (a.stats == NULL) return;
+    if (a.stats == NULL && a.plane_moments == NULL) return;  // (uniform)
     __syncthreads();
     // kept moments in the reduction order (the CPU's om_final_bands)
     const double k = plane_sh[1];
@@ -787,7 +797,7 @@ __device__ __forceinline__ void filter_kernel(const om_args &a) {
                     v[2] += dv * dv;
                 }
             }
-            if (a.stats == NULL) continue;  // (uniform)
+            if (a.stats == NULL && a.plane_moments == NULL) continue;  // (uniform)
             lane_tree<3>(v, red);
             if (threadIdx.x == 0) {
                 const int64_t rtile = gy0 / LPL_OM_TILE_H * rtx + gx0 / LPL_OM_TILE_W;
