@@ -93,10 +93,14 @@ def write_kernels(kernel_dir: Path) -> None:
     reused (nvcc is slow)."""
     mode = _cuda_mode()
     previous = {}
-    if (kernel_dir / "manifest.json").is_file():
-        previous = json.loads((kernel_dir / "manifest.json").read_text())
-        previous["cubins"] = {a: (kernel_dir / n).read_bytes() for a, n in previous["archs"].items()
-                              if (kernel_dir / n).is_file()}
+    # LPL_EXT_REUSE_CUBINS_FROM: another build's lpl_ext/_kernels whose cubins are reused on the
+    # same terms (same kernel sources and nvcc release), e.g. a wheel built from the sdist of a
+    # checkout that built them already (tests/dist_install_run.sh)
+    for source in (kernel_dir, Path(os.environ.get("LPL_EXT_REUSE_CUBINS_FROM") or kernel_dir)):
+        if not previous and (source / "manifest.json").is_file():
+            previous = json.loads((source / "manifest.json").read_text())
+            previous["cubins"] = {a: (source / n).read_bytes() for a, n in previous["archs"].items()
+                                  if (source / n).is_file()}
     if kernel_dir.exists():
         shutil.rmtree(kernel_dir)
     if mode == "0":
@@ -144,6 +148,7 @@ def _build_cubins(nvcc: str, ks, kernel_dir: Path, previous: dict) -> tuple[str,
         name = ks.cubin_name(arch)
         if arch in reuse:
             (kernel_dir / name).write_bytes(reuse[arch])
+            _log(f"sm_{arch}: cubin of the same sources and nvcc {toolkit} reused")
             return arch, name
         cmd = [nvcc, "-cubin", f"-arch=sm_{arch}", "-O3", *ks.COMMON_OPTIONS, "-I", str(CSRC),
                "-I", str(CSRC / "cuda"), str(CSRC / ks.REPO_LAYOUT[ks.MAIN]), "-o", str(kernel_dir / name)]

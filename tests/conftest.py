@@ -4,6 +4,8 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+
 # Idle OpenMP threads sleep instead of spinning. The suite runs multi-process tests
 # (accelerate launch, DDP) on a couple of cores, where spinning workers of one process
 # starve the others (10-50x slower). Set before torch or lpl_ext load their OpenMP
@@ -32,3 +34,20 @@ def pytest_collection_modifyitems(config, items):
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
+
+
+@pytest.fixture(scope="session")
+def nvrtc_cache(tmp_path_factory):
+    """One NVRTC compile cache ($LPL_EXT_CACHE_DIR) for the whole session: an NVRTC compile
+    of every kernel takes tens of seconds, and tests/test_cuda_loader.py and
+    tests/test_nvrtc_retry.py load the same images (same sources, target and NVRTC), so each
+    is compiled once. test_nvrtc_compiles_every_kernel_for_sm90 always compiles for real
+    (and leaves its cubin here); test_nvrtc_path_end_to_end compiles the only sm_75 image
+    (into an empty cache). $LPL_EXT_TEST_NVRTC_CACHE names a folder that outlives the
+    session: .ci/run empties it, the main test run fills it, and tests/sanitize_run.sh then
+    loads those images instead of compiling them again under ASan."""
+    shared = os.environ.get("LPL_EXT_TEST_NVRTC_CACHE")
+    if shared:
+        Path(shared).mkdir(parents=True, exist_ok=True)
+        return Path(shared)
+    return tmp_path_factory.mktemp("nvrtc_cache")

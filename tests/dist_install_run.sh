@@ -9,7 +9,8 @@
 # Every check runs from outside the checkout, so the source folder cannot shadow the
 # installed package.
 #
-# usage: tests/dist_install_run.sh        env: PYTHON (default python), KEEP_DIST_DIR=1
+# usage: tests/dist_install_run.sh        env: PYTHON (default python), KEEP_DIST_DIR=1,
+#   DIST_REBUILD_CUBINS=1 (run nvcc on the sdist instead of reusing the checkout's cubins of the same sources)
 set -euo pipefail
 
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
@@ -82,8 +83,15 @@ EOF
 
 NVCC_BIN=$(command -v nvcc || { [ -x /usr/local/cuda/bin/nvcc ] && echo /usr/local/cuda/bin/nvcc; } || true)
 log "2/2: a wheel built from the sdist${NVCC_BIN:+ with $NVCC_BIN}, repaired by auditwheel, installed into a fresh environment with NumPy 1.x"
-"$PY" -m pip wheel -q --no-deps "$SDIST" -w "$WORK/wheels" >"$WORK/wheel.log" 2>&1 \
+# nvcc for 7 architectures takes minutes: the checkout's cubins are reused when its build made
+# them from the same kernel sources with the same nvcc (setup.py checks both;
+# DIST_REBUILD_CUBINS=1 runs nvcc on the sdist's sources instead). Whether the sdist's kernel
+# sources compile is checked by NVRTC in step 1 and by the sdist check above.
+REUSE=""
+[ "${DIST_REBUILD_CUBINS:-0}" = 1 ] || [ ! -f "$REPO/lpl_ext/_kernels/manifest.json" ] || REUSE="$REPO/lpl_ext/_kernels"
+LPL_EXT_REUSE_CUBINS_FROM="$REUSE" "$PY" -m pip wheel -v --no-deps "$SDIST" -w "$WORK/wheels" >"$WORK/wheel.log" 2>&1 \
     || { tail -40 "$WORK/wheel.log" >&2; exit 1; }
+grep -E "lpl_ext build\] (sm_[0-9]+: cubin .* reused|building with CUDA)" "$WORK/wheel.log" | sed 's/^ */[dist] /' >&2 || true
 "$PY" -m auditwheel repair "$WORK"/wheels/lpl_ext-*.whl -w "$WORK/wheelhouse" >"$WORK/repair.log" 2>&1 \
     || { tail -40 "$WORK/repair.log" >&2; exit 1; }
 WHEEL=$(ls "$WORK"/wheelhouse/lpl_ext-*manylinux*.whl)

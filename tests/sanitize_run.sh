@@ -76,7 +76,8 @@ if [ $# -eq 0 ]; then
     args+=(-m "not slow and not cuda")
     # NVRTC compiling every kernel (about 40 s per CUDA version under ASan) exercises NVRTC,
     # not this project's C: the main test run does it; the NVRTC -> stand-in driver path
-    # through _C (test_nvrtc_path_end_to_end) still runs here.
+    # through _C (test_nvrtc_path_end_to_end) still runs here (on the images the main run
+    # left in $LPL_EXT_TEST_NVRTC_CACHE when .ci/run sets it; else compiled here).
     args+=(--deselect "tests/test_cuda_loader.py::test_nvrtc_compiles_every_kernel_for_sm90")  # node id, relative to --rootdir
 else
     args=()

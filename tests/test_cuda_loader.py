@@ -127,19 +127,39 @@ def test_nvrtc_found_in_simulated_torch_install(tmp_path):
     assert nv.version[0] == major and str(tmp_path) in nv.path
 
 
+class _Compiled:
+    """compile_cached's NVRTC for images already compiled by ``nv``: the cache stores them
+    where load_kernels looks (the library's own cache path and atomic write)."""
+
+    def __init__(self, nv, images: dict):
+        self.nv, self.images, self.version, self.path = nv, images, nv.version, nv.path
+
+    def supported_archs(self):
+        return self.nv.supported_archs()
+
+    def compile(self, sources, target):
+        return self.images[target]
+
+
 @pytest.mark.parametrize("major", [12, 13])
-def test_nvrtc_compiles_every_kernel_for_sm90(major):
+def test_nvrtc_compiles_every_kernel_for_sm90(major, nvrtc_cache, monkeypatch):
     if major not in NVRTC_LIBS:
         pytest.skip(NVRTC_SKIP)
     nv = _cuda.load_nvrtc([NVRTC_LIBS[major]])
     sources, _ = _cuda.kernel_sources()
-    cubin = nv.compile(sources, "sm_90")
+    cubin = nv.compile(sources, "sm_90")  # a real compile, whatever the cache holds
     assert cubin[:4] == b"\x7fELF"
     assert set(KERNEL_NAMES) <= _image_kernels(cubin)
     ptx = nv.compile(sources, "compute_90").decode(errors="replace")
     assert set(KERNEL_NAMES) <= _image_kernels(ptx.encode())
     # -fmad=false: no contraction anywhere, as the CPU build (-ffp-contract=off)
     assert re.search(r"\bfma\.", ptx) is None
+    # the session's NVRTC cache gets this cubin: the sm_90 loads of this NVRTC below and in
+    # tests/test_nvrtc_retry.py find it instead of compiling the same sources again
+    monkeypatch.setenv("LPL_EXT_CACHE_DIR", str(nvrtc_cache))
+    image, path = _cuda.compile_cached(90, _Compiled(nv, {"sm_90": cubin}), sources)
+    assert path.is_file() and path.name.startswith(f"lpl_kernels-sm_90-nvrtc{nv.version[0]}.")
+    assert image == path.read_bytes()
 
 
 def test_nvrtc_target_falls_back_to_ptx_for_unknown_archs():
@@ -240,14 +260,10 @@ def fake_libcuda(tmp_path_factory):
     return build_fake_libcuda(build_dir(tmp_path_factory.getbasetemp()), os.environ.get("LPL_EMU_SANITIZE") or None)
 
 
-@pytest.fixture(scope="module")
-def nvrtc_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("nvrtc_cache")  # shared: each NVRTC compile takes seconds
-
-
 @pytest.fixture
 def fake_cuda(fake_libcuda, nvrtc_cache, tmp_path, monkeypatch):
-    """The stand-in driver for lpl_ext; yields a reader of its launch log."""
+    """The stand-in driver for lpl_ext; yields a reader of its launch log. NVRTC images go
+    to the session's cache (tests/conftest.py, nvrtc_cache)."""
     log = tmp_path / "launches.log"
     monkeypatch.setenv("LPL_EXT_LIBCUDA", str(fake_libcuda))
     monkeypatch.setenv("FAKE_CUDA_LOG", str(log))

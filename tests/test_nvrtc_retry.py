@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from lpl_ext import _cuda
-from test_cuda_loader import NVRTC_LIBS, NVRTC_SKIP, fake_cuda, fake_libcuda, nvrtc_cache  # noqa: F401 (fixtures)
+from test_cuda_loader import NVRTC_LIBS, NVRTC_SKIP, fake_cuda, fake_libcuda  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.skipif(len(NVRTC_LIBS) < 2, reason=NVRTC_SKIP)
 
