@@ -948,6 +948,16 @@ def test_bytes_benchmark_on_a_small_pyramid(emu, monkeypatch):
     masked = {r["layer"]: r["mask"] for r in rows if r["op"] == "feature_distance"}
     assert masked == {"mid": False, "up0": False, "up1": True, "up2": True, "up3": True}
     assert "not DRAM measurements" in bench_emulated_bytes.table(rows, 16)
+    summary = bench_emulated_bytes.summary_table(rows).splitlines()
+    assert len(summary) == 2 + 2 and all(line.count("|") == 5 for line in summary)  # om + fd none, one set
+    # the streaming-path rows: a plane too large for the one-block path runs the radix passes
+    streaming = bench_emulated_bytes.run_streaming((emu.kernel_set,), shapes=((1, 1, 256, 240),),
+                                                   dtypes=("float32",), log=lambda line: None)
+    gc.collect()
+    (row,) = streaming
+    assert row["layer"] == "streaming" and row["launches"] > 2, row
+    assert row["requested_per_elem"] >= row["distinct_per_elem"] >= row["minimal_per_elem"] == 5, row
+    assert "1x1x256x240" in bench_emulated_bytes.streaming_table(streaming)
 
 
 # ---- the device's limits ------------------------------------------------------------------------------
