@@ -172,7 +172,7 @@ def outlier_mask(
     device_args = _device_args(
         y, lambda: torch.empty(_C.outlier_mask_workspace_bytes(*y.shape), dtype=torch.uint8, device=y.device))
     moments = None
-    kernel_moments = return_plane_moments and not (device_args and _cuda_kernel_set() == "v1")
+    kernel_moments = return_plane_moments and plane_moments_pay_off(y.device)  # (v1 CUDA kernels: none)
     if kernel_moments:
         moments = torch.empty((y.shape[0] * y.shape[1], 3), dtype=torch.float64, device=y.device)
         if y.shape[2] * y.shape[3] == 0:
