@@ -42,13 +42,13 @@ Texture base (``--data textures``; ``lpl_ext/demo/assets/tiny_sdxl_textures_base
 view 80x64 with random crops, and 64x64 canvases), encoded with the texture VAE and the texture tokenizer's
 text encoders, evaluated with ``lpl_ext.demo.texture_metrics.evaluate`` on ``textures.evaluation_prompts()``.
 Its command, settings, wall time and evaluation are in ``tiny_sdxl_textures_base.json``. The shipped file:
-1800 steps of batch 32 (708 s wall on the shared 2-core VM, 0.32 s/step; final loss 0.038); sampled as the
-trainer validates (16 prompts x 4, Euler 10 steps, guidance 5) 80% of the images have the caption's period,
-72% its orientation, 19% both colours, 11% all three (the texture VAE's own reconstructions of real
-renderings: 83 / 80 / 45 / 42%, also in the record). A base to fine-tune, weakest on colours.
+3000 steps of batch 32 on the stage-4 texture VAE (646 s wall on the idle 2-core VM, 0.19 s/step; final loss
+0.028); sampled as the trainer validates (16 prompts x 4, Euler 10 steps, guidance 5) 81% of the images have
+the caption's period, 80% its orientation, 30% both colours, 23% all three. A base to fine-tune, weakest on
+colours.
 
-    python tools/pretrain_tiny_unet.py --data textures --steps 1800 --batch_size 32 --warmup 100 --pool 6000 \
-        --checkpoint_every 300
+    python tools/pretrain_tiny_unet.py --data textures --steps 3000 --batch_size 32 --warmup 100 --pool 6000 \
+        --checkpoint_every 500
 """
 
 from __future__ import annotations
