@@ -2,8 +2,8 @@
 emulated device"), on every machine: lpl_ext's CUDA host path (feature_distance_cuda.c,
 outlier_mask_cuda.c) picks every launch configuration and packs every argument as on a
 GPU; the stand-in driver (tests/fake_cuda/fake_libcuda.c) enforces the device's launch
-limits and runs each kernel, every CUDA thread an OS thread, blocks one at a time in a
-seeded shuffled order.
+limits and runs each kernel, every CUDA thread a fiber (an OS thread in the
+ThreadSanitizer build), blocks one at a time in a seeded shuffled order.
 
 Compared with the CPU kernels through the same _C entry points, on CUDA-labelled DLPack
 capsules over host memory:

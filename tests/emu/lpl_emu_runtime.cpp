@@ -1,13 +1,24 @@
-// The emulated device's runtime (docs/cuda.md, "The emulated device"): a pool of OS
-// threads, one per CUDA thread of a block; the block barrier and the warp barriers with
-// the shuffle exchange; shared-memory poisoning; the global-memory byte counters.
+// The emulated device's runtime (docs/cuda.md, "The emulated device"): the CUDA threads
+// of a block as fibers (or as OS threads, see below); the block barrier and the warp
+// barriers with the shuffle exchange; shared-memory poisoning; the global-memory byte
+// counters.
 //
 // Blocks run one at a time, in a seeded shuffled order. Synchronisation between the
 // emulated threads exists only where CUDA has it (a block barrier among the block's
 // threads, a warp barrier among a warp's lanes, the launch boundary), so that a missing
-// barrier is a real data race for ThreadSanitizer and shows up in the results. Every
-// wait is a futex on an atomic whose acquire/release pairs carry the happens-before
-// edges; bookkeeping counters are relaxed, so they add none.
+// barrier shows up in the results, and is a real data race for ThreadSanitizer.
+//
+// Two ways to run a block's threads:
+// - fibers (the plain and the ASan + UBSan builds): every thread a ucontext on the
+//   launching OS thread, switched only where it waits at a barrier or returns, round robin.
+//   A thread then runs until it must wait, so a read of shared memory that lacks its barrier
+//   sees the poison, not another thread's value, on every run. No futex, no scheduler: the
+//   2-core CI machine spent most of its emulated-device time in the kernel's futex and
+//   sched_yield paths with OS threads (docs/reliability.md).
+// - OS threads (the ThreadSanitizer build, or FAKE_CUDA_THREADS=1): a pool of one OS thread
+//   per CUDA thread; every wait is a futex on an atomic whose acquire/release pairs carry
+//   the happens-before edges ThreadSanitizer checks; bookkeeping counters are relaxed, so
+//   they add none.
 #include <errno.h>
 #include <limits.h>
 #include <linux/futex.h>
@@ -19,6 +30,13 @@
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
+#if !defined(__SANITIZE_THREAD__)
+#include <sys/mman.h>
+#include <ucontext.h>
+#define LPL_EMU_HAVE_FIBERS 1
+#else
+#define LPL_EMU_HAVE_FIBERS 0  // ThreadSanitizer checks the OS-thread model
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -30,6 +48,11 @@
 
 #if defined(__SANITIZE_ADDRESS__)
 extern "C" void *__asan_region_is_poisoned(void *beg, size_t size);
+// ASan's fiber annotations: each switch of stacks is announced, so that a C++ exception
+// thrown in a fiber (a deadlocked block's abort) unpoisons the right stack
+extern "C" void __sanitizer_start_switch_fiber(void **fake_stack_save, const void *bottom, size_t size);
+extern "C" void __sanitizer_finish_switch_fiber(void *fake_stack_save, const void **bottom_old, size_t *size_old);
+extern "C" void __asan_unpoison_memory_region(void const volatile *addr, size_t size);
 #endif
 
 // The kernels' __shared__ statics: the .bss of lpl_emu_kernels.o, renamed to this section
@@ -173,6 +196,249 @@ struct ThreadCtx {
 };
 thread_local ThreadCtx t_ctx;
 
+void run_thread(Worker *w);
+void block_deadlock(Block &blk, const char *site);
+
+// ---- fibers ------------------------------------------------------------------------------
+// Decided at the first launch: fibers unless this is the ThreadSanitizer build or
+// FAKE_CUDA_THREADS=1 asks for OS threads.
+bool g_use_fibers = false;
+
+#if LPL_EMU_HAVE_FIBERS
+#if defined(__x86_64__)
+// The stack switch on x86-64 (System V): the callee-saved registers, MXCSR and the x87
+// control word, pushed on the old stack, popped from the new one. swapcontext does the
+// same plus a sigprocmask system call per switch, which this avoids (switches are the
+// emulator's hot path: one per waiting thread at every barrier and shuffle).
+extern "C" void lpl_emu_stack_switch(void **save_sp, void *sp);
+asm(R"(
+    .pushsection .text
+    .p2align 4
+    .globl lpl_emu_stack_switch
+    .hidden lpl_emu_stack_switch
+    .type lpl_emu_stack_switch, @function
+lpl_emu_stack_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    subq $8, %rsp
+    stmxcsr (%rsp)
+    fnstcw 4(%rsp)
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    ldmxcsr (%rsp)
+    fldcw 4(%rsp)
+    addq $8, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size lpl_emu_stack_switch, .-lpl_emu_stack_switch
+    .popsection
+)");
+struct FiberContext {
+    void *sp = nullptr;
+};
+#else
+struct FiberContext {
+    ucontext_t uc;
+};
+#endif
+
+struct Fiber {
+    FiberContext ctx;
+    char *stack = nullptr;  // the usable stack, above a guard page
+    size_t stack_size = 0;
+    Worker *worker = nullptr;
+    bool done = true;
+    // this emulated thread's thread-locals while another one runs
+    lpl_emu_dim3 tid{0, 0, 0};
+    uint64_t tl_read = 0, tl_write = 0;
+    ThreadCtx tctx;
+    void *fake_stack = nullptr;  // ASan's, across a switch
+};
+
+// The fibers of the block that runs, on the launching thread (one launch at a time).
+struct FiberSched {
+    std::vector<Fiber *> fibers;  // one per emulated thread, reused by every block
+    uint32_t count = 0;           // the block's threads
+    int current = -1;             // -1: the launcher
+    FiberContext launcher;
+    void *launcher_fake_stack = nullptr;
+    const void *launcher_stack = nullptr;
+    size_t launcher_stack_size = 0;
+    // A deadlock is a full round of yields in which no thread arrived anywhere or returned.
+    uint64_t events = 0, events_seen = 0;
+    uint32_t idle_yields = 0;
+};
+FiberSched g_sched;
+
+// The next fiber after the current one, round robin, that has not returned (the current
+// one itself when it is the only one left); -1 when all have.
+int next_fiber() {
+    FiberSched &S = g_sched;
+    for (uint32_t k = 1; k <= S.count; ++k) {
+        const int i = (int)(((uint32_t)(S.current < 0 ? -1 : S.current) + k) % S.count);
+        if (!S.fibers[i]->done) return i;
+    }
+    return -1;
+}
+
+// Saves the running fiber's thread-locals, installs those of `to`, and switches stacks.
+void fiber_switch(int to) {
+    FiberSched &S = g_sched;
+    const int from = S.current;
+    Fiber *f = from >= 0 ? S.fibers[from] : nullptr;
+    Fiber *t = to >= 0 ? S.fibers[to] : nullptr;
+    if (f != nullptr) {
+        f->tid = threadIdx;
+        f->tl_read = lpl_emu_tl_read;
+        f->tl_write = lpl_emu_tl_write;
+        f->tctx = t_ctx;
+    }
+    if (t != nullptr) {
+        threadIdx = t->tid;
+        lpl_emu_tl_read = t->tl_read;
+        lpl_emu_tl_write = t->tl_write;
+        t_ctx = t->tctx;
+    }
+    S.current = to;
+#if defined(__SANITIZE_ADDRESS__)
+    void **fake = f == nullptr ? &S.launcher_fake_stack : f->done ? nullptr : &f->fake_stack;
+    if (t != nullptr)
+        __sanitizer_start_switch_fiber(fake, t->stack, t->stack_size);
+    else
+        __sanitizer_start_switch_fiber(fake, S.launcher_stack, S.launcher_stack_size);
+#endif
+    FiberContext *save = f != nullptr ? &f->ctx : &S.launcher, *next = t != nullptr ? &t->ctx : &S.launcher;
+#if defined(__x86_64__)
+    lpl_emu_stack_switch(&save->sp, next->sp);
+#else
+    swapcontext(&save->uc, &next->uc);
+#endif
+#if defined(__SANITIZE_ADDRESS__)
+    __sanitizer_finish_switch_fiber(f != nullptr ? f->fake_stack : S.launcher_fake_stack, nullptr, nullptr);
+#endif
+}
+
+void fiber_main() {
+#if defined(__SANITIZE_ADDRESS__)
+    __sanitizer_finish_switch_fiber(nullptr, nullptr, nullptr);
+#endif
+    Fiber *f = g_sched.fibers[g_sched.current];
+    run_thread(f->worker);
+    f->done = true;
+    ++g_sched.events;
+    fiber_switch(next_fiber());  // never resumed: the next block makes a new context
+    abort();
+}
+
+// A waiting thread gives the CPU to the next one; after a full round without any arrival
+// or return, every live thread waits at a barrier that cannot complete.
+void fiber_yield(Block &blk, const char *site) {
+    FiberSched &S = g_sched;
+    if (S.events != S.events_seen) {
+        S.events_seen = S.events;
+        S.idle_yields = 0;
+    } else if (++S.idle_yields > S.count) {
+        block_deadlock(blk, site);
+    }
+    const int next = next_fiber();
+    if (next != S.current) fiber_switch(next);
+}
+
+#if defined(__x86_64__)
+// A fresh stack that lpl_emu_stack_switch enters at fiber_main, as if called (the return
+// address slot above it is 0: fiber_main never returns).
+void start_context(Fiber *f) {
+    uintptr_t top = ((uintptr_t)f->stack + f->stack_size) & ~(uintptr_t)15;
+    uint64_t *sp = reinterpret_cast<uint64_t *>(top) - 9;
+    uint32_t csr[2] = {0, 0};
+    asm volatile("stmxcsr %0\n\tfnstcw %1" : "=m"(csr[0]), "=m"(csr[1]));
+    memcpy(&sp[0], csr, 8);                             // MXCSR, x87 control word
+    for (int i = 1; i <= 6; ++i) sp[i] = 0;             // r15 r14 r13 r12 rbx rbp
+    sp[7] = (uint64_t)(uintptr_t)&fiber_main;           // ret
+    sp[8] = 0;                                          // fiber_main's return address
+    f->ctx.sp = sp;
+}
+#else
+// A context to make fibers from (never resumed as it is: makecontext rewrites it), in a
+// function of its own because getcontext returns twice.
+__attribute__((noinline)) void init_context(ucontext_t *c) { getcontext(c); }
+
+void start_context(Fiber *f) {
+    f->ctx.uc.uc_stack.ss_sp = f->stack;
+    f->ctx.uc.uc_stack.ss_size = f->stack_size;
+    f->ctx.uc.uc_link = nullptr;
+    makecontext(&f->ctx.uc, fiber_main, 0);
+}
+#endif
+
+int make_fibers(uint32_t n, size_t stack_bytes, char *msg, size_t msg_len) {
+    FiberSched &S = g_sched;
+    const size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    stack_bytes = (stack_bytes + page - 1) / page * page;
+    while (S.fibers.size() < n) {
+        void *m = mmap(nullptr, stack_bytes + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                       -1, 0);
+        if (m == MAP_FAILED) {
+            snprintf(msg, msg_len, "cannot map the stack of emulated thread %zu", S.fibers.size());
+            return ENOMEM;
+        }
+        mprotect(m, page, PROT_NONE);  // a stack overflow faults instead of writing past it
+        Fiber *f = new Fiber();
+        f->stack = static_cast<char *>(m) + page;
+        f->stack_size = stack_bytes;
+#if !defined(__x86_64__)
+        init_context(&f->ctx.uc);
+#endif
+        S.fibers.push_back(f);
+    }
+    return 0;
+}
+
+// Runs one block's `threads` fibers from the launcher until every one has returned.
+void run_block_fibers(uint32_t threads) {
+    FiberSched &S = g_sched;
+#if defined(__SANITIZE_ADDRESS__)
+    static thread_local const void *stack = nullptr;
+    static thread_local size_t stack_size = 0;
+    if (stack == nullptr) {
+        pthread_attr_t attr;
+        void *addr = nullptr;
+        if (pthread_getattr_np(pthread_self(), &attr) == 0) {
+            pthread_attr_getstack(&attr, &addr, &stack_size);
+            pthread_attr_destroy(&attr);
+        }
+        stack = addr;
+    }
+    S.launcher_stack = stack;
+    S.launcher_stack_size = stack_size;
+#endif
+    S.count = threads;
+    for (uint32_t i = 0; i < threads; ++i) {
+        Fiber *f = S.fibers[i];
+        f->worker = g_workers[i];
+        f->done = false;
+        f->fake_stack = nullptr;
+        start_context(f);
+#if defined(__SANITIZE_ADDRESS__)
+        __asan_unpoison_memory_region(f->stack, f->stack_size);  // the previous block's frames
+#endif
+    }
+    S.events = S.events_seen = 0;
+    S.idle_yields = 0;
+    S.current = -1;
+    fiber_switch(0);  // back here when the last fiber returned
+}
+#endif  // LPL_EMU_HAVE_FIBERS
+
 void check_exited(const Barrier &b);
 
 void complete(Barrier &b, Block &blk, uint64_t s) {
@@ -222,6 +488,20 @@ void arrive_and_wait(Barrier &b, Block &blk, const char *site, const char *what)
         complete(b, blk, s);
         return;
     }
+#if LPL_EMU_HAVE_FIBERS
+    if (g_use_fibers) {
+        ++g_sched.events;
+        while (b.gen.load(std::memory_order_acquire) == g) {
+            if (blk.abort.load(std::memory_order_relaxed)) {
+                blk.waiting.fetch_sub(1, std::memory_order_relaxed);
+                throw EmuAbort{};
+            }
+            fiber_yield(blk, site);
+        }
+        blk.waiting.fetch_sub(1, std::memory_order_relaxed);
+        return;
+    }
+#endif
     // The other participants need the CPU to arrive: yield it a few times (cheaper than a
     // futex sleep and wake on a machine with fewer cores than threads), then sleep.
     for (int i = 0; i < g_launch.spin; ++i) {
@@ -304,7 +584,7 @@ void run_thread(Worker *w) {
     L.read.fetch_add(lpl_emu_tl_read, std::memory_order_relaxed);
     L.write.fetch_add(lpl_emu_tl_write, std::memory_order_relaxed);
     L.atomic.fetch_add(t_ctx.atomic_bytes, std::memory_order_relaxed);
-    if (L.remaining.fetch_sub(1, std::memory_order_acq_rel) == 1) futex_wake(&L.remaining, 1);
+    if (L.remaining.fetch_sub(1, std::memory_order_acq_rel) == 1 && !g_use_fibers) futex_wake(&L.remaining, 1);
 }
 
 // Between the blocks of a launch a worker yields a while before it sleeps: the next block
@@ -356,17 +636,34 @@ void pin_to_cpu(Worker *w) {
     }
 }
 
+int g_mode = -1;  // 1 fibers, 0 OS threads: fixed at the first launch
+
 int ensure_workers(uint32_t n, char *msg, size_t msg_len) {
     if (g_pin_warps < 0) g_pin_warps = env_int("FAKE_CUDA_PIN_WARPS", 1);
+    if (g_mode < 0) {
+        g_mode = LPL_EMU_HAVE_FIBERS && env_int("FAKE_CUDA_THREADS", 0) == 0;
+        g_use_fibers = g_mode == 1;
+    }
     if (g_workers.size() >= n) return 0;
-    pthread_attr_t attr;
-    pthread_attr_init(&attr);
     // kernels are shallow; sanitizers need more room per frame
 #if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
     const int stack_kb = env_int("FAKE_CUDA_STACK_KB", 2048);
 #else
     const int stack_kb = env_int("FAKE_CUDA_STACK_KB", 512);
 #endif
+#if LPL_EMU_HAVE_FIBERS
+    if (g_use_fibers) {  // the workers are the fibers' records: no OS thread
+        const int rc = make_fibers(n, (size_t)stack_kb * 1024, msg, msg_len);
+        while (rc == 0 && g_workers.size() < n) {
+            Worker *w = new Worker();
+            w->index = (uint32_t)g_workers.size();
+            g_workers.push_back(w);
+        }
+        return rc;
+    }
+#endif
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
     pthread_attr_setstacksize(&attr, (size_t)stack_kb * 1024);
     int rc = 0;
     while (g_workers.size() < n) {
@@ -581,12 +878,19 @@ extern "C" int lpl_emu_launch(int index, const unsigned grid[3], const unsigned 
         blk.abort.store(false, std::memory_order_relaxed);
         poison_shared(poison);
         L.remaining.store(threads, std::memory_order_relaxed);
-        for (uint32_t i = 0; i < threads; ++i) {
-            g_workers[i]->go.fetch_add(1, std::memory_order_seq_cst);
-            if (g_workers[i]->asleep.load(std::memory_order_seq_cst)) futex_wake(&g_workers[i]->go, 1);
+#if LPL_EMU_HAVE_FIBERS
+        if (g_use_fibers) {
+            run_block_fibers(threads);
+        } else
+#endif
+        {
+            for (uint32_t i = 0; i < threads; ++i) {
+                g_workers[i]->go.fetch_add(1, std::memory_order_seq_cst);
+                if (g_workers[i]->asleep.load(std::memory_order_seq_cst)) futex_wake(&g_workers[i]->go, 1);
+            }
+            uint32_t r;
+            while ((r = L.remaining.load(std::memory_order_acquire)) != 0) futex_wait(&L.remaining, r, -1);
         }
-        uint32_t r;
-        while ((r = L.remaining.load(std::memory_order_acquire)) != 0) futex_wait(&L.remaining, r, -1);
         if (blk.abort.load(std::memory_order_relaxed)) {
             snprintf(msg, msg_len, "%s", blk.abort_msg);
             rc = 719; /* CUDA_ERROR_LAUNCH_FAILED */
