@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from pathlib import Path
@@ -200,3 +201,27 @@ def test_texture_pipeline_has_its_own_cache_and_vocabulary(tmp_path):
     assert comps["text_encoder"].config.vocab_size == len(tok)
     unet = comps["unet"]
     assert unet.config.cross_attention_dim == 64 and unet.config.addition_embed_type == "text_time"
+
+
+def test_pretrain_tiny_vae_carries_the_stage_history(tmp_path):
+    """A stage fine-tuned with --init keeps the earlier stages' commands and results in its
+    record: the --init file's own run becomes the last of them, its note is kept."""
+    import importlib.util
+
+    tool = Path(__file__).resolve().parents[1] / "tools" / "pretrain_tiny_vae.py"
+    spec = importlib.util.spec_from_file_location("pretrain_tiny_vae_under_test", tool)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    init = tmp_path / "stage2.safetensors"
+    assert mod.carried_history(str(init)) == {}  # no record next to it: nothing to carry
+    assert mod.carried_history(None) == {}
+    first = {"command": "stage 1", "train_s": 1.0}
+    init.with_suffix(".json").write_text(json.dumps({
+        "note": "why", "stages": [first], "command": "stage 2", "train_s": 2.5, "wall_s": 3.0, "s_per_step": 0.1,
+        "textures": {"overall": {"psnr_db": 15.0}, "per_period": {"6": {}}, "shapes_psnr_db": 20.0}}))
+    carried = mod.carried_history(str(init))
+    assert carried["note"] == "why"
+    assert carried["stages"][0] == first
+    assert carried["stages"][1] == {"command": "stage 2", "train_s": 2.5, "wall_s": 3.0, "s_per_step": 0.1,
+                                    "textures_overall": {"psnr_db": 15.0}, "textures_per_period": {"6": {}},
+                                    "shapes_psnr_db": 20.0}

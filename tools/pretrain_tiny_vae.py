@@ -29,7 +29,8 @@ pipeline): the same architecture fine-tuned from the shipped shapes VAE (``--ini
 onto itself up to the caption; ``--data shapes+textures`` mixes in half shapes), on 32x32 sub-crops
 (``--crop 32``, a quarter of the cost per step). Its record (``tiny_vae_textures.json``: the commands of its
 four stages, settings, wall times, reconstruction PSNR and spectrum band errors per pattern and per
-period) is written next to it. Stages 1-3 (textures only, ~1600 steps on a heavily shared 2-core VM) reached
+period) is written next to it; a run with ``--init`` carries the init file's record forward (its note, its
+stages, and its own run as the last stage). Stages 1-3 (textures only, ~1600 steps on a heavily shared 2-core VM) reached
 14.8 dB on texture crops and dropped period 4 from the set (never reconstructed); stage 4, the shipped file,
 is 6000 steps on shapes+textures (0.14 s/step idle, 14 min): 18.25 dB on texture crops, 78.8% of
 reconstructions with period, orientation and colours read back right (period 6: 65%, 8: 77%, 12: 90%), and
@@ -200,6 +201,23 @@ def save_grid(originals: torch.Tensor, recons: torch.Tensor, path: str) -> None:
 NEW_FLAGS = ("data", "init", "crop", "eval_every")
 
 
+def carried_history(init: "str | None") -> dict:
+    """The stage history of the ``--init`` file's record (its sibling ``.json``, when there is
+    one): its ``note``, its earlier ``stages``, and its own run as the last of them, so that a
+    chain of fine-tuning stages keeps every command and result in the final record."""
+    if init is None or not Path(init).with_suffix(".json").is_file():
+        return {}
+    prev = json.loads(Path(init).with_suffix(".json").read_text())
+    textures = prev.get("textures") or {}
+    stage = {"command": prev.get("command"), "train_s": prev.get("train_s"), "wall_s": prev.get("wall_s"),
+             "s_per_step": prev.get("s_per_step"), "textures_overall": textures.get("overall"),
+             "textures_per_period": textures.get("per_period"), "shapes_psnr_db": textures.get("shapes_psnr_db")}
+    out = {"stages": [*prev.get("stages", []), stage]}
+    if "note" in prev:
+        out["note"] = prev["note"]
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=2000)
@@ -344,6 +362,7 @@ def main() -> None:
                   "train_s": round(train_s, 1), "wall_s": round(time.time() - t0, 1),
                   "s_per_step": round(train_s / args.steps, 4), "scaling_factor": scaling_factor,
                   "psnr_db_eval_mix": round(final_psnr, 2), "textures": report}
+        record = {**carried_history(args.init), **record}
         out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
         print(f"wrote {out.with_suffix('.json')}")
 
