@@ -77,8 +77,11 @@ def grad_of(loss, x):
 
 
 def assert_close_grad(a, b, rtol=1e-4):
-    atol = 1e-6 * float(b.abs().max())
-    torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+    """Gradients through two decoder paths: every element judged at the gradient's own
+    magnitude (tests/tolerance.py). A float32 decoder backward sums ~10^3 terms per
+    element and layer, so an element near zero can be off by ~1e-6 of the largest one
+    (measured: 1.4e-6 with one OpenMP thread and the oracle in channels_last)."""
+    assert_close_to_scale(a, b, rtol=rtol, what="gradient")
 
 
 # ---------------------------------------------------------------- the restatement itself

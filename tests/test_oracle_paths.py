@@ -48,12 +48,31 @@ def test_unknown_oracle_path_is_refused(monkeypatch):
         plain_decoder_features(blob_vae("sdxl_like"), torch.zeros(1, 4, 4, 4, dtype=torch.float64), 1)
 
 
-@pytest.mark.parametrize("path", ["channels_last", "no_mkldnn"])
-def test_parity_suites_pass_with_the_oracle_on_another_path(path):
+ORACLE_PATHS = ("channels_last", "no_mkldnn")
+
+
+@pytest.fixture(scope="module")
+def parity_runs():
+    """{path: (returncode, stdout, stderr)} of the parity files run with every oracle forced
+    onto each path: the two pytest processes run side by side, one thread each (their
+    tensors are small: a second thread gains them little, a second process half the wall)."""
+    procs = {}
+    for path in ORACLE_PATHS:
+        env = dict(os.environ, OMP_NUM_THREADS="1", **{ORACLE_PATH_ENV: path})
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *(str(TESTS / f) for f in PARITY_FILES)]
+        procs[path] = subprocess.Popen(cmd, env=env, cwd=TESTS, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                       text=True)
+    results = {}
+    for path, proc in procs.items():
+        out, err = proc.communicate()
+        results[path] = (proc.returncode, out, err)
+    return results
+
+
+@pytest.mark.parametrize("path", ORACLE_PATHS)
+def test_parity_suites_pass_with_the_oracle_on_another_path(path, parity_runs):
     """module parity, lpl_loss, drop-in and objective, with every oracle forced onto
     ``path`` (channels_last changes float64 summation orders; no_mkldnn the float32
     convolutions)."""
-    env = dict(os.environ, **{ORACLE_PATH_ENV: path})
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *(str(TESTS / f) for f in PARITY_FILES)]
-    run = subprocess.run(cmd, env=env, cwd=TESTS, capture_output=True, text=True)
-    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
+    returncode, stdout, stderr = parity_runs[path]
+    assert returncode == 0, stdout[-6000:] + stderr[-2000:]
