@@ -168,6 +168,51 @@ def run_streaming(kernel_sets: Sequence[str] = KERNEL_SETS, shapes: Sequence[Tup
     return rows
 
 
+#: Unmasked feature-distance planes of the size the 1024 px pyramid's unmasked layers have
+#: (mid: 128x128; four of its 512 channels), where per-plane partials are a negligible share,
+#: unlike on the 4x4 and 8x8 planes of the 32 px pyramid above.
+LARGE_PLANE_SHAPES = ((1, 4, 128, 128),)
+
+
+def run_large_planes(kernel_sets: Sequence[str] = KERNEL_SETS,
+                     shapes: Sequence[Tuple[int, ...]] = LARGE_PLANE_SHAPES, dtypes: Sequence[str] = DTYPES,
+                     norms: Sequence[str] = NORMS, log: Callable[[str], None] = print) -> List[Row]:
+    """One unmasked feature-distance row per (kernel set, shape, dtype, norm) on planes of the
+    1024 px pyramid's unmasked layers' size (no outlier mask, so no plane moments: `batch`
+    runs its own statistics pass)."""
+    import torch
+
+    rows: List[Row] = []
+    for kernel_set in kernel_sets:
+        emulated, dev = _device(kernel_set)
+        for shape in shapes:
+            g = torch.Generator().manual_seed(0)
+            for dtype in dtypes:
+                tdt = getattr(torch, dtype)
+                y = torch.randn(shape, generator=g).to(tdt)
+                x = (y.float() + 0.1 * torch.randn(shape, generator=g)).to(tdt)
+                for norm in norms:
+                    dev.clear()
+                    t = time.time()
+                    emulated.emu_feature_distance(dev, x, y, None, norm, "mse", 1.0)
+                    rows.append(_row(kernel_set, "feature_distance", "large", shape, dtype, norm, False,
+                                     _totals(dev), 3 * ELEM[dtype], time.time() - t))
+                    log(_line(rows[-1]))
+        del dev
+    return rows
+
+
+def large_plane_table(rows: List[Row]) -> str:
+    """Markdown: the large-plane feature-distance rows, labelled as emulated traffic."""
+    out = ["| kernels | op | shape | dtype | norm | requested B/elem | distinct B/elem | minimal | requested / minimal"
+           " | launches |", "|---|---|---|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        out.append(f"| {r['kernels']} | {r['op']} | {r['shape']} | {r['dtype']} | {r['norm']}"
+                   f" | {r['requested_per_elem']:.2f} | {r['distinct_per_elem']:.2f} | {r['minimal_per_elem']:.0f}"
+                   f" | {r['requested_over_minimal']:.2f}× | {r['launches']} |")
+    return "\n".join(out)
+
+
 def streaming_table(rows: List[Row]) -> str:
     """Markdown: the streaming-path rows, labelled as emulated traffic."""
     out = ["| kernels | op | plane | dtype | requested B/elem | distinct B/elem | minimal | requested / minimal"
@@ -256,8 +301,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         p.error(f"--kernel-sets: expected a subset of {','.join(KERNEL_SETS)}, got {args.kernel_sets!r}")
     rows = run(args.res, kernel_sets=sets)
     streaming = run_streaming(sets)
-    print(summary_table(rows), streaming_table(streaming), table(rows, args.res), sep="\n\n")
-    rows += streaming
+    large = run_large_planes(sets)
+    print(summary_table(rows), streaming_table(streaming), large_plane_table(large), table(rows, args.res),
+          sep="\n\n")
+    rows += streaming + large
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0

@@ -405,10 +405,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if "emulated_bytes" in benches:
         rows = bench_emulated_bytes.run(args.res or 32, log=log)
         streaming = bench_emulated_bytes.run_streaming(log=log)
+        large = bench_emulated_bytes.run_large_planes(log=log)
         log(bench_emulated_bytes.summary_table(rows))
         log(bench_emulated_bytes.streaming_table(streaming))
+        log(bench_emulated_bytes.large_plane_table(large))
         log(bench_emulated_bytes.table(rows, args.res or 32))
-        printed += rows + streaming
+        printed += rows + streaming + large
     if args.json:
         Path(args.json).write_text(json.dumps(printed, indent=1))
     return 0 if ok else 1

@@ -958,6 +958,17 @@ def test_bytes_benchmark_on_a_small_pyramid(emu, monkeypatch):
     assert row["layer"] == "streaming" and row["launches"] > 2, row
     assert row["requested_per_elem"] >= row["distinct_per_elem"] >= row["minimal_per_elem"] == 5, row
     assert "1x1x256x240" in bench_emulated_bytes.streaming_table(streaming)
+    # the large-plane rows: unmasked feature distance, one row per norm
+    large = bench_emulated_bytes.run_large_planes((emu.kernel_set,), shapes=((1, 2, 40, 36),), dtypes=("float32",),
+                                                  norms=("batch", "shared"), log=lambda line: None)
+    gc.collect()
+    assert [(r["layer"], r["norm"], r["mask"]) for r in large] == [("large", "batch", False), ("large", "shared", False)]
+    for r in large:
+        assert r["requested_per_elem"] >= r["distinct_per_elem"] >= r["minimal_per_elem"] == 12, r
+    # batch without the outlier mask's moments reads y once more for its statistics
+    assert large[0]["read_per_elem"] >= large[1]["read_per_elem"] + 4, large
+    assert "| v" in bench_emulated_bytes.large_plane_table(large) and "1x2x40x36" in \
+        bench_emulated_bytes.large_plane_table(large)
 
 
 # ---- the device's limits ------------------------------------------------------------------------------
