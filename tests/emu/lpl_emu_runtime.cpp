@@ -9,12 +9,13 @@
 // barrier shows up in the results, and is a real data race for ThreadSanitizer.
 //
 // Two ways to run a block's threads:
-// - fibers (the plain and the ASan + UBSan builds): every thread a ucontext on the
-//   launching OS thread, switched only where it waits at a barrier or returns, round robin.
-//   A thread then runs until it must wait, so a read of shared memory that lacks its barrier
-//   sees the poison, not another thread's value, on every run. No futex, no scheduler: the
-//   2-core CI machine spent most of its emulated-device time in the kernel's futex and
-//   sched_yield paths with OS threads (docs/reliability.md).
+// - fibers (the plain and the ASan + UBSan builds): every thread a stack of its own on the
+//   launching OS thread (an assembly stack switch on x86-64, ucontext elsewhere), switched
+//   only where it waits at a barrier or returns, round robin. A thread then runs until it
+//   must wait, so what a missing barrier does is the same on every run: a read sees what the
+//   threads before it in the round wrote, and the poison where later ones had yet to write.
+//   No futex, no scheduler: with OS threads the 2-core CI machine spent most of its
+//   emulated-device time in the kernel's futex and sched_yield paths (docs/cuda.md).
 // - OS threads (the ThreadSanitizer build, or FAKE_CUDA_THREADS=1): a pool of one OS thread
 //   per CUDA thread; every wait is a futex on an atomic whose acquire/release pairs carry
 //   the happens-before edges ThreadSanitizer checks; bookkeeping counters are relaxed, so
