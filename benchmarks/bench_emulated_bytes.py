@@ -202,26 +202,28 @@ def run_large_planes(kernel_sets: Sequence[str] = KERNEL_SETS,
     return rows
 
 
-def large_plane_table(rows: List[Row]) -> str:
-    """Markdown: the large-plane feature-distance rows, labelled as emulated traffic."""
-    out = ["| kernels | op | shape | dtype | norm | requested B/elem | distinct B/elem | minimal | requested / minimal"
-           " | launches |", "|---|---|---|---|---|---:|---:|---:|---:|---:|"]
+def _plane_table(rows: List[Row], norm_column: bool) -> str:
+    """Markdown: rows of one op on large planes (the streaming outlier mask: no norm column;
+    the large-plane feature distance: the norm after the dtype), labelled as emulated traffic."""
+    first = "| kernels | op | shape | dtype | norm" if norm_column else "| kernels | op | plane | dtype"
+    out = [first + " | requested B/elem | distinct B/elem | minimal | requested / minimal | launches |",
+           "|---|---|---|---|" + ("---|" if norm_column else "") + "---:|---:|---:|---:|---:|"]
     for r in rows:
-        out.append(f"| {r['kernels']} | {r['op']} | {r['shape']} | {r['dtype']} | {r['norm']}"
-                   f" | {r['requested_per_elem']:.2f} | {r['distinct_per_elem']:.2f} | {r['minimal_per_elem']:.0f}"
+        norm = f" | {r['norm']}" if norm_column else ""
+        out.append(f"| {r['kernels']} | {r['op']} | {r['shape']} | {r['dtype']}{norm} | {r['requested_per_elem']:.2f}"
+                   f" | {r['distinct_per_elem']:.2f} | {r['minimal_per_elem']:.0f}"
                    f" | {r['requested_over_minimal']:.2f}× | {r['launches']} |")
     return "\n".join(out)
+
+
+def large_plane_table(rows: List[Row]) -> str:
+    """Markdown: the large-plane feature-distance rows, labelled as emulated traffic."""
+    return _plane_table(rows, norm_column=True)
 
 
 def streaming_table(rows: List[Row]) -> str:
     """Markdown: the streaming-path rows, labelled as emulated traffic."""
-    out = ["| kernels | op | plane | dtype | requested B/elem | distinct B/elem | minimal | requested / minimal"
-           " | launches |", "|---|---|---|---|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        out.append(f"| {r['kernels']} | {r['op']} | {r['shape']} | {r['dtype']} | {r['requested_per_elem']:.2f}"
-                   f" | {r['distinct_per_elem']:.2f} | {r['minimal_per_elem']:.0f}"
-                   f" | {r['requested_over_minimal']:.2f}× | {r['launches']} |")
-    return "\n".join(out)
+    return _plane_table(rows, norm_column=False)
 
 
 def summary_table(rows: List[Row]) -> str:

@@ -66,11 +66,14 @@ EPS = {torch.float32: 2.0 ** -23, torch.float64: 2.0 ** -52, torch.float16: 2.0 
 LOSS_RTOL = 1e-12
 
 
-def loss_rtol(dtype: torch.dtype, hw: int, norm: str) -> float:
+def loss_rtol(dtype: torch.dtype, hw: int, norm: str, kernel_set: str = "v2") -> float:
     if dtype == torch.float64:
         return LOSS_RTOL
-    # batch: the terms themselves may differ by a few float ulps (see the gradients)
-    return max(hw - 1, 1) * 2.0 ** -24 + (16 * 2.0 ** -24 if norm == "batch" else 0.0)
+    # batch, and default / shared on the v1 kernels: the terms themselves may differ by a few
+    # float ulps (their gradients' exception in assert_gradient_matches_cpu); measured up to
+    # 4 ulps of the loss on v1's 4,100-channel planes (LPL_EMU_FULL=1)
+    terms_differ = norm == "batch" or (kernel_set == "v1" and norm in ("default", "shared"))
+    return max(hw - 1, 1) * 2.0 ** -24 + (16 * 2.0 ** -24 if terms_differ else 0.0)
 
 
 def _dtype_id(d: torch.dtype) -> str:
@@ -293,15 +296,39 @@ def assert_same_values(a_bits: np.ndarray, b_bits: np.ndarray, dtype: torch.dtyp
     assert diff.size == 0, f"{diff.size} values differ, e.g. {va[keep][diff[:5]]} vs {vb[keep][diff[:5]]}"
 
 
-def assert_gradient_matches_cpu(emu: Emu, grad, want_grad, dtype: torch.dtype, norm: str) -> None:
+def assert_gradient_matches_cpu(emu: Emu, grad, want_grad, dtype: torch.dtype, norm: str,
+                                sign_ties: Optional[np.ndarray] = None) -> None:
     """The gradient contract: bit-identical to the CPU, except norm="batch" (its channel
     statistics are summed in another order: 8 ulps) and, on the frozen v1 kernels, the
     `default` / `shared` norms (v1 sums a pixel's channels in channel order, the CPU since
-    0.3 in lpl_math.h's chunk tree: a last-bit difference in the norm, 8 ulps)."""
+    0.3 in lpl_math.h's chunk tree: a last-bit difference in the norm, 8 ulps). With l1 on
+    those, `sign_ties` (_l1_sign_ties) marks where sign(d) itself is decided by that last
+    bit: an element beyond the 8 ulps must lie there, and be one of few."""
     if norm == "batch" or (emu.kernel_set == "v1" and norm in ("default", "shared")):
+        if sign_ties is not None:
+            va, vb = _values(np.asarray(grad), dtype), _values(np.asarray(want_grad), dtype)
+            fin = np.isfinite(vb)
+            tol = 8 * EPS[dtype] * (np.abs(vb) + np.max(np.abs(vb[fin]), initial=0.0))
+            off = fin & np.isfinite(va) & (np.abs(va - vb) > tol)
+            assert not np.any(off & ~sign_ties) and off.mean() < 0.001, (np.argwhere(off & ~sign_ties), off.mean())
+            grad, want_grad = np.asarray(grad)[~off], np.asarray(want_grad)[~off]
         assert_close_values(grad, want_grad, dtype, ulps=8)
     else:
         assert_same_values(grad, want_grad, dtype)
+
+
+def _l1_sign_ties(x: torch.Tensor, y: torch.Tensor, norm: str) -> np.ndarray:
+    """The elements (bool, x's shape) of the pixels where some channel's d = x*rx - y*ry
+    (`default`) or x*s - y*s (`shared`) is within 16 float ulps of 0: there its sign, and so
+    l1's gradient sign(d), is decided by the last bit of the norm, which v1 and the CPU round
+    differently (channel order); `default`'s correction term then carries the flip to the
+    pixel's other channels."""
+    xd, yd = x.double(), y.double()
+    ny = 1.0 / (yd.square().sum(1, keepdim=True).sqrt() + (1e-10 if norm == "default" else 1e-6))
+    nx = 1.0 / (xd.square().sum(1, keepdim=True).sqrt() + 1e-10) if norm == "default" else ny
+    a, b = xd * nx, yd * ny
+    tie = (a - b).abs() <= 16 * 2.0 ** -24 * torch.maximum(a.abs(), b.abs())
+    return tie.any(dim=1, keepdim=True).expand_as(x).numpy()
 
 
 def assert_close_values(a_bits, b_bits, dtype: torch.dtype, ulps: float) -> None:
@@ -387,8 +414,10 @@ def test_feature_distance_matches_cpu(dev, shape_name, dtype, norm, distance, ma
     kernels = dev.kernels_1sm if sms == 1 else None
     loss, grad = emu_feature_distance(dev, x, y, mask, norm, distance, 0.75, kernels)
     want_loss, want_grad = cpu_feature_distance(x, y, mask, norm, distance, 0.75)
-    assert_gradient_matches_cpu(dev, grad, want_grad, dtype, norm)
-    assert_losses_close(loss, want_loss, rtol=loss_rtol(dtype, shape[2] * shape[3], norm))
+    ties = (_l1_sign_ties(x, y, norm) if dev.kernel_set == "v1" and distance == "l1" and
+            norm in ("default", "shared") and x.numel() else None)
+    assert_gradient_matches_cpu(dev, grad, want_grad, dtype, norm, ties)
+    assert_losses_close(loss, want_loss, rtol=loss_rtol(dtype, shape[2] * shape[3], norm, dev.kernel_set))
     if dtype == torch.float64 and shape[0] and shape[2]:
         ref = ref_feature_distance(x, y, mask, norm, distance, 0.75).numpy()
         np.testing.assert_allclose(loss, ref, rtol=1e-9, atol=1e-300)
@@ -484,7 +513,7 @@ def test_per_pixel_sums_follow_the_chunk_tree_at_every_group_count(dev, hw, grou
     loss, grad = emu_feature_distance(dev, x, y, None, norm, "mse", 0.75)
     want_loss, want_grad = cpu_feature_distance(x, y, None, norm, "mse", 0.75)
     assert_same_values(grad, want_grad, torch.float32)
-    assert_losses_close(loss, want_loss, rtol=loss_rtol(torch.float32, hw, norm))
+    assert_losses_close(loss, want_loss, rtol=loss_rtol(torch.float32, hw, norm, dev.kernel_set))
     main = [ln for ln in dev.launches() if ln["kernel"] == dev.name("fd_main_f32")]
     assert int(main[0]["block"]) == 256  # the staged path: 256 / P thread groups per tile
 
@@ -534,7 +563,7 @@ def test_nonfinite_inputs_match_cpu(dev, dtype, norm, distance, mask_kind):
             mask[bad_x[0][:2]] = False
     loss, grad = emu_feature_distance(dev, x, y, mask, norm, distance, 1.0)
     want_loss, want_grad = cpu_feature_distance(x, y, mask, norm, distance, 1.0)
-    assert_losses_close(loss, want_loss, rtol=loss_rtol(dtype, NONFINITE_SHAPE[2] * NONFINITE_SHAPE[3], norm))
+    assert_losses_close(loss, want_loss, rtol=loss_rtol(dtype, NONFINITE_SHAPE[2] * NONFINITE_SHAPE[3], norm, dev.kernel_set))
     assert_gradient_matches_cpu(dev, grad, want_grad, dtype, norm)
     assert not np.all(np.isfinite(loss))  # the policy of tests/test_nonfinite.py: nothing hides a bad x
 
@@ -796,7 +825,7 @@ def test_feature_distance_with_plane_moments_matches_cpu(dev, shape, dtype, norm
         assert_same_values(grad, want_grad, dtype)
     else:
         assert_gradient_matches_cpu(dev, grad, want_grad, dtype, norm)
-    assert_losses_close(loss, want_loss, rtol=loss_rtol(dtype, shape[2] * shape[3], norm))
+    assert_losses_close(loss, want_loss, rtol=loss_rtol(dtype, shape[2] * shape[3], norm, dev.kernel_set))
     if norm != "batch" and dev.kernel_set == "v2":
         plain_loss, plain_grad = emu_feature_distance(dev, x, y, mask, norm, distance, 0.75)
         np.testing.assert_array_equal(_bits(grad), _bits(plain_grad))

@@ -1,7 +1,7 @@
 // Emulation of the CUDA device-code dialect for host C++ (g++ -std=c++17): the same
-// csrc/cuda/ text that nvcc and NVRTC compile runs here, each CUDA thread an OS thread,
-// so that the stand-in driver (tests/fake_cuda/fake_libcuda.c) executes the real kernels
-// on a machine without a GPU (docs/cuda.md, "The emulated device").
+// csrc/cuda/ text that nvcc and NVRTC compile runs here, each CUDA thread a fiber (an OS
+// thread under ThreadSanitizer), so that the stand-in driver (tests/fake_cuda/fake_libcuda.c)
+// executes the real kernels on a machine without a GPU (docs/cuda.md, "The emulated device").
 //
 // Included before the kernel sources (tests/emu/lpl_emu_kernels.cpp). It models:
 //   threadIdx, blockIdx, blockDim, gridDim   thread-local, set by the runtime per thread;

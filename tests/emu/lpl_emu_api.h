@@ -42,10 +42,11 @@ typedef struct {
 /* Index of kernel `name` in lpl_emu_kernel_table, or -1. */
 int lpl_emu_kernel_index(const char *name);
 
-/* Runs kernel `index` on grid x block threads (every thread an OS thread, blocks one at a
- * time in the order `seed` shuffles; seed 0: in order), with `dyn_smem` bytes of dynamic
- * shared memory and cuLaunchKernel's parameter array. 0, or a CUDA error code with a
- * message in msg (719, CUDA_ERROR_LAUNCH_FAILED: the block deadlocked at its barriers). */
+/* Runs kernel `index` on grid x block threads (every thread a fiber, an OS thread in the
+ * ThreadSanitizer build; blocks one at a time in the order `seed` shuffles; seed 0: in
+ * order), with `dyn_smem` bytes of dynamic shared memory and cuLaunchKernel's parameter
+ * array. 0, or a CUDA error code with a message in msg (719, CUDA_ERROR_LAUNCH_FAILED: the
+ * block deadlocked at its barriers). */
 int lpl_emu_launch(int index, const unsigned grid[3], const unsigned block[3], size_t dyn_smem, void **params,
                    uint64_t seed, int footprint, lpl_emu_stats *stats, char *msg, size_t msg_len);
 
