@@ -307,9 +307,8 @@ def assert_gradient_matches_cpu(emu: Emu, grad, want_grad, dtype: torch.dtype, n
     if norm == "batch" or (emu.kernel_set == "v1" and norm in ("default", "shared")):
         if sign_ties is not None:
             va, vb = _values(np.asarray(grad), dtype), _values(np.asarray(want_grad), dtype)
-            fin = np.isfinite(vb)
-            tol = 8 * EPS[dtype] * (np.abs(vb) + np.max(np.abs(vb[fin]), initial=0.0))
-            off = fin & np.isfinite(va) & (np.abs(va - vb) > tol)
+            rtol, atol = _ulp_tolerance(vb, dtype, ulps=8)
+            off = np.isfinite(vb) & np.isfinite(va) & (np.abs(va - vb) > atol + rtol * np.abs(vb))
             assert not np.any(off & ~sign_ties) and off.mean() < 0.001, (np.argwhere(off & ~sign_ties), off.mean())
             grad, want_grad = np.asarray(grad)[~off], np.asarray(want_grad)[~off]
         assert_close_values(grad, want_grad, dtype, ulps=8)
@@ -331,6 +330,13 @@ def _l1_sign_ties(x: torch.Tensor, y: torch.Tensor, norm: str) -> np.ndarray:
     return tie.any(dim=1, keepdim=True).expand_as(x).numpy()
 
 
+def _ulp_tolerance(values: np.ndarray, dtype: torch.dtype, ulps: float) -> Tuple[float, float]:
+    """(rtol, atol) of `ulps` units of the storage dtype's last place, the absolute part
+    relative to the largest finite magnitude of `values`."""
+    scale = np.max(np.abs(values[np.isfinite(values)]), initial=0.0)
+    return ulps * EPS[dtype], ulps * EPS[dtype] * scale
+
+
 def assert_close_values(a_bits, b_bits, dtype: torch.dtype, ulps: float) -> None:
     """Within `ulps` units of the storage dtype's last place, relative to the largest
     magnitude (the tolerance of norm="batch" gradients)."""
@@ -338,8 +344,8 @@ def assert_close_values(a_bits, b_bits, dtype: torch.dtype, ulps: float) -> None
     np.testing.assert_array_equal(np.isnan(va), np.isnan(vb))
     fin = np.isfinite(vb)
     np.testing.assert_array_equal(va[~fin & ~np.isnan(vb)], vb[~fin & ~np.isnan(vb)])
-    scale = np.max(np.abs(vb[fin]), initial=0.0)
-    np.testing.assert_allclose(va[fin], vb[fin], rtol=ulps * EPS[dtype], atol=ulps * EPS[dtype] * scale)
+    rtol, atol = _ulp_tolerance(vb, dtype, ulps)
+    np.testing.assert_allclose(va[fin], vb[fin], rtol=rtol, atol=atol)
 
 
 def assert_losses_close(a: np.ndarray, b: np.ndarray, rtol: float = LOSS_RTOL) -> None:

@@ -201,9 +201,12 @@ void run_thread(Worker *w);
 void block_deadlock(Block &blk, const char *site);
 
 // ---- fibers ------------------------------------------------------------------------------
-// Decided at the first launch: fibers unless this is the ThreadSanitizer build or
-// FAKE_CUDA_THREADS=1 asks for OS threads.
-bool g_use_fibers = false;
+// Fibers unless this is the ThreadSanitizer build or FAKE_CUDA_THREADS=1 asks for OS
+// threads; decided once, at the first launch.
+bool use_fibers() {
+    static const bool fibers = LPL_EMU_HAVE_FIBERS && env_int("FAKE_CUDA_THREADS", 0) == 0;
+    return fibers;
+}
 
 #if LPL_EMU_HAVE_FIBERS
 #if defined(__x86_64__)
@@ -256,7 +259,6 @@ struct Fiber {
     FiberContext ctx;
     char *stack = nullptr;  // the usable stack, above a guard page
     size_t stack_size = 0;
-    Worker *worker = nullptr;
     bool done = true;
     // this emulated thread's thread-locals while another one runs
     lpl_emu_dim3 tid{0, 0, 0};
@@ -333,7 +335,7 @@ void fiber_main() {
     __sanitizer_finish_switch_fiber(nullptr, nullptr, nullptr);
 #endif
     Fiber *f = g_sched.fibers[g_sched.current];
-    run_thread(f->worker);
+    run_thread(g_workers[g_sched.current]);  // fiber i runs the block's thread i
     f->done = true;
     ++g_sched.events;
     fiber_switch(next_fiber());  // never resumed: the next block makes a new context
@@ -425,7 +427,6 @@ void run_block_fibers(uint32_t threads) {
     S.count = threads;
     for (uint32_t i = 0; i < threads; ++i) {
         Fiber *f = S.fibers[i];
-        f->worker = g_workers[i];
         f->done = false;
         f->fake_stack = nullptr;
         start_context(f);
@@ -490,7 +491,7 @@ void arrive_and_wait(Barrier &b, Block &blk, const char *site, const char *what)
         return;
     }
 #if LPL_EMU_HAVE_FIBERS
-    if (g_use_fibers) {
+    if (use_fibers()) {
         ++g_sched.events;
         while (b.gen.load(std::memory_order_acquire) == g) {
             if (blk.abort.load(std::memory_order_relaxed)) {
@@ -585,7 +586,7 @@ void run_thread(Worker *w) {
     L.read.fetch_add(lpl_emu_tl_read, std::memory_order_relaxed);
     L.write.fetch_add(lpl_emu_tl_write, std::memory_order_relaxed);
     L.atomic.fetch_add(t_ctx.atomic_bytes, std::memory_order_relaxed);
-    if (L.remaining.fetch_sub(1, std::memory_order_acq_rel) == 1 && !g_use_fibers) futex_wake(&L.remaining, 1);
+    if (L.remaining.fetch_sub(1, std::memory_order_acq_rel) == 1 && !use_fibers()) futex_wake(&L.remaining, 1);
 }
 
 // Between the blocks of a launch a worker yields a while before it sleeps: the next block
@@ -637,14 +638,8 @@ void pin_to_cpu(Worker *w) {
     }
 }
 
-int g_mode = -1;  // 1 fibers, 0 OS threads: fixed at the first launch
-
 int ensure_workers(uint32_t n, char *msg, size_t msg_len) {
     if (g_pin_warps < 0) g_pin_warps = env_int("FAKE_CUDA_PIN_WARPS", 1);
-    if (g_mode < 0) {
-        g_mode = LPL_EMU_HAVE_FIBERS && env_int("FAKE_CUDA_THREADS", 0) == 0;
-        g_use_fibers = g_mode == 1;
-    }
     if (g_workers.size() >= n) return 0;
     // kernels are shallow; sanitizers need more room per frame
 #if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
@@ -652,32 +647,24 @@ int ensure_workers(uint32_t n, char *msg, size_t msg_len) {
 #else
     const int stack_kb = env_int("FAKE_CUDA_STACK_KB", 512);
 #endif
+    const bool fibers = use_fibers();  // a worker is then only its fiber's record: no OS thread
+    int rc = 0;
 #if LPL_EMU_HAVE_FIBERS
-    if (g_use_fibers) {  // the workers are the fibers' records: no OS thread
-        const int rc = make_fibers(n, (size_t)stack_kb * 1024, msg, msg_len);
-        while (rc == 0 && g_workers.size() < n) {
-            Worker *w = new Worker();
-            w->index = (uint32_t)g_workers.size();
-            g_workers.push_back(w);
-        }
-        return rc;
-    }
+    if (fibers && (rc = make_fibers(n, (size_t)stack_kb * 1024, msg, msg_len)) != 0) return rc;
 #endif
     pthread_attr_t attr;
     pthread_attr_init(&attr);
     pthread_attr_setstacksize(&attr, (size_t)stack_kb * 1024);
-    int rc = 0;
     while (g_workers.size() < n) {
         Worker *w = new Worker();
         w->index = (uint32_t)g_workers.size();
-        rc = pthread_create(&w->tid, &attr, worker_main, w);
-        if (rc != 0) {
+        if (!fibers && (rc = pthread_create(&w->tid, &attr, worker_main, w)) != 0) {
             delete w;
             snprintf(msg, msg_len, "cannot start emulated thread %zu: %s", g_workers.size(), strerror(rc));
             break;
         }
         g_workers.push_back(w);
-        if (g_pin_warps) pin_to_cpu(w);
+        if (!fibers && g_pin_warps) pin_to_cpu(w);
     }
     pthread_attr_destroy(&attr);
     return rc;
@@ -880,7 +867,7 @@ extern "C" int lpl_emu_launch(int index, const unsigned grid[3], const unsigned 
         poison_shared(poison);
         L.remaining.store(threads, std::memory_order_relaxed);
 #if LPL_EMU_HAVE_FIBERS
-        if (g_use_fibers) {
+        if (use_fibers()) {
             run_block_fibers(threads);
         } else
 #endif
